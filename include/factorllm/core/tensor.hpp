@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0
+// Owning, 64-byte aligned, row-major tensors: the only memory the library allocates for its users.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+
+#include "error.hpp"
+#include "tensor_view.hpp"
+
+namespace factorllm {
+
+/// Byte alignment of every buffer the library allocates (one cache line; enough for AVX-512 loads).
+inline constexpr std::size_t kAlignment = 64;
+
+namespace detail {
+struct AlignedFree {
+  void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{kAlignment}); }
+};
+/// Allocates `count` zero-initialized elements of T, 64-byte aligned; throws value_error on overflow.
+template <class T>
+std::unique_ptr<T[], AlignedFree> allocate_aligned(std::size_t count) {
+  static_assert(std::is_trivially_copyable_v<T>, "allocate_aligned: T must be trivially copyable");
+  if (count > std::numeric_limits<std::size_t>::max() / sizeof(T))
+    throw value_error(concat("allocate_aligned: ", count, " elements overflow size_t"));
+  if (count == 0) return {};
+  void* p = ::operator new(count * sizeof(T), std::align_val_t{kAlignment});
+  std::memset(p, 0, count * sizeof(T));
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
+}
+}  // namespace detail
+
+/// An owning dense row-major tensor of Rank dimensions, zero-initialized, 64-byte aligned.
+/// Copyable (deep copy) and movable. Views of it stay valid while it lives and is not moved from.
+template <class T, int Rank>
+class Tensor {
+ public:
+  using value_type = T;
+  static constexpr int kRank = Rank;
+
+  Tensor() = default;
+  /// Allocates a zero-filled tensor of the given extents.
+  /// \throws shape_error for a negative extent, value_error if the size overflows.
+  explicit Tensor(std::array<std::ptrdiff_t, Rank> extents) : extents_(extents) {
+    std::size_t n = 1;
+    for (auto e : extents_) {
+      if (e < 0) throw shape_error(detail::concat("Tensor: negative extent ", e));
+      if (e != 0 && n > std::numeric_limits<std::size_t>::max() / static_cast<std::size_t>(e))
+        throw value_error("Tensor: element count overflows size_t");
+      n *= static_cast<std::size_t>(e);
+    }
+    size_ = n;
+    data_ = detail::allocate_aligned<T>(n);
+  }
+  /// Copies the elements of a view (any strides) into a new dense tensor.
+  template <class U, class = std::enable_if_t<std::is_same_v<std::remove_const_t<U>, T>>>
+  explicit Tensor(TensorView<U, Rank> const& src) : Tensor(src.extents()) {
+    copy_from(src);
+  }
+  Tensor(Tensor const& other) : Tensor(other.extents_) {
+    std::copy(other.data(), other.data() + size_, data());
+  }
+  Tensor& operator=(Tensor const& other) {
+    if (this != &other) {
+      Tensor tmp(other);
+      *this = std::move(tmp);
+    }
+    return *this;
+  }
+  Tensor(Tensor&&) noexcept = default;
+  Tensor& operator=(Tensor&&) noexcept = default;
+
+  T* data() noexcept { return data_.get(); }
+  T const* data() const noexcept { return data_.get(); }
+  std::array<std::ptrdiff_t, Rank> const& extents() const noexcept { return extents_; }
+  std::ptrdiff_t extent(int i) const noexcept { return extents_[i]; }
+  std::ptrdiff_t size() const noexcept { return static_cast<std::ptrdiff_t>(size_); }
+  bool empty() const noexcept { return size_ == 0; }
+
+  TensorView<T, Rank> view() noexcept { return TensorView<T, Rank>(data(), extents_); }
+  TensorView<T const, Rank> view() const noexcept { return TensorView<T const, Rank>(data(), extents_); }
+  TensorView<T const, Rank> cview() const noexcept { return view(); }
+
+  template <class... Idx>
+  T& operator()(Idx... idx) noexcept {
+    return view()(idx...);
+  }
+  template <class... Idx>
+  T const& operator()(Idx... idx) const noexcept {
+    return view()(idx...);
+  }
+  T& operator[](std::ptrdiff_t i) noexcept { return data_[i]; }
+  T const& operator[](std::ptrdiff_t i) const noexcept { return data_[i]; }
+
+  /// Copies a view of the same extents into this tensor.
+  template <class U>
+  void copy_from(TensorView<U, Rank> const& src) {
+    detail::require_shape(src, extents_, "Tensor::copy_from", "src");
+    copy_rec(src, 0, 0, 0);
+  }
+
+ private:
+  template <class U>
+  void copy_rec(TensorView<U, Rank> const& src, int dim, std::ptrdiff_t src_off, std::ptrdiff_t dst_off) {
+    std::ptrdiff_t dst_stride = 1;
+    for (int k = dim + 1; k < Rank; ++k) dst_stride *= extents_[k];
+    for (std::ptrdiff_t i = 0; i < extents_[dim]; ++i) {
+      if (dim == Rank - 1) {
+        data_[dst_off + i] = src.data()[src_off + i];
+      } else {
+        copy_rec(src, dim + 1, src_off + i * src.stride(dim), dst_off + i * dst_stride);
+      }
+    }
+  }
+
+  std::array<std::ptrdiff_t, Rank> extents_{};
+  std::size_t size_ = 0;
+  std::unique_ptr<T[], detail::AlignedFree> data_;
+};
+
+template <class T>
+using Matrix = Tensor<T, 2>;
+template <class T>
+using Vector = Tensor<T, 1>;
+
+}  // namespace factorllm

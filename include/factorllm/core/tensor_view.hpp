@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: Apache-2.0
+// Non-owning views over host (or device) memory: pointer, extents and strides in elements.
+#pragma once
+
+#include <array>
+#include <sstream>
+#include <cstddef>
+#include <type_traits>
+
+#include "../config.hpp"
+#include "error.hpp"
+
+namespace factorllm {
+
+/// A non-owning, strided view of a Rank-dimensional array. The last dimension is contiguous
+/// (stride 1); the others may have any stride at least as large as the dense one, so a view can
+/// name a block of a bigger row-major matrix (e.g. W_down[:, I_n] is not such a block: factorize copies).
+/// Element type T may be const. A view never allocates and never owns; copying it is cheap.
+template <class T, int Rank>
+class TensorView {
+  static_assert(Rank >= 1 && Rank <= 4, "TensorView: rank must be 1..4");
+
+ public:
+  using element_type = T;
+  using value_type = std::remove_const_t<T>;
+  static constexpr int kRank = Rank;
+
+  TensorView() = default;
+
+  /// Views dense row-major data of the given extents.
+  /// \throws shape_error if an extent is negative, or data is null while the view is not empty.
+  TensorView(T* data, std::array<std::ptrdiff_t, Rank> extents) : data_(data), extents_(extents) {
+    std::ptrdiff_t s = 1;
+    for (int i = Rank - 1; i >= 0; --i) {
+      strides_[i] = s;
+      s *= extents_[i];
+    }
+    validate();
+  }
+
+  /// Views strided data; strides are in elements and the last one must be 1.
+  /// \throws shape_error if the strides would make rows overlap or the last stride is not 1.
+  TensorView(T* data, std::array<std::ptrdiff_t, Rank> extents, std::array<std::ptrdiff_t, Rank> strides)
+      : data_(data), extents_(extents), strides_(strides) {
+    validate();
+  }
+
+  /// Converts a view of T to a view of const T.
+  template <class U, class = std::enable_if_t<std::is_same_v<U const, T> && !std::is_same_v<U, T>>>
+  TensorView(TensorView<U, Rank> const& other)  // NOLINT: implicit by design (like a pointer)
+      : data_(other.data()), extents_(other.extents()), strides_(other.strides()) {}
+
+  T* data() const noexcept { return data_; }
+  std::array<std::ptrdiff_t, Rank> const& extents() const noexcept { return extents_; }
+  std::array<std::ptrdiff_t, Rank> const& strides() const noexcept { return strides_; }
+  std::ptrdiff_t extent(int i) const noexcept { return extents_[i]; }
+  std::ptrdiff_t stride(int i) const noexcept { return strides_[i]; }
+  /// Number of elements viewed.
+  std::ptrdiff_t size() const noexcept {
+    std::ptrdiff_t n = 1;
+    for (auto e : extents_) n *= e;
+    return n;
+  }
+  bool empty() const noexcept { return size() == 0; }
+  /// True when the elements are dense and row-major (no padding between rows).
+  bool is_contiguous() const noexcept {
+    std::ptrdiff_t s = 1;
+    for (int i = Rank - 1; i >= 0; --i) {
+      if (extents_[i] > 1 && strides_[i] != s) return false;
+      s *= extents_[i];
+    }
+    return true;
+  }
+
+  // Rank-2 conveniences (the common case: a row-major matrix).
+  std::ptrdiff_t rows() const noexcept { return extents_[0]; }
+  std::ptrdiff_t cols() const noexcept { return extents_[Rank - 1]; }
+  std::ptrdiff_t row_stride() const noexcept { return Rank > 1 ? strides_[0] : extents_[0]; }
+
+  /// Returns a pointer to row i of a rank-2 view (or element i of a rank-1 view).
+  T* row(std::ptrdiff_t i) const noexcept {
+    FLLM_ASSERT(i >= 0 && i < extents_[0]);
+    return data_ + i * strides_[0];
+  }
+
+  template <class... Idx>
+  T& operator()(Idx... idx) const noexcept {
+    static_assert(sizeof...(Idx) == Rank, "TensorView: wrong number of indices");
+    std::array<std::ptrdiff_t, Rank> const i{static_cast<std::ptrdiff_t>(idx)...};
+    std::ptrdiff_t off = 0;
+    for (int k = 0; k < Rank; ++k) {
+      FLLM_ASSERT(i[k] >= 0 && i[k] < extents_[k]);
+      off += i[k] * strides_[k];
+    }
+    return data_[off];
+  }
+
+  /// Returns the sub-view at index i of the first dimension (rank decreases by one).
+  template <int R = Rank, class = std::enable_if_t<(R > 1)>>
+  TensorView<T, Rank - 1> operator[](std::ptrdiff_t i) const {
+    FLLM_ASSERT(i >= 0 && i < extents_[0]);
+    std::array<std::ptrdiff_t, Rank - 1> e{}, s{};
+    for (int k = 1; k < Rank; ++k) {
+      e[k - 1] = extents_[k];
+      s[k - 1] = strides_[k];
+    }
+    return TensorView<T, Rank - 1>(data_ + i * strides_[0], e, s);
+  }
+
+  /// Returns rows [begin, end) of the first dimension as a view of the same rank.
+  TensorView slice_rows(std::ptrdiff_t begin, std::ptrdiff_t end) const {
+    if (begin < 0 || end < begin || end > extents_[0])
+      throw shape_error(detail::concat("slice_rows: range [", begin, ", ", end, ") outside [0, ", extents_[0], ")"));
+    auto e = extents_;
+    e[0] = end - begin;
+    return TensorView(data_ + begin * strides_[0], e, strides_);
+  }
+
+ private:
+  void validate() const {
+    for (int i = 0; i < Rank; ++i)
+      if (extents_[i] < 0)
+        throw shape_error(detail::concat("TensorView: negative extent ", extents_[i], " in dimension ", i));
+    if (strides_[Rank - 1] != 1) throw shape_error("TensorView: the last dimension must be contiguous (stride 1)");
+    for (int i = Rank - 2; i >= 0; --i) {
+      // Rows must not overlap: the outer stride spans at least one whole inner block.
+      std::ptrdiff_t const inner_span = strides_[i + 1] * extents_[i + 1];
+      if (extents_[i] > 1 && strides_[i] < inner_span)
+        throw shape_error(detail::concat("TensorView: stride ", strides_[i], " of dimension ", i,
+                                         " is smaller than the ", inner_span, " elements one step must span"));
+    }
+    if (data_ == nullptr && size() != 0) throw shape_error("TensorView: null data pointer for a non-empty view");
+  }
+
+  T* data_ = nullptr;
+  std::array<std::ptrdiff_t, Rank> extents_{};
+  std::array<std::ptrdiff_t, Rank> strides_{};
+};
+
+template <class T>
+using MatrixView = TensorView<T, 2>;
+template <class T>
+using VectorView = TensorView<T, 1>;
+
+/// Views a row-major matrix given by a raw pointer, its rows, cols and row stride (elements).
+template <class T>
+MatrixView<T> matrix_view(T* data, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t row_stride) {
+  return MatrixView<T>(data, {rows, cols}, {row_stride, 1});
+}
+/// Views a dense row-major matrix given by a raw pointer.
+template <class T>
+MatrixView<T> matrix_view(T* data, std::ptrdiff_t rows, std::ptrdiff_t cols) {
+  return MatrixView<T>(data, {rows, cols});
+}
+/// Views a dense vector.
+template <class T>
+VectorView<T> vector_view(T* data, std::ptrdiff_t n) {
+  return VectorView<T>(data, {n});
+}
+
+namespace detail {
+/// Throws shape_error unless `view` has exactly the expected extents; names the argument.
+template <class T, int Rank>
+void require_shape(TensorView<T, Rank> const& view, std::common_type_t<std::array<std::ptrdiff_t, Rank>> const& expected,
+                   char const* function, char const* argument) {
+  if (view.extents() != expected) {
+    std::ostringstream os;
+    os << function << ": argument '" << argument << "' has shape [";
+    for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << view.extent(i);
+    os << "], expected [";
+    for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << expected[i];
+    os << "]";
+    throw shape_error(os.str());
+  }
+}
+}  // namespace detail
+
+}  // namespace factorllm

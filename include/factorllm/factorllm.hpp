@@ -1,0 +1,32 @@
+// SPDX-License-Identifier: Apache-2.0
+// Umbrella header: the whole CPU API of factorllm. Never pulls CUDA headers.
+#pragma once
+
+#include "config.hpp"
+#include "version.hpp"
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/tensor.hpp"
+#include "core/tensor_view.hpp"
+#include "core/workspace.hpp"
+
+#include "backend/tags.hpp"
+#include "backend/traits.hpp"
+
+#include "ffn/factorize.hpp"
+#include "ffn/permutation.hpp"
+#include "ffn/swiglu.hpp"
+
+#include "moe/combine.hpp"
+#include "moe/dispatch.hpp"
+#include "moe/gating.hpp"
+#include "moe/moe_ffn.hpp"
+#include "moe/router.hpp"
+#include "moe/routing.hpp"
+#include "moe/topk.hpp"
+
+#include "train/par_loss.hpp"
+#include "train/par_types.hpp"
+
+#include "io/llama2c.hpp"

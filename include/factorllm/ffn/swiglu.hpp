@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: Apache-2.0
+// Dense SwiGLU FFN: F(x) = W_down (SiLU(W_gate x) * (W_up x)) (spec 1.1), the layer being factorized.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../backend/scalar/swiglu.hpp"
+#include "../backend/tags.hpp"
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/workspace.hpp"
+
+namespace factorllm {
+namespace ffn {
+
+/// Non-owning views of a host engine's dense SwiGLU weights in PyTorch nn.Linear layout.
+template <class T>
+struct DenseFfnView {
+  MatrixView<T const> gate;  // [d_ff, d_model]
+  MatrixView<T const> up;    // [d_ff, d_model]
+  MatrixView<T const> down;  // [d_model, d_ff]
+
+  std::ptrdiff_t d_model() const noexcept { return gate.cols(); }
+  std::ptrdiff_t d_ff() const noexcept { return gate.rows(); }
+
+  /// Throws shape_error unless up matches gate and down is [d_model, d_ff]; d_model, d_ff must be >= 1.
+  void validate(char const* function) const {
+    if (gate.rows() < 1 || gate.cols() < 1)
+      throw shape_error(detail::concat(function, ": argument 'gate' has shape ",
+                                       detail::shape_string({gate.rows(), gate.cols()}),
+                                       ", expected [d_ff >= 1, d_model >= 1]"));
+    detail::require_shape(up, {d_ff(), d_model()}, function, "up");
+    detail::require_shape(down, {d_model(), d_ff()}, function, "down");
+  }
+};
+
+/// Returns the workspace bytes `swiglu_forward` needs on Backend for these sizes.
+template <class Backend = CpuScalar>
+std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff,
+                                   Backend const& b = {}) {
+  return kernel::swiglu_workspace(n_tokens, d_model, d_ff, b).bytes();
+}
+
+/// Computes y = F(x) for every row of x (spec 1.1).
+/// \param ffn  dense weights (validated)
+/// \param x    [n_tokens, d_model] inputs, any row stride
+/// \param y    [n_tokens, d_model] outputs; must not alias x
+/// \param ws   scratch of at least swiglu_workspace_bytes(n_tokens, d_model, d_ff)
+/// NaN/Inf in a row of x propagate to that row of y only.
+template <class Backend = CpuScalar, class T, class A>
+void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Workspace& ws,
+                    Backend const& b = {}) {
+  static_assert(is_backend_v<Backend>, "swiglu_forward: unknown backend tag");
+  static_assert(std::is_same_v<A, activation_t<T>>, "swiglu_forward: activations must be activation_t<T>");
+  ffn.validate("swiglu_forward");
+  detail::require_shape(x, {x.rows(), ffn.d_model()}, "swiglu_forward", "x");
+  detail::require_shape(y, {x.rows(), ffn.d_model()}, "swiglu_forward", "y");
+  kernel::swiglu(ffn.gate, ffn.up, ffn.down, x, y, ws, b);
+}
+
+/// Convenience overload that allocates its own workspace (one allocation per call; not for hot loops).
+template <class Backend = CpuScalar, class T, class A>
+void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Backend const& b = {}) {
+  Workspace ws(swiglu_workspace_bytes(x.rows(), ffn.d_model(), ffn.d_ff(), b));
+  swiglu_forward(ffn, x, y, ws, b);
+}
+
+}  // namespace ffn
+}  // namespace factorllm

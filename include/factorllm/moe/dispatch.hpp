@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: Apache-2.0
+// Token-to-expert grouping (DESIGN.md step 3): counts, offsets and the slot list of each expert.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../backend/scalar/dispatch.hpp"
+#include "../backend/tags.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor_view.hpp"
+
+namespace factorllm {
+namespace moe {
+
+/// Groups the slots s = t * top_k + j of ids by expert with a stable counting sort: expert e processes
+/// slots[offsets[e] .. offsets[e+1]) in increasing order, so results never depend on scheduling.
+/// \param ids      [n_tokens, top_k], every entry in [0, n_experts)
+/// \param offsets  [n_experts + 1] out
+/// \param slots    [n_tokens * top_k] out
+/// \throws value_error for an id outside [0, n_experts); shape_error for mis-shaped outputs.
+template <class Backend = CpuScalar>
+void group_by_expert(MatrixView<std::int32_t const> ids, std::ptrdiff_t n_experts, VectorView<std::int64_t> offsets,
+                     VectorView<std::int32_t> slots, Backend const& b = {}) {
+  static_assert(is_backend_v<Backend>, "group_by_expert: unknown backend tag");
+  if (n_experts < 1) throw value_error(detail::concat("group_by_expert: n_experts must be >= 1, got ", n_experts));
+  detail::require_shape(offsets, {n_experts + 1}, "group_by_expert", "offsets");
+  detail::require_shape(slots, {ids.rows() * ids.cols()}, "group_by_expert", "slots");
+  for (std::ptrdiff_t t = 0; t < ids.rows(); ++t)
+    for (std::ptrdiff_t j = 0; j < ids.cols(); ++j)
+      if (ids(t, j) < 0 || ids(t, j) >= n_experts)
+        throw value_error(detail::concat("group_by_expert: argument 'ids' entry (", t, ", ", j, ") = ", ids(t, j),
+                                         " is outside [0, ", n_experts, ")"));
+  kernel::group_by_expert(ids, n_experts, offsets, slots, b);
+}
+
+}  // namespace moe
+}  // namespace factorllm

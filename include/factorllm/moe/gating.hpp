@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0
+// Gating: which experts a token uses (TopK) and with what weight they are combined (spec 2.3).
+//
+// Every mode selects the K experts with the largest selection score s_n = z_n + bias_n (z = router logits,
+// bias = the optional per-expert selection bias, zero when absent). Ties go to the lower expert index;
+// a NaN score ranks below every number. The bias changes WHICH experts are chosen, never their weights.
+// Selected experts S (|S| = K) are combined as y = output_scale * sum_{n in S} w_n E_n(x), with w_n:
+//
+// | mode                  | w_n for n in S                                   | notes                                   |
+// |-----------------------|--------------------------------------------------|-----------------------------------------|
+// | code_ref              | floor(N / K)                                     | paper code (spec 2.3, Q6): unweighted   |
+// |                       |                                                  | sum; K=3 of 4 gives scale 1, not 4/3    |
+// | softmax_topk          | p_n = exp(z_n) / sum_{i=1..N} exp(z_i)           | full softmax, NOT renormalized          |
+// | softmax_topk_renorm   | p_n / sum_{i in S} p_i                           | Mixtral / llama.cpp llama-arch gating   |
+// | topk_softmax          | exp(z_n) / sum_{i in S} exp(z_i)                 | softmax over the K selected logits;     |
+// |                       |                                                  | equal to softmax_topk_renorm in exact   |
+// |                       |                                                  | arithmetic, computed from z directly    |
+// | sigmoid_topk          | sigmoid(z_n), or sigmoid(z_n) / sum_{i in S}     | DeepSeek-V3 style when renormalized     |
+// |                       | sigmoid(z_i) when sigmoid_renormalize is true    | (there the bias is added to sigmoid     |
+// |                       |                                                  | scores; here it is added to logits)     |
+//
+// Softmaxes subtract the maximum logit first (no overflow). NaN policy: a NaN in a token's input or logits
+// makes that token's weights and output NaN; other tokens are unaffected; nothing throws at run time.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "../core/error.hpp"
+
+namespace factorllm {
+namespace moe {
+
+/// How the outputs of the K selected experts are weighted (table above).
+enum class CombineMode { code_ref, softmax_topk, softmax_topk_renorm, topk_softmax, sigmoid_topk };
+
+/// Returns the mode's name as written in the table ("code_ref", ...).
+inline char const* to_string(CombineMode mode) noexcept {
+  switch (mode) {
+    case CombineMode::code_ref: return "code_ref";
+    case CombineMode::softmax_topk: return "softmax_topk";
+    case CombineMode::softmax_topk_renorm: return "softmax_topk_renorm";
+    case CombineMode::topk_softmax: return "topk_softmax";
+    case CombineMode::sigmoid_topk: return "sigmoid_topk";
+  }
+  return "unknown";
+}
+
+/// Parses a mode name; \throws value_error for an unknown name (listing the valid ones).
+inline CombineMode combine_mode_from_string(std::string const& name) {
+  for (auto m : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
+                 CombineMode::topk_softmax, CombineMode::sigmoid_topk})
+    if (name == to_string(m)) return m;
+  throw value_error("unknown combine mode '" + name +
+                    "'; expected code_ref, softmax_topk, softmax_topk_renorm, topk_softmax or sigmoid_topk");
+}
+
+/// The gating configuration of one MoE layer.
+struct Gating {
+  CombineMode mode = CombineMode::code_ref;
+  /// Number of experts per token, 1 <= top_k <= n_experts.
+  std::ptrdiff_t top_k = 1;
+  /// sigmoid_topk only: divide the K sigmoid weights by their sum.
+  bool sigmoid_renormalize = false;
+  /// Optional per-expert selection bias (empty = none, else n_experts finite values): added to the logits
+  /// for choosing experts only.
+  std::vector<float> selection_bias;
+  /// Multiplies every weight (after the mode's formula).
+  float output_scale = 1.0f;
+
+  /// \throws value_error if top_k is outside [1, n_experts], the bias has the wrong length or non-finite
+  ///         values, or output_scale is not finite.
+  void validate(std::ptrdiff_t n_experts, char const* function) const {
+    if (n_experts < 1) throw value_error(detail::concat(function, ": n_experts must be >= 1, got ", n_experts));
+    if (top_k < 1 || top_k > n_experts)
+      throw value_error(detail::concat(function, ": top_k = ", top_k, " must be in [1, n_experts = ", n_experts, "]"));
+    if (!selection_bias.empty() && static_cast<std::ptrdiff_t>(selection_bias.size()) != n_experts)
+      throw shape_error(detail::concat(function, ": argument 'selection_bias' has shape [", selection_bias.size(),
+                                       "], expected [] or [", n_experts, "]"));
+    for (std::size_t i = 0; i < selection_bias.size(); ++i)
+      if (!std::isfinite(selection_bias[i]))
+        throw value_error(detail::concat(function, ": selection_bias[", i, "] is not finite"));
+    if (!std::isfinite(output_scale)) throw value_error(detail::concat(function, ": output_scale is not finite"));
+  }
+
+  /// The code_ref scale floor(N / K) (spec 2.3).
+  static double code_ref_scale(std::ptrdiff_t n_experts, std::ptrdiff_t top_k) noexcept {
+    return static_cast<double>(n_experts / top_k);
+  }
+};
+
+}  // namespace moe
+}  // namespace factorllm

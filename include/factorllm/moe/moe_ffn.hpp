@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: Apache-2.0
+// MoeFfn: the MoE layer an engine calls (experts + router + gating), forward through a chosen backend.
+#pragma once
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+#include "../backend/scalar/moe_ffn.hpp"
+#include "../backend/tags.hpp"
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/workspace.hpp"
+#include "../ffn/factorize.hpp"
+#include "gating.hpp"
+#include "router.hpp"
+#include "routing.hpp"
+
+namespace factorllm {
+namespace moe {
+
+/// A K-of-N mixture-of-experts SwiGLU layer (DESIGN.md data flow, steps 1-5):
+///   z = x W_r^T + b_r; S = TopK(z + selection_bias); y = output_scale * sum_{n in S} w_n E_n(x).
+/// Only the selected experts run on each token. Immutable after construction and safe to share across
+/// threads; each concurrent caller brings its own Workspace.
+/// \tparam T        weight type of the experts (float, double, bf16)
+/// \tparam Backend  backend tag selecting the kernels (CpuScalar is the oracle)
+template <class T, class Backend = CpuScalar>
+class MoeFfn {
+  static_assert(is_backend_v<Backend>, "MoeFfn: unknown backend tag");
+
+ public:
+  using weight_type = T;
+  using activation_type = activation_t<T>;
+  using A = activation_type;
+
+  /// \throws shape_error if router and experts disagree on d_model or n_experts;
+  ///         value_error if the gating is invalid for n_experts.
+  MoeFfn(ffn::ExpertWeights<T> experts, Router<A> router, Gating gating)
+      : experts_(std::move(experts)), router_(std::move(router)), gating_(std::move(gating)) {
+    if (router_.n_experts() != experts_.n_experts() || router_.d_model() != experts_.d_model())
+      throw shape_error(detail::concat("MoeFfn: argument 'router' has shape ",
+                                       detail::shape_string({router_.n_experts(), router_.d_model()}), ", expected ",
+                                       detail::shape_string({experts_.n_experts(), experts_.d_model()}),
+                                       " [n_experts, d_model] of the experts"));
+    gating_.validate(experts_.n_experts(), "MoeFfn");
+  }
+
+  std::ptrdiff_t d_model() const noexcept { return experts_.d_model(); }
+  std::ptrdiff_t n_experts() const noexcept { return experts_.n_experts(); }
+  std::ptrdiff_t d_expert() const noexcept { return experts_.d_expert(); }
+  std::ptrdiff_t top_k() const noexcept { return gating_.top_k; }
+  ffn::ExpertWeights<T> const& experts() const noexcept { return experts_; }
+  Router<A> const& router() const noexcept { return router_; }
+  Gating const& gating() const noexcept { return gating_; }
+  /// Fraction of the dense FFN's FLOPs one token costs in the experts: top_k / n_experts.
+  double ffn_flops_fraction() const noexcept { return static_cast<double>(top_k()) / static_cast<double>(n_experts()); }
+
+  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens on this backend.
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const {
+    if (max_tokens < 0) throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens must be >= 0, got ", max_tokens));
+    return kernel::moe_workspace<A>(max_tokens, d_model(), n_experts(), d_expert(), top_k(), Backend{}).bytes();
+  }
+
+  /// Computes y = MoE(x) for every row of x.
+  /// \param x       [n_tokens, d_model] (n_tokens may be 0)
+  /// \param y       [n_tokens, d_model] out; must not alias x
+  /// \param ws      scratch of at least workspace_bytes(n_tokens) bytes (backend_error otherwise)
+  /// \param record  optional: receives the routing decisions of this call
+  void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, RoutingRecord<A>* record = nullptr) const {
+    detail::require_shape(x, {x.rows(), d_model()}, "MoeFfn::forward", "x");
+    detail::require_shape(y, {x.rows(), d_model()}, "MoeFfn::forward", "y");
+    if (ws.bytes() < workspace_bytes(x.rows()))
+      throw backend_error(detail::concat("MoeFfn::forward: workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
+                                         " tokens (needs ", workspace_bytes(x.rows()), "; use workspace_bytes())"));
+    kernel::moe_forward(experts_, router_, gating_, x, y, ws, record, Backend{});
+  }
+
+  /// Convenience overload that allocates a workspace per call (not for hot loops).
+  void forward(MatrixView<A const> x, MatrixView<A> y) const {
+    Workspace ws(workspace_bytes(x.rows()));
+    forward(x, y, ws);
+  }
+
+ private:
+  ffn::ExpertWeights<T> experts_;
+  Router<A> router_;
+  Gating gating_;
+};
+
+}  // namespace moe
+}  // namespace factorllm

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0
+// The Prior-Approximate Router (PAR) loss, the balance term and their analytic router gradients (spec 3.2).
+//
+// The teacher f and the router both see the layer's real FFN input x. The paper's code feeds each layer's
+// dense-teacher OUTPUT forward as the next layer's router/teacher input (spec 6, quirk Q1); that is a bug
+// and is deliberately not reproduced here. Reductions follow the batch-size-1 semantics of the code
+// (mean over all tokens; quirk Q4 is not reproduced).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+
+#include "../backend/scalar/par_loss.hpp"
+#include "../backend/tags.hpp"
+#include "../core/error.hpp"
+#include "../core/workspace.hpp"
+#include "../ffn/factorize.hpp"
+#include "../moe/router.hpp"
+#include "par_types.hpp"
+
+namespace factorllm {
+namespace train {
+
+/// Bytes of scratch `par_loss` needs on Backend (independent of n_tokens).
+template <class Backend = CpuScalar>
+std::size_t par_loss_workspace_bytes(std::ptrdiff_t d_model, std::ptrdiff_t d_ff, std::ptrdiff_t n_experts,
+                                     std::ptrdiff_t top_k, Backend const& b = {}) {
+  return kernel::par_loss_workspace(d_model, d_ff, n_experts, top_k, b).bytes();
+}
+
+namespace detail_par {
+template <class W, class A>
+void validate(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
+              moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config) {
+  char const* fn = "par_loss";
+  dense.validate(fn);
+  if (x.rows() < 1) throw value_error("par_loss: argument 'x' has no tokens; the loss is a mean over tokens");
+  detail::require_shape(x, {x.rows(), dense.d_model()}, fn, "x");
+  if (experts.d_model() != dense.d_model() || experts.d_ff() != dense.d_ff())
+    throw shape_error(detail::concat(fn, ": argument 'experts' has d_model ", experts.d_model(), ", d_ff ", experts.d_ff(),
+                                     "; the dense FFN has d_model ", dense.d_model(), ", d_ff ", dense.d_ff()));
+  if (router.n_experts() != experts.n_experts() || router.d_model() != experts.d_model())
+    throw shape_error(detail::concat(fn, ": argument 'router' has shape ",
+                                     factorllm::detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
+                                     factorllm::detail::shape_string({experts.n_experts(), experts.d_model()})));
+  if (top_k < 1 || top_k > experts.n_experts())
+    throw value_error(detail::concat(fn, ": top_k = ", top_k, " must be in [1, n_experts = ", experts.n_experts(), "]"));
+  if (!(config.clip > 0 && config.clip < 0.5))
+    throw value_error(detail::concat(fn, ": config.clip = ", config.clip, " must be in (0, 0.5)"));
+  if (!std::isfinite(config.par_weight) || !std::isfinite(config.balance_weight))
+    throw value_error(detail::concat(fn, ": config weights must be finite"));
+}
+}  // namespace detail_par
+
+/// Computes the PAR and balance losses of one layer over the tokens x and their gradients w.r.t. the
+/// router weight and bias, into `out` (resized as needed), with caller-provided scratch.
+/// \param x       [n_tokens >= 1, d_model] the layer's FFN input (post-attention RMSNorm output)
+/// \param dense   the frozen dense FFN (teacher)
+/// \param experts the current experts (factorized from `dense` or trained since)
+/// \param router  the layer's router
+/// \param top_k   K of the K-of-N gating; the MSE target is f / floor(N/K) (spec 3.2, quirk Q5)
+/// \throws shape_error / value_error on inconsistent inputs; backend_error if ws is too small.
+template <class Backend = CpuScalar, class W, class A>
+void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
+              moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config, ParLossResult<A>& out,
+              Workspace& ws, Backend const& b = {}) {
+  static_assert(is_backend_v<Backend>, "par_loss: unknown backend tag");
+  detail_par::validate(x, dense, experts, router, top_k, config);
+  out.resize(x.rows(), experts.d_model(), experts.n_experts(), top_k);
+  kernel::par_loss(x, dense, experts, router, top_k, config, out, ws, b);
+}
+
+/// Convenience overload: allocates the result and the workspace.
+template <class Backend = CpuScalar, class W, class A>
+ParLossResult<A> par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
+                          moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config = {},
+                          Backend const& b = {}) {
+  detail_par::validate(x, dense, experts, router, top_k, config);
+  Workspace ws(par_loss_workspace_bytes(dense.d_model(), dense.d_ff(), experts.n_experts(), top_k, b));
+  ParLossResult<A> out;
+  par_loss(x, dense, experts, router, top_k, config, out, ws, b);
+  return out;
+}
+
+}  // namespace train
+}  // namespace factorllm

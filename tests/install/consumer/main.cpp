@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: Apache-2.0
+// Consumer smoke test: factorize a tiny FFN with the installed headers and check K = N exactness.
+#include <factorllm/factorllm.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+int main() {
+  using namespace factorllm;
+  std::ptrdiff_t const d = 4, d_ff = 8, n = 2;
+  std::vector<float> g(d_ff * d), u(d_ff * d), dn(d * d_ff), x(d), y_dense(d), y_moe(d);
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    g[i] = static_cast<float>((i * 7 % 11) - 5) / 4.0f;
+    u[i] = static_cast<float>((i * 5 % 13) - 6) / 4.0f;
+    dn[i] = static_cast<float>((i * 3 % 7) - 3) / 4.0f;
+  }
+  for (std::ptrdiff_t k = 0; k < d; ++k) x[k] = 0.25f * static_cast<float>(k - 1);
+  ffn::DenseFfnView<float> dense{matrix_view<float const>(g.data(), d_ff, d), matrix_view<float const>(u.data(), d_ff, d),
+                                 matrix_view<float const>(dn.data(), d, d_ff)};
+  ffn::swiglu_forward(dense, matrix_view<float const>(x.data(), 1, d), matrix_view(y_dense.data(), 1, d));
+  moe::Gating gating;
+  gating.top_k = n;
+  moe::MoeFfn<float> layer(ffn::factorize(dense, ffn::ExpertPartition::contiguous(d_ff, n)),
+                           moe::Router<float>::random(d, n, 1), gating);
+  layer.forward(matrix_view<float const>(x.data(), 1, d), matrix_view(y_moe.data(), 1, d));
+  for (std::ptrdiff_t k = 0; k < d; ++k)
+    if (std::fabs(y_dense[k] - y_moe[k]) > 1e-5f) {
+      std::printf("mismatch at %td: %g vs %g\n", k, y_dense[k], y_moe[k]);
+      return 1;
+    }
+  std::printf("factorllm %d consumer OK\n", version());
+  return 0;
+}
