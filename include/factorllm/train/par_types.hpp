@@ -3,6 +3,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -17,6 +18,18 @@ struct ParLossConfig {
   double balance_weight = 0.01;  // balance_weight in train.py
   double clip = 1e-7;            // p and q are clipped to [clip, 1 - clip] before the KL
 };
+
+/// The PAR target q = softmax(multi-hot of K of N) (spec 3.2 step 6): its value for a selected and for an
+/// unselected expert, e / (K e + N - K) and 1 / (K e + N - K).
+struct ParTarget {
+  double selected;
+  double unselected;
+};
+inline ParTarget par_target_q(std::ptrdiff_t n_experts, std::ptrdiff_t top_k) noexcept {
+  double const e = std::exp(1.0);
+  double const denom = static_cast<double>(top_k) * e + static_cast<double>(n_experts - top_k);
+  return ParTarget{e / denom, 1.0 / denom};
+}
 
 /// Everything one PAR evaluation reports. Reused across calls of the same shape without reallocating.
 template <class A>

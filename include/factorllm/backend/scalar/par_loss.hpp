@@ -63,9 +63,7 @@ void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::Exp
   std::fill(acc, acc + 2 * n * (d + 1), 0.0);
 
   double const s = moe::Gating::code_ref_scale(n, k);  // MSE target f / floor(N/K): spec 3.2 step 4, quirk Q5
-  double const e_const = std::exp(1.0);
-  double const q_sel = e_const / (static_cast<double>(k) * e_const + static_cast<double>(n - k));  // spec 3.2 q table
-  double const q_unsel = 1.0 / (static_cast<double>(k) * e_const + static_cast<double>(n - k));
+  train::ParTarget const q = train::par_target_q(n, k);  // spec 3.2 step 6 (q table)
   double const lo = config.clip, hi = 1.0 - config.clip;
   auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
   double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
@@ -113,7 +111,7 @@ void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::Exp
     double kl = 0, pg = 0;
     for (std::ptrdiff_t e = 0; e < n; ++e) {
       bool const selected = std::find(label_ids, label_ids + k, e) != label_ids + k;
-      double const qh = clip(selected ? q_sel : q_unsel), ph = clip(p[e]);
+      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
       kl += ph * std::log(ph / qh);
       double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
       dz_par[e] = g;

@@ -1,0 +1,59 @@
+// SPDX-License-Identifier: Apache-2.0
+// Test fixtures: library objects built from the reference's double data, in any weight type.
+#pragma once
+
+#include <factorllm/core/tensor.hpp>
+#include <factorllm/ffn/swiglu.hpp>
+
+#include <string>
+
+#include "reference.hpp"
+
+namespace fixture {
+
+/// Library-owned copies of a reference FFN, converted to weight type T.
+template <class T>
+struct DenseWeights {
+  factorllm::Matrix<T> gate, up, down;
+  explicit DenseWeights(ref::Ffn const& f)
+      : gate({f.d_ff, f.d_model}), up({f.d_ff, f.d_model}), down({f.d_model, f.d_ff}) {
+    for (std::ptrdiff_t i = 0; i < gate.size(); ++i) {
+      gate[i] = factorllm::from_double<T>(f.gate[static_cast<std::size_t>(i)]);
+      up[i] = factorllm::from_double<T>(f.up[static_cast<std::size_t>(i)]);
+    }
+    for (std::ptrdiff_t i = 0; i < down.size(); ++i) down[i] = factorllm::from_double<T>(f.down[static_cast<std::size_t>(i)]);
+  }
+  factorllm::ffn::DenseFfnView<T> view() const { return {gate.cview(), up.cview(), down.cview()}; }
+  /// The FFN as the reference sees it after rounding to T (so references compare like with like).
+  ref::Ffn rounded() const {
+    ref::Ffn f;
+    f.d_ff = static_cast<int>(gate.extent(0));
+    f.d_model = static_cast<int>(gate.extent(1));
+    for (std::ptrdiff_t i = 0; i < gate.size(); ++i) {
+      f.gate.push_back(factorllm::to_double(gate[i]));
+      f.up.push_back(factorllm::to_double(up[i]));
+    }
+    for (std::ptrdiff_t i = 0; i < down.size(); ++i) f.down.push_back(factorllm::to_double(down[i]));
+    return f;
+  }
+};
+
+/// A matrix of activations of type A from doubles.
+template <class A>
+factorllm::Matrix<A> to_matrix(ref::Vec const& v, std::ptrdiff_t rows, std::ptrdiff_t cols) {
+  factorllm::Matrix<A> m({rows, cols});
+  for (std::ptrdiff_t i = 0; i < m.size(); ++i) m[i] = static_cast<A>(v[static_cast<std::size_t>(i)]);
+  return m;
+}
+
+/// Doubles of a matrix's elements (for the reference).
+template <class T>
+ref::Vec to_vec(factorllm::Tensor<T, 2> const& m) {
+  ref::Vec v(static_cast<std::size_t>(m.size()));
+  for (std::ptrdiff_t i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = factorllm::to_double(m[i]);
+  return v;
+}
+
+inline std::string shared_path(char const* rel) { return std::string(FACTORLLM_SHARED_DIR) + "/" + rel; }
+
+}  // namespace fixture

@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tests of partitions, factorize / unfactorize and the factorization identity sum_e E_e(x) = F(x) (spec 1.2).
+#include <catch2/catch.hpp>
+
+#include <factorllm/ffn/factorize.hpp>
+#include <factorllm/ffn/permutation.hpp>
+#include <factorllm/ffn/swiglu.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "reference/fixtures.hpp"
+#include "reference/reference.hpp"
+
+using namespace factorllm;
+using ffn::ExpertPartition;
+
+namespace {
+bool is_permutation_of_iota(std::vector<std::int32_t> p) {
+  std::sort(p.begin(), p.end());
+  for (std::size_t i = 0; i < p.size(); ++i)
+    if (p[i] != static_cast<std::int32_t>(i)) return false;
+  return true;
+}
+
+std::vector<ExpertPartition> every_builder(std::int64_t d_ff, std::int64_t n) {
+  std::vector<std::int32_t> reversed(static_cast<std::size_t>(d_ff));
+  std::iota(reversed.rbegin(), reversed.rend(), 0);
+  std::vector<std::int32_t> round_robin(static_cast<std::size_t>(d_ff));
+  for (std::int64_t i = 0; i < d_ff; ++i) round_robin[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n);
+  return {ExpertPartition::contiguous(d_ff, n), ExpertPartition::random(d_ff, n, 7),
+          ExpertPartition::from_permutation(reversed, n), ExpertPartition::from_assignment(round_robin, n)};
+}
+}  // namespace
+
+TEST_CASE("partition builders produce valid balanced permutations", "[ffn][partition]") {
+  auto const c = ExpertPartition::contiguous(12, 3);
+  CHECK(c.d_expert() == 4);
+  CHECK(c.permutation() == std::vector<std::int32_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11});
+  auto const r1 = ExpertPartition::random(172, 4, 42), r2 = ExpertPartition::random(172, 4, 42),
+             r3 = ExpertPartition::random(172, 4, 43);
+  CHECK(is_permutation_of_iota(r1.permutation()));
+  CHECK(r1.permutation() == r2.permutation());  // seeded: reproducible
+  CHECK(r1.permutation() != r3.permutation());
+  CHECK(r1.permutation() != c.permutation());
+  auto const a = ExpertPartition::from_assignment({1, 0, 1, 0, 2, 2}, 3);
+  CHECK(a.permutation() == std::vector<std::int32_t>{1, 3, 0, 2, 4, 5});
+  CHECK(a.assignment() == std::vector<std::int32_t>{1, 0, 1, 0, 2, 2});
+  auto const inv = r1.inverse();
+  for (std::size_t p = 0; p < inv.size(); ++p) REQUIRE(inv[static_cast<std::size_t>(r1.permutation()[p])] == static_cast<std::int32_t>(p));
+  CHECK(ExpertPartition::contiguous(5, 1).d_expert() == 5);  // N = 1
+}
+
+TEST_CASE("partition builders reject invalid input", "[ffn][partition][errors]") {
+  CHECK_THROWS_AS(ExpertPartition::contiguous(172, 5), value_error);  // 172 % 5 != 0
+  CHECK_THROWS_WITH(ExpertPartition::contiguous(172, 5), Catch::Contains("not divisible"));
+  CHECK_THROWS_AS(ExpertPartition::contiguous(8, 0), value_error);
+  CHECK_THROWS_AS(ExpertPartition::contiguous(0, 1), value_error);
+  CHECK_THROWS_AS(ExpertPartition::random(10, 3, 1), value_error);
+  CHECK_THROWS_AS(ExpertPartition::from_permutation({0, 1, 1, 3}, 2), value_error);   // repeat
+  CHECK_THROWS_AS(ExpertPartition::from_permutation({0, 1, 2, 4}, 2), value_error);   // out of range
+  CHECK_THROWS_AS(ExpertPartition::from_permutation({0, -1, 2, 3}, 2), value_error);  // negative
+  CHECK_THROWS_AS(ExpertPartition::from_permutation({0, 1, 2}, 2), value_error);      // not divisible
+  CHECK_THROWS_AS(ExpertPartition::from_assignment({0, 0, 0, 1}, 2), value_error);    // unbalanced
+  CHECK_THROWS_AS(ExpertPartition::from_assignment({0, 2, 1, 1}, 2), value_error);    // expert out of range
+}
+
+TEST_CASE("factorize gathers gate/up rows and down columns by one permutation; unfactorize is bit-exact",
+          "[ffn][factorize]") {
+  auto const f = ref::random_ffn(6, 12, 3);
+  fixture::DenseWeights<float> w(f);
+  for (auto const& part : every_builder(12, 3)) {
+    auto const ex = ffn::factorize(w.view(), part);
+    REQUIRE(ex.n_experts() == 3);
+    REQUIRE(ex.d_expert() == 4);
+    for (std::ptrdiff_t e = 0; e < 3; ++e)
+      for (std::ptrdiff_t i = 0; i < 4; ++i) {
+        std::ptrdiff_t const neuron = part.permutation()[static_cast<std::size_t>(e * 4 + i)];
+        for (std::ptrdiff_t k = 0; k < 6; ++k) {
+          REQUIRE(ex.gate(e)(i, k) == w.gate(neuron, k));
+          REQUIRE(ex.up(e)(i, k) == w.up(neuron, k));
+          REQUIRE(ex.down(e)(k, i) == w.down(k, neuron));  // the SAME permutation on down's columns
+        }
+      }
+    auto const back = ffn::unfactorize(ex);
+    REQUIRE(std::equal(back.gate.data(), back.gate.data() + back.gate.size(), w.gate.data()));
+    REQUIRE(std::equal(back.up.data(), back.up.data() + back.up.size(), w.up.data()));
+    REQUIRE(std::equal(back.down.data(), back.down.data() + back.down.size(), w.down.data()));
+  }
+  fixture::DenseWeights<float> w2(ref::random_ffn(6, 8, 4));
+  CHECK_THROWS_AS(ffn::factorize(w2.view(), ExpertPartition::contiguous(12, 3)), shape_error);
+}
+
+TEST_CASE("factorize works on strided (padded) host weights", "[ffn][factorize]") {
+  // A host engine may hand weights with padded rows; the view's stride must be honoured.
+  std::ptrdiff_t const d = 5, d_ff = 8, pad = 3;
+  auto const f = ref::random_ffn(static_cast<int>(d), static_cast<int>(d_ff), 11);
+  std::vector<float> gate(static_cast<std::size_t>(d_ff * (d + pad)), 99.f), up = gate, down(static_cast<std::size_t>(d * (d_ff + pad)), 99.f);
+  for (std::ptrdiff_t i = 0; i < d_ff; ++i)
+    for (std::ptrdiff_t k = 0; k < d; ++k) {
+      gate[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.gate[static_cast<std::size_t>(i * d + k)]);
+      up[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.up[static_cast<std::size_t>(i * d + k)]);
+      down[static_cast<std::size_t>(k * (d_ff + pad) + i)] = static_cast<float>(f.down[static_cast<std::size_t>(k * d_ff + i)]);
+    }
+  ffn::DenseFfnView<float> strided{matrix_view<float const>(gate.data(), d_ff, d, d + pad),
+                                   matrix_view<float const>(up.data(), d_ff, d, d + pad),
+                                   matrix_view<float const>(down.data(), d, d_ff, d_ff + pad)};
+  fixture::DenseWeights<float> dense(f);
+  auto const a = ffn::factorize(strided, ExpertPartition::random(d_ff, 2, 1));
+  auto const b = ffn::factorize(dense.view(), ExpertPartition::random(d_ff, 2, 1));
+  REQUIRE(std::equal(a.gate_tensor().data(), a.gate_tensor().data() + a.gate_tensor().size(), b.gate_tensor().data()));
+  REQUIRE(std::equal(a.down_tensor().data(), a.down_tensor().data() + a.down_tensor().size(), b.down_tensor().data()));
+}
+
+TEMPLATE_TEST_CASE("each expert matches the reference expert; all experts sum to the dense FFN", "[ffn][factorize]",
+                   float, double, bf16) {
+  using A = activation_t<TestType>;
+  int const d = 16, d_ff = 48, n_tokens = 9;
+  fixture::DenseWeights<TestType> w(ref::random_ffn(d, d_ff, 21));
+  ref::Ffn const f = w.rounded();  // the reference sees the same (rounded) weights
+  auto const xv = ref::randn(static_cast<std::size_t>(n_tokens * d), 5, 1.0);
+  auto const x = fixture::to_matrix<A>(xv, n_tokens, d);
+  // Tolerance: outputs are sums of d_ff products in double, rounded once to the activation type.
+  double const tol = std::is_same_v<A, double> ? 1e-12 : 2e-6;
+  for (int n : {1, 2, 4, 8}) {
+    for (auto const& part : every_builder(d_ff, n)) {
+      auto const ex = ffn::factorize(w.view(), part);
+      Matrix<A> sum({n_tokens, d});
+      Matrix<A> ye({n_tokens, d});
+      std::vector<double> acc(static_cast<std::size_t>(n_tokens * d), 0.0);
+      for (int e = 0; e < n; ++e) {
+        ffn::swiglu_forward(ex.expert(e), x.cview(), ye.view());
+        for (int t = 0; t < n_tokens; ++t) {
+          ref::Vec xd(xv.begin() + t * d, xv.begin() + (t + 1) * d);
+          for (auto& v : xd) v = static_cast<double>(static_cast<A>(v));
+          auto const r = ref::expert(f, part.permutation(), n, e, xd.data());
+          INFO("n=" << n << " expert " << e << " token " << t);
+          REQUIRE(ref::max_rel(ye.view().row(t), r, static_cast<std::size_t>(d), 1e-3) < tol);
+          for (int o = 0; o < d; ++o) acc[static_cast<std::size_t>(t * d + o)] += static_cast<double>(ye(t, o));
+        }
+      }
+      Matrix<A> yd({n_tokens, d});
+      ffn::swiglu_forward(w.view(), x.cview(), yd.view());
+      INFO("n=" << n);
+      CHECK(ref::rel_l2(acc, yd.data(), acc.size()) < tol);
+    }
+  }
+}
