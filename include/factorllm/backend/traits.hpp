@@ -12,6 +12,9 @@
 //  * Every backend must agree with CpuScalar within the op's written tolerance, and bit for bit on the
 //    exact ops (permutation, factorize, grouping). Results never depend on the thread count.
 //  * Kernels trust their fronts: they check preconditions only with FLLM_ASSERT (debug builds).
+//  * Fronts call `kernel::op` qualified, so overloads are found at the front's definition: each front
+//    header includes the kernel header of every CPU backend for its op (scalar/ and simd/); a new backend
+//    adds its header there (the CUDA umbrella cuda.hpp includes its kernels before the fronts).
 #pragma once
 
 #include <cstddef>

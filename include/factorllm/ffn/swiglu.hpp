@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../backend/scalar/swiglu.hpp"
+#include "../backend/simd/swiglu.hpp"
 #include "../backend/tags.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"

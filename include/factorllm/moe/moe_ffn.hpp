@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "../backend/scalar/moe_ffn.hpp"
+#include "../backend/simd/moe_ffn.hpp"
 #include "../backend/tags.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"

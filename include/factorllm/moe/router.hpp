@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "../backend/scalar/router.hpp"
+#include "../backend/simd/router.hpp"
 #include "../backend/tags.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"

@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: Apache-2.0
+// CpuSimd SwiGLU blocks: the engine behind the dense FFN and every expert of the MoE forward.
+//
+// A "job" is one SwiGLU block (a dense FFN, or one expert) applied to c contiguous input rows. Work is cut
+// into tasks of fixed size that do not depend on the thread count, and every output element is produced by
+// exactly one task with a fixed reduction order, so results are bitwise identical for any number of threads.
+//   phase 1 (rows [i0, i1) of gate/up): h[:, i] = SiLU(x W_g[i]^T) * (x W_u[i]^T)
+//   phase 2 (rows [o0, o1) of down):    out[:, o] = h W_d[o]^T
+// Few rows (decode, c <= kGemvMaxRows): a streaming multi-dot that reads each weight row once for all rows
+// (memory-bound; threads split the weight rows). More rows (prefill): Eigen GEMMs per block (compute-bound);
+// bf16 weights are widened per block into a per-thread panel first.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../../core/tensor_view.hpp"
+#include "../../core/workspace.hpp"
+#include "cpu_simd.hpp"
+
+namespace factorllm {
+namespace detail {
+
+/// Rows of input at or below which a block runs the streaming (GEMV-like) kernel instead of GEMMs.
+inline constexpr std::ptrdiff_t kGemvMaxRows = 8;
+/// Rows the multi-dot kernel handles per pass over a weight row (4 accumulators per ISA register file fits).
+inline constexpr std::ptrdiff_t kMultiDotRows = 4;
+/// Weight rows per task in both phases (fixed: results must not depend on the thread count).
+inline constexpr std::ptrdiff_t kBlockRows = 128;
+
+template <class W>
+struct SwigluJob {
+  W const* gate = nullptr;  // [m, d] row-major, row stride d
+  W const* up = nullptr;    // [m, d]
+  W const* down = nullptr;  // [d, m]
+  std::ptrdiff_t m = 0;     // hidden size of the block (d_ff or d_expert)
+  float const* x = nullptr; // [c, d] inputs (row stride d)
+  std::ptrdiff_t c = 0;     // rows
+  float* h_gate = nullptr;  // [c, m] scratch (GEMM path: gate pre-activations, then h)
+  float* h_up = nullptr;    // [c, m] scratch (GEMM path: up pre-activations)
+  float* out = nullptr;     // [c, d] outputs (row stride d)
+};
+
+using RowMajorF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstMapF = Eigen::Map<RowMajorF const, 0, Eigen::OuterStride<>>;
+using MapF = Eigen::Map<RowMajorF, 0, Eigen::OuterStride<>>;
+
+/// Floats of per-thread panel one task may need: a gate and an up block widened from bf16, or one down block.
+inline std::ptrdiff_t swiglu_panel_floats(std::ptrdiff_t d, std::ptrdiff_t m) noexcept {
+  return std::max(2 * kBlockRows * d, kBlockRows * m);
+}
+
+/// Returns a float view of weight rows [r0, r1) of a [rows, n] matrix (widened into `panel` when bf16).
+template <class W>
+float const* weight_block(W const* base, std::ptrdiff_t r0, std::ptrdiff_t r1, std::ptrdiff_t n, float* panel) {
+  if constexpr (std::is_same_v<W, float>) {
+    (void)r1;
+    (void)panel;
+    return base + r0 * n;
+  } else {
+    widen_bf16(base + r0 * n, panel, (r1 - r0) * n);
+    return panel;
+  }
+}
+
+/// Phase 1 of a job on gate/up rows [i0, i1).
+template <class Arch, class W>
+void swiglu_phase1(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t i0, std::ptrdiff_t i1, float* panel) {
+  std::ptrdiff_t const m = job.m, c = job.c;
+  if (c <= kGemvMaxRows) {
+    float* row_g = panel;
+    float* row_u = panel + d;
+    float g[kGemvMaxRows], u[kGemvMaxRows];
+    for (std::ptrdiff_t i = i0; i < i1; ++i) {
+      float const* wg = row_as_float(job.gate + i * d, d, row_g);
+      float const* wu = row_as_float(job.up + i * d, d, row_u);
+      for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
+        std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
+        multi_dot<Arch>(wg, job.x + t0 * d, d, nv, d, g + t0);
+        multi_dot<Arch>(wu, job.x + t0 * d, d, nv, d, u + t0);
+      }
+      for (std::ptrdiff_t t = 0; t < c; ++t) job.h_gate[t * m + i] = silu_f(g[t]) * u[t];
+    }
+    return;
+  }
+  std::ptrdiff_t const rows = i1 - i0;
+  ConstMapF x(job.x, c, d, Eigen::OuterStride<>(d));
+  ConstMapF wg(weight_block(job.gate, i0, i1, d, panel), rows, d, Eigen::OuterStride<>(d));
+  ConstMapF wu(weight_block(job.up, i0, i1, d, panel + rows * d), rows, d, Eigen::OuterStride<>(d));
+  MapF hg(job.h_gate + i0, c, rows, Eigen::OuterStride<>(m));
+  MapF hu(job.h_up + i0, c, rows, Eigen::OuterStride<>(m));
+  hg.noalias() = x * wg.transpose();
+  hu.noalias() = x * wu.transpose();
+  for (std::ptrdiff_t t = 0; t < c; ++t) {
+    float* hgr = job.h_gate + t * m;
+    float const* hur = job.h_up + t * m;
+    for (std::ptrdiff_t i = i0; i < i1; ++i) hgr[i] = silu_f(hgr[i]) * hur[i];
+  }
+}
+
+/// Phase 2 of a job on down rows [o0, o1) (output columns).
+template <class Arch, class W>
+void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0, std::ptrdiff_t o1, float* panel) {
+  std::ptrdiff_t const m = job.m, c = job.c;
+  if (c <= kGemvMaxRows) {
+    float o[kGemvMaxRows];
+    for (std::ptrdiff_t r = o0; r < o1; ++r) {
+      float const* wd = row_as_float(job.down + r * m, m, panel);
+      for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
+        std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
+        multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
+      }
+      for (std::ptrdiff_t t = 0; t < c; ++t) job.out[t * d + r] = o[t];
+    }
+    return;
+  }
+  ConstMapF h(job.h_gate, c, m, Eigen::OuterStride<>(m));
+  ConstMapF wd(weight_block(job.down, o0, o1, m, panel), o1 - o0, m, Eigen::OuterStride<>(m));
+  MapF out(job.out + o0, c, o1 - o0, Eigen::OuterStride<>(d));
+  out.noalias() = h * wd.transpose();
+}
+
+/// Runs all jobs: every phase-1 task, a barrier, every phase-2 task. Tasks are fixed blocks of kBlockRows
+/// weight rows; threads take them dynamically (the block boundaries, not the schedule, fix the results).
+/// `panels` holds max_threads() panels of `panel_floats` each.
+template <class Arch, class W>
+void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdiff_t d, float* panels,
+                     std::ptrdiff_t panel_floats, std::ptrdiff_t* task_starts) {
+  // task_starts[j] = first phase-1 task of job j; phase-2 tasks are counted the same way afterwards.
+  auto count_tasks = [&](bool phase1) {
+    std::ptrdiff_t n = 0;
+    for (std::ptrdiff_t j = 0; j < n_jobs; ++j) {
+      task_starts[j] = n;
+      if (jobs[j].c == 0) continue;
+      std::ptrdiff_t const rows = phase1 ? jobs[j].m : d;
+      n += (rows + kBlockRows - 1) / kBlockRows;
+    }
+    task_starts[n_jobs] = n;
+    return n;
+  };
+  for (int phase = 1; phase <= 2; ++phase) {
+    std::ptrdiff_t const n_tasks = count_tasks(phase == 1);
+    if (n_tasks == 0) continue;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
+#endif
+    for (std::ptrdiff_t task = 0; task < n_tasks; ++task) {
+      std::ptrdiff_t const j = std::upper_bound(task_starts, task_starts + n_jobs + 1, task) - task_starts - 1;
+      std::ptrdiff_t const b = task - task_starts[j];
+      float* panel = panels + static_cast<std::ptrdiff_t>(thread_id()) * panel_floats;
+      if (phase == 1) {
+        std::ptrdiff_t const i0 = b * kBlockRows, i1 = std::min(jobs[j].m, i0 + kBlockRows);
+        swiglu_phase1<Arch>(jobs[j], d, i0, i1, panel);
+      } else {
+        std::ptrdiff_t const o0 = b * kBlockRows, o1 = std::min(d, o0 + kBlockRows);
+        swiglu_phase2<Arch>(jobs[j], d, o0, o1, panel);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+namespace kernel {
+
+/// Scratch of the CpuSimd SwiGLU: gate/up activations for every row plus one panel per thread.
+template <class Arch>
+detail::WorkspaceLayout swiglu_workspace(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden,
+                                         CpuSimd<Arch> const&) {
+  auto const t = static_cast<std::size_t>(n_tokens), m = static_cast<std::size_t>(d_hidden),
+             d = static_cast<std::size_t>(d_model);
+  return detail::WorkspaceLayout()
+      .add(sizeof(float), t * m)  // h_gate
+      .add(sizeof(float), t * m)  // h_up
+      .add(sizeof(float), t * d)  // packed input (views may be strided)
+      .add(sizeof(float), t * d)  // packed output
+      .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
+                              static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
+      .add(sizeof(std::ptrdiff_t), 2);
+}
+
+/// CpuSimd dense SwiGLU (float activations; float or bf16 weights).
+template <class W, class Arch>
+void swiglu(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<float const> x,
+            MatrixView<float> y, Workspace& ws, CpuSimd<Arch> const&) {
+  std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), m = gate.rows();
+  if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous())
+    throw backend_error("swiglu (cpu_simd): weight views must be dense row-major (use Tensor copies or CpuScalar)");
+  detail::WorkspaceCursor cursor(ws, "swiglu (cpu_simd)");
+  float* hg = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
+  float* hu = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
+  float* xin = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
+  float* out = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
+  std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
+  float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
+  auto* starts = cursor.take<std::ptrdiff_t>(2);
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
+  detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
+  detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts);
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
+}
+
+}  // namespace kernel
+}  // namespace factorllm
