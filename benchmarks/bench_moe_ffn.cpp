@@ -26,6 +26,8 @@
 namespace {
 
 namespace fl = factorllm;
+// Both sides are pinned to the scalar oracle (not left to the API's default backend): this is the baseline.
+using ScalarMoe = fl::moe::MoeFfn<float, fl::CpuScalar>;
 
 constexpr std::uint64_t kSeed = 2026;
 // Short runs: the scalar baseline only needs to be stable to a few percent, and CI machines are shared.
@@ -63,9 +65,9 @@ void BM_dense_swiglu(benchmark::State& state) {
   auto const dense = random_dense(d_model, d_ff, kSeed);
   auto const x = random_tokens(n_tokens, d_model, kSeed + 1);
   fl::Matrix<float> y({n_tokens, d_model});
-  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes(n_tokens, d_model, d_ff));
+  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes<fl::CpuScalar>(n_tokens, d_model, d_ff));
   for (auto _ : state) {
-    fl::ffn::swiglu_forward(dense.view(), x.cview(), y.view(), ws);
+    fl::ffn::swiglu_forward<fl::CpuScalar>(dense.view(), x.cview(), y.view(), ws);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -87,7 +89,7 @@ void BM_moe_ffn(benchmark::State& state) {
   gating.mode = fl::moe::CombineMode::code_ref;
   gating.top_k = top_k;
   auto experts = fl::ffn::factorize(dense.view(), fl::ffn::ExpertPartition::contiguous(d_ff, n_experts));
-  fl::moe::MoeFfn<float> const layer(std::move(experts), fl::moe::Router<float>::random(d_model, n_experts, kSeed + 2),
+  ScalarMoe const layer(std::move(experts), fl::moe::Router<float>::random(d_model, n_experts, kSeed + 2),
                                      std::move(gating));
   fl::Matrix<float> y({n_tokens, d_model});
   fl::Workspace ws(layer.workspace_bytes(n_tokens));

@@ -32,6 +32,8 @@
 namespace {
 
 namespace fl = factorllm;
+// The demo times the scalar oracle on both sides (named, not left to the API's default backend).
+using ScalarMoe = fl::moe::MoeFfn<float, fl::CpuScalar>;
 
 constexpr std::ptrdiff_t kExperts = 4;           // N: the paper's 1R4E setting; 172 = 4 x 43 for stories260K
 constexpr std::ptrdiff_t kTokens = 64;           // hidden inputs per layer
@@ -172,12 +174,12 @@ double mean_seconds(F const& f) {
 }
 
 /// Builds the K-of-N layer from factorized experts (copied: they are small) and a router.
-fl::moe::MoeFfn<float> make_moe(fl::ffn::ExpertWeights<float> const& experts, fl::moe::Router<float> const& router,
+ScalarMoe make_moe(fl::ffn::ExpertWeights<float> const& experts, fl::moe::Router<float> const& router,
                                 std::ptrdiff_t top_k, fl::moe::CombineMode mode) {
   fl::moe::Gating gating;
   gating.mode = mode;
   gating.top_k = top_k;
-  return fl::moe::MoeFfn<float>(experts, router, gating);
+  return ScalarMoe(experts, router, gating);
 }
 
 /// Runs the code_ref K = N layer for a partition and returns its max per-token relative error vs the dense FFN.
@@ -240,8 +242,8 @@ int run(std::string const& path) {
     auto const x = model.inputs[l].cview();
     std::ptrdiff_t const n_tokens = x.rows(), d_model = dense.d_model(), d_ff = dense.d_ff();
     fl::Matrix<float> y_dense({n_tokens, d_model}), y_moe({n_tokens, d_model});
-    dense_ws.reserve(fl::ffn::swiglu_workspace_bytes(n_tokens, d_model, d_ff));
-    auto dense_forward = [&] { fl::ffn::swiglu_forward(dense, x, y_dense.view(), dense_ws); };
+    dense_ws.reserve(fl::ffn::swiglu_workspace_bytes<fl::CpuScalar>(n_tokens, d_model, d_ff));
+    auto dense_forward = [&] { fl::ffn::swiglu_forward<fl::CpuScalar>(dense, x, y_dense.view(), dense_ws); };
     double const dense_s = mean_seconds(dense_forward);
 
     auto const experts = fl::ffn::factorize(dense, fl::ffn::ExpertPartition::contiguous(d_ff, kExperts));
