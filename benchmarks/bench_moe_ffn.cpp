@@ -1,133 +1,283 @@
 // SPDX-License-Identifier: Apache-2.0
-// Benchmark of the scalar-reference MoE forward (moe::MoeFfn on CpuScalar) against the dense SwiGLU it factorizes.
+// Benchmarks of the MoE FFN on the cpu_simd backend against the library's fastest dense path, the paper
+// code's "mask_all" formulation, and the machine's own limits (STREAM-style read bandwidth, Eigen sgemm),
+// all measured in the same run so that the reported figures are ratios.
 //
-// This is the baseline harness: both sides run the CpuScalar oracle (plain loops, double accumulation, one
-// thread), so the ratio shows the work saved by running K of N experts, not kernel quality. Shapes: the real
-// test model stories260K (d_model 64, d_ff 172) and one mid shape (d_model 512, d_ff 1408).
-// Counters: `flops` = 2 x multiply-adds actually executed (active experts + router for MoE), shown as a rate;
-// items = tokens.
+// Shapes: TinyLlama FFN (d 2048, d_ff 5632, N 4, K 1..3), LLaMA-7B FFN (d 4096, d_ff 11008, N 8, K 2),
+// stories260K (d 64, d_ff 172, N 4). T in {1, 8, 32, 128, 512}; weights f32 and bf16 (generated).
+// For T <= 8 each iteration uses the next of L copies of the layer, L chosen so that the copies exceed twice
+// the last-level cache: weights come from DRAM, as in real decoding of a many-layer model.
+//
+// Counters: bytes_per_second (active weights streamed), flops (2 x MACs of active experts + router, rate),
+// bw_fraction (achieved bytes/s over STREAM read bandwidth), gemm_fraction (achieved flop/s over Eigen sgemm
+// on [T, d] x [d, d_ff]), speedup_vs_dense (dense FFN time / MoE time at the same T, dense on cpu_simd),
+// mask_all_ms and speedup_vs_mask_all (compute every expert on every token, then mask: the paper code).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <random>
-#include <utility>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <unistd.h>
+#include <vector>
 
-#include "factorllm/core/tensor.hpp"
-#include "factorllm/core/workspace.hpp"
-#include "factorllm/detail/random.hpp"
-#include "factorllm/ffn/factorize.hpp"
-#include "factorllm/ffn/permutation.hpp"
-#include "factorllm/ffn/swiglu.hpp"
-#include "factorllm/moe/gating.hpp"
-#include "factorllm/moe/moe_ffn.hpp"
-#include "factorllm/moe/router.hpp"
+#include <Eigen/Core>
+
+#include "factorllm/factorllm.hpp"
 
 namespace {
 
 namespace fl = factorllm;
-// Both sides are pinned to the scalar oracle (not left to the API's default backend): this is the baseline.
-using ScalarMoe = fl::moe::MoeFfn<float, fl::CpuScalar>;
+using Simd = fl::CpuSimd<>;
+using Clock = std::chrono::steady_clock;
 
-constexpr std::uint64_t kSeed = 2026;
-// Short runs: the scalar baseline only needs to be stable to a few percent, and CI machines are shared.
-constexpr double kMinTimeSeconds = 0.05;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-/// Fills a tensor with N(0, stddev^2) draws from a seeded generator.
-template <int Rank>
-void fill_normal(fl::Tensor<float, Rank>& t, double stddev, std::mt19937_64& rng) {
-  for (std::ptrdiff_t i = 0; i < t.size(); ++i) t[i] = static_cast<float>(stddev * fl::detail::standard_normal(rng));
+/// Last-level cache size the CPU reports (bytes); 32 MiB if unknown.
+std::size_t llc_bytes() {
+  long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return v > 0 ? static_cast<std::size_t>(v) : (32u << 20);
 }
 
-/// Returns a dense SwiGLU FFN with weights ~ N(0, 1/d_model), the scale of the trained stories260K weights.
-fl::ffn::DenseFfn<float> random_dense(std::ptrdiff_t d_model, std::ptrdiff_t d_ff, std::uint64_t seed) {
-  fl::ffn::DenseFfn<float> dense{fl::Matrix<float>({d_ff, d_model}), fl::Matrix<float>({d_ff, d_model}),
-                                 fl::Matrix<float>({d_model, d_ff})};
-  std::mt19937_64 rng(seed);
-  double const stddev = 1.0 / std::sqrt(static_cast<double>(d_model));
-  fill_normal(dense.gate, stddev, rng);
-  fill_normal(dense.up, stddev, rng);
-  fill_normal(dense.down, stddev, rng);
-  return dense;
+/// STREAM-style read bandwidth (bytes/s): all threads sum disjoint parts of an array 8x the LLC; best of 5.
+double stream_read_bandwidth() {
+  static double const bw = [] {
+    std::size_t const n = std::max<std::size_t>(llc_bytes() * 8, 512u << 20) / sizeof(float);
+    std::vector<float> a(n, 1.0f);
+    double best = 0, sink = 0;
+    for (int rep = 0; rep < 5; ++rep) {
+      auto const t0 = Clock::now();
+      double total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+      for (std::ptrdiff_t blk = 0; blk < static_cast<std::ptrdiff_t>(n / 4096); ++blk) {
+        Eigen::Map<Eigen::ArrayXf const> m(a.data() + blk * 4096, 4096);
+        total += static_cast<double>(m.sum());
+      }
+      double const s = seconds_since(t0);
+      sink += total;
+      best = std::max(best, static_cast<double>(n * sizeof(float)) / s);
+    }
+    std::printf("machine: STREAM-style read bandwidth %.1f GB/s (%zu MiB array, %d threads; checksum %.0f)\n", best / 1e9,
+                n * sizeof(float) >> 20, fl::detail::max_threads(), sink);
+    return best;
+  }();
+  return bw;
 }
 
-/// Returns n_tokens hidden states ~ N(0, 1): the scale of an RMS-normalized input.
-fl::Matrix<float> random_tokens(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::uint64_t seed) {
-  fl::Matrix<float> x({n_tokens, d_model});
-  std::mt19937_64 rng(seed);
-  fill_normal(x, 1.0, rng);
-  return x;
-}
-
-/// Dense SwiGLU forward, scalar reference. Args: d_model, d_ff, n_tokens.
-void BM_dense_swiglu(benchmark::State& state) {
-  std::ptrdiff_t const d_model = state.range(0), d_ff = state.range(1), n_tokens = state.range(2);
-  auto const dense = random_dense(d_model, d_ff, kSeed);
-  auto const x = random_tokens(n_tokens, d_model, kSeed + 1);
-  fl::Matrix<float> y({n_tokens, d_model});
-  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes<fl::CpuScalar>(n_tokens, d_model, d_ff));
-  for (auto _ : state) {
-    fl::ffn::swiglu_forward<fl::CpuScalar>(dense.view(), x.cview(), y.view(), ws);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
+/// Eigen sgemm flop/s on [T, d] x [d, d_ff] (row-major operands, like the FFN), best of 3.
+double eigen_sgemm_flops(std::ptrdiff_t t, std::ptrdiff_t d, std::ptrdiff_t d_ff) {
+  static std::map<std::tuple<long, long, long>, double> cache;
+  auto key = std::make_tuple(static_cast<long>(t), static_cast<long>(d), static_cast<long>(d_ff));
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  RM x = RM::Random(t, d), w = RM::Random(d_ff, d), y(t, d_ff);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    auto const t0 = Clock::now();
+    y.noalias() = x * w.transpose();
+    best = std::max(best, 2.0 * static_cast<double>(t * d * d_ff) / seconds_since(t0));
   }
-  // gate, up and down: 3 * d_model * d_ff multiply-adds per token.
-  double const flops = 2.0 * static_cast<double>(n_tokens) * 3.0 * static_cast<double>(d_model * d_ff);
-  state.counters["flops"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
-  state.SetItemsProcessed(state.iterations() * n_tokens);
-  state.SetLabel(fl::CpuScalar::name());
+  benchmark::DoNotOptimize(y.data());
+  std::printf("machine: Eigen sgemm [%ld x %ld] x [%ld x %ld]: %.1f GFLOP/s\n", static_cast<long>(t), static_cast<long>(d),
+              static_cast<long>(d), static_cast<long>(d_ff), best / 1e9);
+  return cache[key] = best;
 }
 
-/// K-of-N MoE forward (code_ref gating, random router), scalar reference.
-/// Args: d_model, d_ff, n_experts, top_k, n_tokens.
-void BM_moe_ffn(benchmark::State& state) {
-  std::ptrdiff_t const d_model = state.range(0), d_ff = state.range(1), n_experts = state.range(2),
-                       top_k = state.range(3), n_tokens = state.range(4);
-  auto const dense = random_dense(d_model, d_ff, kSeed);
-  auto const x = random_tokens(n_tokens, d_model, kSeed + 1);
-  fl::moe::Gating gating;
-  gating.mode = fl::moe::CombineMode::code_ref;
-  gating.top_k = top_k;
-  auto experts = fl::ffn::factorize(dense.view(), fl::ffn::ExpertPartition::contiguous(d_ff, n_experts));
-  ScalarMoe const layer(std::move(experts), fl::moe::Router<float>::random(d_model, n_experts, kSeed + 2),
-                                     std::move(gating));
-  fl::Matrix<float> y({n_tokens, d_model});
-  fl::Workspace ws(layer.workspace_bytes(n_tokens));
-  for (auto _ : state) {
-    layer.forward(x.cview(), y.view(), ws);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
+/// A generated FFN layer in both layouts (dense and factorized), for weight type W.
+template <class W>
+struct Layer {
+  fl::ffn::DenseFfn<W> dense;
+  std::unique_ptr<fl::moe::MoeFfn<W, Simd>> moe;
+};
+
+template <class W>
+fl::Matrix<W> random_matrix(std::ptrdiff_t r, std::ptrdiff_t c, double scale, std::uint64_t seed) {
+  fl::Matrix<W> m({r, c});
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (std::ptrdiff_t i = 0; i < m.size(); ++i) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    double const u = static_cast<double>(s >> 11) * (1.0 / 9007199254740992.0) - 0.5;  // uniform, var 1/12
+    m[i] = fl::from_double<W>(u * scale * 3.4641016);                                    // std = scale
   }
-  // Per token: top_k experts of 3 * d_model * d_expert multiply-adds, plus the router's n_experts * d_model.
-  double const macs_per_token = static_cast<double>(top_k * 3 * d_model * layer.d_expert() + n_experts * d_model);
-  double const flops = 2.0 * static_cast<double>(n_tokens) * macs_per_token;
-  state.counters["flops"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
-  state.SetItemsProcessed(state.iterations() * n_tokens);
-  state.SetLabel(fl::CpuScalar::name());
+  return m;
+}
+
+struct Shape {
+  char const* name;
+  std::ptrdiff_t d, d_ff, n;
+};
+constexpr Shape kTinyLlama{"tinyllama", 2048, 5632, 4};
+constexpr Shape kLlama7b{"llama7b", 4096, 11008, 8};
+constexpr Shape kStories{"stories260k", 64, 172, 4};
+
+/// Layers of a shape for weight type W and top_k K, cached across benchmarks (generation is slow).
+template <class W>
+std::vector<Layer<W>>& layers(Shape const& s, std::ptrdiff_t k, std::size_t count) {
+  static std::map<std::tuple<std::string, long, long>, std::vector<Layer<W>>> cache;
+  auto& v = cache[std::make_tuple(std::string(s.name), static_cast<long>(k), static_cast<long>(s.d))];
+  while (v.size() < count) {
+    auto const seed = static_cast<std::uint64_t>(v.size() + 1);
+    double const a = 1.0 / std::sqrt(static_cast<double>(s.d)), b = 1.0 / std::sqrt(static_cast<double>(s.d_ff));
+    Layer<W> l{fl::ffn::DenseFfn<W>{random_matrix<W>(s.d_ff, s.d, a, seed), random_matrix<W>(s.d_ff, s.d, a, seed + 100),
+                                     random_matrix<W>(s.d, s.d_ff, b, seed + 200)},
+               nullptr};
+    fl::moe::Gating g;
+    g.mode = fl::moe::CombineMode::softmax_topk_renorm;
+    g.top_k = k;
+    l.moe = std::make_unique<fl::moe::MoeFfn<W, Simd>>(fl::ffn::factorize(l.dense.view(), fl::ffn::ExpertPartition::contiguous(s.d_ff, s.n)),
+                                                      fl::moe::Router<float>::random(s.d, s.n, seed, 1.0), g);
+    v.push_back(std::move(l));
+  }
+  return v;
+}
+
+/// Copies of the layer needed so that T <= 8 streams from DRAM: the working set exceeds 2 x LLC.
+std::size_t layer_copies(Shape const& s, std::size_t weight_bytes, std::ptrdiff_t t) {
+  if (t > 8) return 1;
+  std::size_t const layer_bytes = static_cast<std::size_t>(3 * s.d * s.d_ff) * weight_bytes;
+  return std::max<std::size_t>(1, (2 * llc_bytes()) / layer_bytes + 1);
+}
+
+/// Dense FFN time (seconds per call) on cpu_simd at this T, cycling the same layer copies; cached.
+template <class W>
+double dense_seconds(Shape const& s, std::vector<Layer<W>>& ls, std::size_t copies, fl::Matrix<float> const& x) {
+  static std::map<std::tuple<std::string, long>, double> cache;
+  auto key = std::make_tuple(std::string(s.name) + fl::dtype_traits<W>::name(), static_cast<long>(x.extent(0)));
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  std::ptrdiff_t const t = x.extent(0);
+  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes(t, s.d, s.d_ff, Simd{}));
+  fl::Matrix<float> y({t, s.d});
+  int const reps = static_cast<int>(std::max<std::size_t>(copies, 3));
+  double best = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    auto const t0 = Clock::now();
+    for (int r = 0; r < reps; ++r) fl::ffn::swiglu_forward(ls[static_cast<std::size_t>(r) % copies].dense.view(), x.cview(), y.view(), ws, Simd{});
+    best = std::min(best, seconds_since(t0) / reps);
+  }
+  return cache[key] = best;
+}
+
+/// The paper code's formulation: every expert on every token, then mask and sum (seconds per call).
+template <class W>
+double mask_all_seconds(Shape const& s, Layer<W>& l, fl::Matrix<float> const& x, fl::moe::RoutingRecord<float> const& rec) {
+  std::ptrdiff_t const t = x.extent(0), m = s.d_ff / s.n, k = l.moe->top_k();
+  auto const& ex = l.moe->experts();
+  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes(t, s.d, m, Simd{}));
+  fl::Matrix<float> ye({t, s.d}), y({t, s.d});
+  double best = 1e30;
+  for (int round = 0; round < 2; ++round) {
+    auto const t0 = Clock::now();
+    std::fill(y.data(), y.data() + y.size(), 0.0f);
+    for (std::ptrdiff_t e = 0; e < s.n; ++e) {
+      fl::ffn::swiglu_forward(ex.expert(e), x.cview(), ye.view(), ws, Simd{});
+      for (std::ptrdiff_t tok = 0; tok < t; ++tok)
+        for (std::ptrdiff_t j = 0; j < k; ++j)
+          if (rec.ids(tok, j) == e) {
+            float const w = rec.weights(tok, j);
+            for (std::ptrdiff_t c = 0; c < s.d; ++c) y(tok, c) += w * ye(tok, c);
+          }
+    }
+    best = std::min(best, seconds_since(t0));
+  }
+  benchmark::DoNotOptimize(y.data());
+  return best;
+}
+
+template <class W>
+void BM_moe(benchmark::State& state, Shape s) {
+  std::ptrdiff_t const t = state.range(0), k = state.range(1);
+  std::size_t const copies = layer_copies(s, sizeof(W), t);
+  auto& ls = layers<W>(s, k, copies);
+  fl::Matrix<float> x = random_matrix<float>(t, s.d, 1.0, 77);
+  fl::Matrix<float> y({t, s.d});
+  fl::Workspace ws(ls[0].moe->workspace_bytes(t));
+  fl::moe::RoutingRecord<float> rec;
+  ls[0].moe->forward(x.cview(), y.view(), ws, &rec);
+  std::ptrdiff_t active = 0;  // experts that receive at least one token (their weights are streamed)
+  for (std::ptrdiff_t e = 0; e < s.n; ++e) active += rec.load(e) > 0 ? 1 : 0;
+  double const m = static_cast<double>(s.d_ff / s.n);
+  double const bytes = static_cast<double>(active) * 3.0 * m * static_cast<double>(s.d) * sizeof(W) +
+                       static_cast<double>(s.n * s.d) * sizeof(float);
+  double const flops = 2.0 * static_cast<double>(t) * (static_cast<double>(k) * 3.0 * m * static_cast<double>(s.d) +
+                                                       static_cast<double>(s.n * s.d));
+  double const dense_s = dense_seconds<W>(s, ls, copies, x);
+  std::size_t i = 0;
+  auto const t0 = Clock::now();
+  for (auto _ : state) {
+    ls[i++ % copies].moe->forward(x.cview(), y.view(), ws);
+    benchmark::DoNotOptimize(y.data());
+  }
+  double const per_call = seconds_since(t0) / static_cast<double>(state.iterations());
+  double const mask_s = mask_all_seconds<W>(s, ls[0], x, rec);
+  state.counters["bytes_per_second"] = benchmark::Counter(bytes / per_call);
+  state.counters["flops"] = benchmark::Counter(flops / per_call);
+  state.counters["bw_fraction"] = bytes / per_call / stream_read_bandwidth();
+  state.counters["gemm_fraction"] = flops / per_call / eigen_sgemm_flops(t, s.d, s.d_ff);
+  state.counters["speedup_vs_dense"] = dense_s / per_call;
+  state.counters["mask_all_ms"] = mask_s * 1e3;
+  state.counters["speedup_vs_mask_all"] = mask_s / per_call;
+  state.counters["working_set_MiB"] = static_cast<double>(copies) * 3.0 * static_cast<double>(s.d * s.d_ff) * sizeof(W) / (1 << 20);
+  state.SetItemsProcessed(state.iterations() * t);
+}
+
+/// Router + TopK + grouping alone, and its share of the whole MoE forward at the same T.
+void BM_routing_share(benchmark::State& state) {
+  Shape const s = kTinyLlama;
+  std::ptrdiff_t const t = state.range(0), k = state.range(1);
+  auto& ls = layers<float>(s, k, 1);
+  auto const& layer = *ls[0].moe;
+  fl::Matrix<float> x = random_matrix<float>(t, s.d, 1.0, 77), y({t, s.d});
+  fl::Matrix<float> logits({t, s.n}), weights({t, k});
+  fl::Matrix<std::int32_t> ids({t, k});
+  fl::Vector<std::int64_t> offsets({s.n + 1});
+  fl::Vector<std::int32_t> slots({t * k});
+  fl::Workspace ws(layer.workspace_bytes(t));
+  auto const f0 = Clock::now();
+  for (int r = 0; r < 3; ++r) layer.forward(x.cview(), y.view(), ws);
+  double const forward_s = seconds_since(f0) / 3;
+  auto const t0 = Clock::now();
+  for (auto _ : state) {
+    fl::moe::router_logits(layer.router(), x.cview(), logits.view(), Simd{});
+    fl::moe::select_experts(logits.cview(), layer.gating(), ids.view(), weights.view(), Simd{});
+    fl::moe::group_by_expert(ids.cview(), s.n, offsets.view(), slots.view(), Simd{});
+    benchmark::DoNotOptimize(slots.data());
+  }
+  double const per_call = seconds_since(t0) / static_cast<double>(state.iterations());
+  state.counters["fraction_of_forward"] = per_call / forward_s;
+}
+
+void register_all() {
+  std::printf("machine: last-level cache %zu MiB, %d OpenMP threads\n", llc_bytes() >> 20, fl::detail::max_threads());
+  stream_read_bandwidth();
+  std::ptrdiff_t const ts[] = {1, 8, 32, 128, 512};
+  for (auto const& [s, ks] : {std::make_pair(kTinyLlama, std::vector<long>{1, 2, 3}), std::make_pair(kLlama7b, std::vector<long>{2}),
+                              std::make_pair(kStories, std::vector<long>{1, 2})}) {
+    for (long k : ks) {
+      for (auto t : ts) {
+        benchmark::RegisterBenchmark((std::string("moe/f32/") + s.name).c_str(), BM_moe<float>, s)
+            ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("moe/bf16/") + s.name).c_str(), BM_moe<fl::bf16>, s)
+            ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
+      }
+    }
+  }
+  benchmark::RegisterBenchmark("routing_share/f32/tinyllama", BM_routing_share)
+      ->Args({1, 1})->Args({512, 1})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
 
 }  // namespace
 
-// stories260K shape (d_model 64, d_ff 172 -> 4 experts of 43).
-BENCHMARK(BM_dense_swiglu)
-    ->ArgNames({"d_model", "d_ff", "n_tokens"})
-    ->ArgsProduct({{64}, {172}, {1, 8, 32}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(kMinTimeSeconds);
-BENCHMARK(BM_moe_ffn)
-    ->ArgNames({"d_model", "d_ff", "n_experts", "top_k", "n_tokens"})
-    ->ArgsProduct({{64}, {172}, {4}, {1, 2}, {1, 8, 32}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(kMinTimeSeconds);
-
-// Mid shape (d_model 512, d_ff 1408 -> 4 experts of 352): a quarter of TinyLlama's FFN per side.
-BENCHMARK(BM_dense_swiglu)
-    ->ArgNames({"d_model", "d_ff", "n_tokens"})
-    ->ArgsProduct({{512}, {1408}, {1, 8}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(kMinTimeSeconds);
-BENCHMARK(BM_moe_ffn)
-    ->ArgNames({"d_model", "d_ff", "n_experts", "top_k", "n_tokens"})
-    ->ArgsProduct({{512}, {1408}, {4}, {1}, {1, 8}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(kMinTimeSeconds);
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

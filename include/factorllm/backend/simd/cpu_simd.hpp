@@ -12,7 +12,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cmath>
 #include <type_traits>
+
+#include <immintrin.h>
 
 #include <xsimd/xsimd.hpp>
 
@@ -62,41 +65,74 @@ inline void widen_bf16(bf16 const* FLLM_RESTRICT src, float* FLLM_RESTRICT dst, 
   for (std::ptrdiff_t i = 0; i < n; ++i) d[i] = static_cast<std::uint32_t>(s[i]) << 16;
 }
 
-/// Returns a pointer to row data as float: the row itself for float weights, else widened into `buffer`.
-template <class W>
-inline float const* row_as_float(W const* row, std::ptrdiff_t n, float* buffer) noexcept {
+/// Loads one batch of weights as floats: a plain load for float; for bf16 the 16-bit values are widened
+/// in registers (zero-extend, shift left by 16: exact), so decode streams half the bytes with no extra pass.
+template <class Arch, class W>
+inline xsimd::batch<float, Arch> load_weights(W const* p) noexcept {
+  using batch = xsimd::batch<float, Arch>;
   if constexpr (std::is_same_v<W, float>) {
-    (void)n;
-    (void)buffer;
-    return row;
+    return batch::load_unaligned(p);
   } else {
     static_assert(std::is_same_v<W, bf16>, "CpuSimd: weights must be float or bf16");
-    widen_bf16(row, buffer, n);
-    return buffer;
+#if defined(__AVX512F__)
+    if constexpr (batch::size == 16) {
+      __m256i const h = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(p));
+      return batch(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (batch::size == 8) {
+      __m128i const h = _mm_loadu_si128(reinterpret_cast<__m128i const*>(p));
+      return batch(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    alignas(64) float tmp[batch::size];
+    widen_bf16(p, tmp, static_cast<std::ptrdiff_t>(batch::size));
+    return batch::load_aligned(tmp);
   }
 }
 
-/// out[t] = dot(w, v + t * v_stride) for t < n_vec (n_vec <= 4), one pass over w: the weight row is loaded
-/// once per SIMD step and reused for every vector (decode is bound by the weight stream).
-template <class Arch>
-inline void multi_dot(float const* FLLM_RESTRICT w, float const* FLLM_RESTRICT v, std::ptrdiff_t v_stride,
-                      std::ptrdiff_t n_vec, std::ptrdiff_t n, float* out) noexcept {
+/// out[t] = dot(w, v + t * v_stride) for t < NV, one pass over w: each weight batch is loaded once and used
+/// for every vector (decode is bound by the weight stream). NV * U independent accumulators hide the FMA
+/// latency. The summation order is fixed by n alone.
+template <class Arch, int NV, class W>
+inline void multi_dot_n(W const* FLLM_RESTRICT w, float const* FLLM_RESTRICT v, std::ptrdiff_t v_stride,
+                        std::ptrdiff_t n, float* out) noexcept {
   using batch = xsimd::batch<float, Arch>;
+  constexpr int U = NV == 1 ? 4 : 2;
   constexpr std::ptrdiff_t kW = static_cast<std::ptrdiff_t>(batch::size);
-  std::ptrdiff_t const n_main = n - n % kW;
-  batch acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
-  for (std::ptrdiff_t k = 0; k < n_main; k += kW) {
-    batch const wk = batch::load_unaligned(w + k);
-    acc0 = xsimd::fma(wk, batch::load_unaligned(v + k), acc0);
-    if (n_vec > 1) acc1 = xsimd::fma(wk, batch::load_unaligned(v + v_stride + k), acc1);
-    if (n_vec > 2) acc2 = xsimd::fma(wk, batch::load_unaligned(v + 2 * v_stride + k), acc2);
-    if (n_vec > 3) acc3 = xsimd::fma(wk, batch::load_unaligned(v + 3 * v_stride + k), acc3);
+  batch acc[NV][U];
+  for (int t = 0; t < NV; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = batch(0.f);
+  std::ptrdiff_t k = 0;
+  for (; k + U * kW <= n; k += U * kW) {
+    for (int u = 0; u < U; ++u) {
+      batch const wk = load_weights<Arch>(w + k + u * kW);
+      for (int t = 0; t < NV; ++t) acc[t][u] = xsimd::fma(wk, batch::load_unaligned(v + t * v_stride + k + u * kW), acc[t][u]);
+    }
   }
-  batch const accs[4] = {acc0, acc1, acc2, acc3};
-  for (std::ptrdiff_t t = 0; t < n_vec; ++t) {
-    float s = xsimd::hadd(accs[t]);
-    for (std::ptrdiff_t k = n_main; k < n; ++k) s += w[k] * v[t * v_stride + k];
+  for (; k + kW <= n; k += kW) {
+    batch const wk = load_weights<Arch>(w + k);
+    for (int t = 0; t < NV; ++t) acc[t][0] = xsimd::fma(wk, batch::load_unaligned(v + t * v_stride + k), acc[t][0]);
+  }
+  for (int t = 0; t < NV; ++t) {
+    batch sum = acc[t][0];
+    for (int u = 1; u < U; ++u) sum += acc[t][u];
+    float s = xsimd::hadd(sum);
+    for (std::ptrdiff_t r = k; r < n; ++r) s += static_cast<float>(to_double(w[r])) * v[t * v_stride + r];
     out[t] = s;
+  }
+}
+
+/// multi_dot_n for a run-time count of vectors, 1 <= n_vec <= 4.
+template <class Arch, class W>
+inline void multi_dot(W const* w, float const* v, std::ptrdiff_t v_stride, std::ptrdiff_t n_vec, std::ptrdiff_t n,
+                      float* out) noexcept {
+  switch (n_vec) {
+    case 1: multi_dot_n<Arch, 1>(w, v, v_stride, n, out); break;
+    case 2: multi_dot_n<Arch, 2>(w, v, v_stride, n, out); break;
+    case 3: multi_dot_n<Arch, 3>(w, v, v_stride, n, out); break;
+    default: multi_dot_n<Arch, 4>(w, v, v_stride, n, out); break;
   }
 }
 

@@ -72,12 +72,11 @@ template <class Arch, class W>
 void swiglu_phase1(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t i0, std::ptrdiff_t i1, float* panel) {
   std::ptrdiff_t const m = job.m, c = job.c;
   if (c <= kGemvMaxRows) {
-    float* row_g = panel;
-    float* row_u = panel + d;
+    (void)panel;
     float g[kGemvMaxRows], u[kGemvMaxRows];
     for (std::ptrdiff_t i = i0; i < i1; ++i) {
-      float const* wg = row_as_float(job.gate + i * d, d, row_g);
-      float const* wu = row_as_float(job.up + i * d, d, row_u);
+      W const* wg = job.gate + i * d;
+      W const* wu = job.up + i * d;
       for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
         std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
         multi_dot<Arch>(wg, job.x + t0 * d, d, nv, d, g + t0);
@@ -109,7 +108,7 @@ void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0,
   if (c <= kGemvMaxRows) {
     float o[kGemvMaxRows];
     for (std::ptrdiff_t r = o0; r < o1; ++r) {
-      float const* wd = row_as_float(job.down + r * m, m, panel);
+      W const* wd = job.down + r * m;
       for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
         std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
         multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
