@@ -25,14 +25,6 @@ bool is_permutation_of_iota(std::vector<std::int32_t> p) {
   return true;
 }
 
-std::vector<ExpertPartition> every_builder(std::int64_t d_ff, std::int64_t n) {
-  std::vector<std::int32_t> reversed(static_cast<std::size_t>(d_ff));
-  std::iota(reversed.rbegin(), reversed.rend(), 0);
-  std::vector<std::int32_t> round_robin(static_cast<std::size_t>(d_ff));
-  for (std::int64_t i = 0; i < d_ff; ++i) round_robin[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n);
-  return {ExpertPartition::contiguous(d_ff, n), ExpertPartition::random(d_ff, n, 7),
-          ExpertPartition::from_permutation(reversed, n), ExpertPartition::from_assignment(round_robin, n)};
-}
 }  // namespace
 
 TEST_CASE("partition builders produce valid balanced permutations", "[ffn][partition]") {
@@ -71,7 +63,7 @@ TEST_CASE("factorize gathers gate/up rows and down columns by one permutation; u
           "[ffn][factorize]") {
   auto const f = ref::random_ffn(6, 12, 3);
   fixture::DenseWeights<float> w(f);
-  for (auto const& part : every_builder(12, 3)) {
+  for (auto const& part : fixture::every_partition_builder(12, 3)) {
     auto const ex = ffn::factorize(w.view(), part);
     REQUIRE(ex.n_experts() == 3);
     REQUIRE(ex.d_expert() == 4);
@@ -125,7 +117,7 @@ TEMPLATE_TEST_CASE("each expert matches the reference expert; all experts sum to
   // Tolerance: outputs are sums of d_ff products in double, rounded once to the activation type.
   double const tol = std::is_same_v<A, double> ? 1e-12 : 2e-6;
   for (int n : {1, 2, 4, 8}) {
-    for (auto const& part : every_builder(d_ff, n)) {
+    for (auto const& part : fixture::every_partition_builder(d_ff, n)) {
       auto const ex = ffn::factorize(w.view(), part);
       Matrix<A> sum({n_tokens, d});
       Matrix<A> ye({n_tokens, d});

@@ -20,14 +20,6 @@ using moe::CombineMode;
 
 namespace {
 
-std::vector<ExpertPartition> every_builder(std::int64_t d_ff, std::int64_t n) {
-  std::vector<std::int32_t> reversed(static_cast<std::size_t>(d_ff));
-  for (std::int64_t i = 0; i < d_ff; ++i) reversed[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(d_ff - 1 - i);
-  std::vector<std::int32_t> round_robin(static_cast<std::size_t>(d_ff));
-  for (std::int64_t i = 0; i < d_ff; ++i) round_robin[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n);
-  return {ExpertPartition::contiguous(d_ff, n), ExpertPartition::random(d_ff, n, 99),
-          ExpertPartition::from_permutation(reversed, n), ExpertPartition::from_assignment(round_robin, n)};
-}
 
 template <class R>
 moe::Router<R> router_from(ref::Vec const& w, ref::Vec const& b, std::ptrdiff_t n, std::ptrdiff_t d) {
@@ -73,7 +65,7 @@ TEMPLATE_TEST_CASE("MoE forward matches the double reference for every mode, K a
     ref::Vec rwq(rw), rbq(rb);
     for (auto& v : rwq) v = static_cast<double>(static_cast<A>(v));
     for (auto& v : rbq) v = static_cast<double>(static_cast<A>(v));
-    for (auto const& part : every_builder(d_ff, n)) {
+    for (auto const& part : fixture::every_partition_builder(d_ff, n)) {
       auto const experts = ffn::factorize(w.view(), part);
       for (int k = 1; k <= n; ++k) {
         for (std::string mode : {"code_ref", "softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk"}) {
@@ -115,7 +107,7 @@ TEMPLATE_TEST_CASE("K = N with code_ref equals the dense FFN for every partition
   Matrix<TestType> yd({n_tokens, d}), ym({n_tokens, d});
   ffn::swiglu_forward(w.view(), x.cview(), yd.view());
   for (int n : {1, 2, 3, 4, 8, 12}) {
-    for (auto const& part : every_builder(d_ff, n)) {
+    for (auto const& part : fixture::every_partition_builder(d_ff, n)) {
       moe::Gating g;
       g.top_k = n;
       moe::MoeFfn<TestType> layer(ffn::factorize(w.view(), part), moe::Router<TestType>::random(d, n, 5), g);
@@ -147,7 +139,7 @@ TEST_CASE("K = N with code_ref equals dense on every layer of the real model", "
     }
     ffn::swiglu_forward(ckpt.ffn(l), x.cview(), yd.view());
     for (int n : {1, 2, 4}) {  // 172 = 4 * 43
-      for (auto const& part : every_builder(cfg.hidden_dim, n)) {
+      for (auto const& part : fixture::every_partition_builder(cfg.hidden_dim, n)) {
         moe::Gating g;
         g.top_k = n;
         moe::MoeFfn<float> layer(ffn::factorize(ckpt.ffn(l), part), moe::Router<float>::random(d, n, 1), g);

@@ -5,7 +5,11 @@
 #include <factorllm/core/tensor.hpp>
 #include <factorllm/ffn/swiglu.hpp>
 
+#include <cstdint>
 #include <string>
+#include <vector>
+
+#include <factorllm/ffn/permutation.hpp>
 
 #include "reference.hpp"
 
@@ -52,6 +56,17 @@ ref::Vec to_vec(factorllm::Tensor<T, 2> const& m) {
   ref::Vec v(static_cast<std::size_t>(m.size()));
   for (std::ptrdiff_t i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = factorllm::to_double(m[i]);
   return v;
+}
+
+/// One partition from each builder (contiguous, random, from_permutation, from_assignment) for d_ff, n.
+inline std::vector<factorllm::ffn::ExpertPartition> every_partition_builder(std::int64_t d_ff, std::int64_t n) {
+  using factorllm::ffn::ExpertPartition;
+  std::vector<std::int32_t> reversed(static_cast<std::size_t>(d_ff));
+  for (std::int64_t i = 0; i < d_ff; ++i) reversed[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(d_ff - 1 - i);
+  std::vector<std::int32_t> round_robin(static_cast<std::size_t>(d_ff));
+  for (std::int64_t i = 0; i < d_ff; ++i) round_robin[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n);
+  return {ExpertPartition::contiguous(d_ff, n), ExpertPartition::random(d_ff, n, 7),
+          ExpertPartition::from_permutation(reversed, n), ExpertPartition::from_assignment(round_robin, n)};
 }
 
 inline std::string shared_path(char const* rel) { return std::string(FACTORLLM_SHARED_DIR) + "/" + rel; }

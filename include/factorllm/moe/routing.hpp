@@ -24,6 +24,17 @@ struct RoutingRecord {
   /// Number of tokens routed to expert e.
   std::int64_t load(std::ptrdiff_t e) const { return offsets[e + 1] - offsets[e]; }
 
+  /// Copies one forward pass's routing (views into its workspace) into this record.
+  void assign(MatrixView<A const> logits_in, MatrixView<std::int32_t const> ids_in, MatrixView<A const> weights_in,
+              VectorView<std::int64_t const> offsets_in, VectorView<std::int32_t const> slots_in) {
+    resize(logits_in.rows(), logits_in.cols(), ids_in.cols());
+    logits.copy_from(logits_in);
+    ids.copy_from(ids_in);
+    weights.copy_from(weights_in);
+    offsets.copy_from(offsets_in);
+    slots.copy_from(slots_in);
+  }
+
   /// Makes every member have the given sizes (allocating only on change).
   void resize(std::ptrdiff_t n_tokens, std::ptrdiff_t n_experts, std::ptrdiff_t top_k) {
     if (logits.extents() != std::array<std::ptrdiff_t, 2>{n_tokens, n_experts}) logits = Matrix<A>({n_tokens, n_experts});

@@ -68,12 +68,7 @@ void moe_forward(ffn::ExpertWeights<W> const& experts, moe::Router<A> const& rou
   }
   combine(MatrixView<A const>(weights), MatrixView<double const>(slot_out), y, b);      // step 5
   if (record != nullptr) {
-    record->resize(n_tokens, n, k);
-    record->logits.copy_from(MatrixView<A const>(logits));
-    record->ids.copy_from(MatrixView<std::int32_t const>(ids));
-    record->weights.copy_from(MatrixView<A const>(weights));
-    record->offsets.copy_from(VectorView<std::int64_t const>(offsets));
-    record->slots.copy_from(VectorView<std::int32_t const>(slots));
+    record->assign(logits, ids, weights, offsets, slots);
   }
 }
 

@@ -29,7 +29,10 @@
 namespace factorllm {
 
 /// CPU SIMD backend for the xsimd architecture Arch (default: the best one this translation unit is
-/// compiled for). Derives from CpuScalar: an op without a SIMD kernel falls back to the oracle.
+/// compiled for). Derives from CpuScalar: an op without a SIMD kernel falls back to the oracle, and so do
+/// the weight types it has no kernel for (double: only the oracle runs in double). Activations are float,
+/// weights float or bf16. Weight views must be dense row-major (backend_error otherwise); inputs and outputs
+/// may have any row stride.
 template <class Arch = xsimd::default_arch>
 struct CpuSimd : CpuScalar {
   using arch = Arch;
@@ -38,6 +41,9 @@ struct CpuSimd : CpuScalar {
   /// True when the running CPU supports Arch.
   static bool available() noexcept { return Arch::version() <= xsimd::available_architectures().best; }
 };
+
+/// The CPU backend host code should use by default: the SIMD backend for the best ISA compiled in.
+using DefaultCpu = CpuSimd<>;
 
 namespace detail {
 

@@ -106,12 +106,7 @@ void moe_forward(ffn::ExpertWeights<W> const& experts, moe::Router<float> const&
     }
   }
   if (record != nullptr) {
-    record->resize(n_tokens, n, k);
-    record->logits.copy_from(MatrixView<float const>(logits));
-    record->ids.copy_from(MatrixView<std::int32_t const>(ids));
-    record->weights.copy_from(MatrixView<float const>(weights));
-    record->offsets.copy_from(VectorView<std::int64_t const>(offsets));
-    record->slots.copy_from(VectorView<std::int32_t const>(slots));
+    record->assign(logits, ids, weights, offsets, slots);
   }
 }
 
