@@ -29,8 +29,11 @@ namespace detail {
 inline constexpr std::ptrdiff_t kGemvMaxRows = 8;
 /// Rows the multi-dot kernel handles per pass over a weight row (4 accumulators per ISA register file fits).
 inline constexpr std::ptrdiff_t kMultiDotRows = 4;
-/// Weight rows per task in both phases (fixed: results must not depend on the thread count).
+/// Weight rows per task in both phases (fixed: results must not depend on the thread count). GEMM tasks are
+/// large enough to amortize packing; streaming tasks are small so that threads finish a phase together.
 inline constexpr std::ptrdiff_t kBlockRows = 128;
+inline constexpr std::ptrdiff_t kStreamBlockRows = 32;
+
 
 template <class W>
 struct SwigluJob {
@@ -44,6 +47,12 @@ struct SwigluJob {
   float* h_up = nullptr;    // [c, m] scratch (GEMM path: up pre-activations)
   float* out = nullptr;     // [c, d] outputs (row stride d)
 };
+
+/// Rows of weights one task of this job covers.
+template <class W>
+std::ptrdiff_t task_rows(SwigluJob<W> const& job) noexcept {
+  return job.c <= kGemvMaxRows ? kStreamBlockRows : kBlockRows;
+}
 
 using RowMajorF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using ConstMapF = Eigen::Map<RowMajorF const, 0, Eigen::OuterStride<>>;
@@ -123,7 +132,7 @@ void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0,
   out.noalias() = h * wd.transpose();
 }
 
-/// Runs all jobs: every phase-1 task, a barrier, every phase-2 task. Tasks are fixed blocks of kBlockRows
+/// Runs all jobs: every phase-1 task, a barrier, every phase-2 task. Tasks are fixed blocks of task_rows()
 /// weight rows; threads take them dynamically (the block boundaries, not the schedule, fix the results).
 /// `panels` holds max_threads() panels of `panel_floats` each.
 template <class Arch, class W>
@@ -136,7 +145,7 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
       task_starts[j] = n;
       if (jobs[j].c == 0) continue;
       std::ptrdiff_t const rows = phase1 ? jobs[j].m : d;
-      n += (rows + kBlockRows - 1) / kBlockRows;
+      n += (rows + task_rows(jobs[j]) - 1) / task_rows(jobs[j]);
     }
     task_starts[n_jobs] = n;
     return n;
@@ -152,10 +161,10 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
       std::ptrdiff_t const b = task - task_starts[j];
       float* panel = panels + static_cast<std::ptrdiff_t>(thread_id()) * panel_floats;
       if (phase == 1) {
-        std::ptrdiff_t const i0 = b * kBlockRows, i1 = std::min(jobs[j].m, i0 + kBlockRows);
+        std::ptrdiff_t const i0 = b * task_rows(jobs[j]), i1 = std::min(jobs[j].m, i0 + task_rows(jobs[j]));
         swiglu_phase1<Arch>(jobs[j], d, i0, i1, panel);
       } else {
-        std::ptrdiff_t const o0 = b * kBlockRows, o1 = std::min(d, o0 + kBlockRows);
+        std::ptrdiff_t const o0 = b * task_rows(jobs[j]), o1 = std::min(d, o0 + task_rows(jobs[j]));
         swiglu_phase2<Arch>(jobs[j], d, o0, o1, panel);
       }
     }
