@@ -39,11 +39,24 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-/// Last-level cache size the CPU reports (bytes); 32 MiB if unknown.
+/// Largest cache the kernel reports for CPU 0 (sysfs, "32768K"); glibc's sysconf as a fallback (on some AMD
+/// parts it reports the sum over all CCDs), 32 MiB if neither answers.
 std::size_t llc_bytes() {
-  long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  return v > 0 ? static_cast<std::size_t>(v) : (32u << 20);
+  static std::size_t const bytes = [] {
+    std::size_t best = 0;
+    for (int i = 0; i < 8; ++i) {
+      std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
+      std::size_t v = 0;
+      char unit = 0;
+      if (f >> v >> unit) best = std::max(best, unit == 'M' ? v << 20 : unit == 'K' ? v << 10 : v);
+    }
+    if (best == 0) {
+      long const v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+      best = v > 0 ? static_cast<std::size_t>(v) : (32u << 20);
+    }
+    return best;
+  }();
+  return bytes;
 }
 
 /// STREAM-style read bandwidth (bytes/s): all threads sum disjoint parts of an array 8x the LLC; best of 5.
