@@ -5,6 +5,7 @@
 #include <array>
 #include <sstream>
 #include <cstddef>
+#include <limits>
 #include <type_traits>
 
 #include "../config.hpp"
@@ -28,18 +29,21 @@ class TensorView {
   TensorView() = default;
 
   /// Views dense row-major data of the given extents.
-  /// \throws shape_error if an extent is negative, or data is null while the view is not empty.
+  /// \throws shape_error if an extent is negative, the element count overflows ptrdiff_t, or data is null while
+  ///         the view is not empty.
   TensorView(T* data, std::array<std::ptrdiff_t, Rank> extents) : data_(data), extents_(extents) {
+    check_extents();
     std::ptrdiff_t s = 1;
     for (int i = Rank - 1; i >= 0; --i) {
       strides_[i] = s;
-      s *= extents_[i];
+      if (i > 0 && !checked_mul(s, extents_[i], s)) throw_overflow();
     }
     validate();
   }
 
   /// Views strided data; strides are in elements and the last one must be 1.
-  /// \throws shape_error if the strides would make rows overlap or the last stride is not 1.
+  /// \throws shape_error if a stride is negative, the strides would make rows overlap, the last stride is not 1,
+  ///         or the element count or the offset of the last element overflows ptrdiff_t.
   TensorView(T* data, std::array<std::ptrdiff_t, Rank> extents, std::array<std::ptrdiff_t, Rank> strides)
       : data_(data), extents_(extents), strides_(strides) {
     validate();
@@ -57,13 +61,17 @@ class TensorView {
   std::ptrdiff_t stride(int i) const noexcept { return strides_[i]; }
   /// Number of elements viewed.
   std::ptrdiff_t size() const noexcept {
+    // Zero first: an empty view's other extents may multiply past ptrdiff_t (validate() bounds non-empty ones).
+    for (auto e : extents_)
+      if (e == 0) return 0;
     std::ptrdiff_t n = 1;
     for (auto e : extents_) n *= e;
     return n;
   }
   bool empty() const noexcept { return size() == 0; }
-  /// True when the elements are dense and row-major (no padding between rows).
+  /// True when the elements are dense and row-major (no padding between rows); always true for an empty view.
   bool is_contiguous() const noexcept {
+    if (empty()) return true;
     std::ptrdiff_t s = 1;
     for (int i = Rank - 1; i >= 0; --i) {
       if (extents_[i] > 1 && strides_[i] != s) return false;
@@ -113,21 +121,58 @@ class TensorView {
       throw shape_error(detail::concat("slice_rows: range [", begin, ", ", end, ") outside [0, ", extents_[0], ")"));
     auto e = extents_;
     e[0] = end - begin;
-    return TensorView(data_ + begin * strides_[0], e, strides_);
+    // An empty view may hold a null pointer: offsetting it would be undefined behaviour.
+    return TensorView(data_ == nullptr ? nullptr : data_ + begin * strides_[0], e, strides_);
   }
 
  private:
-  void validate() const {
+  void check_extents() const {
     for (int i = 0; i < Rank; ++i)
       if (extents_[i] < 0)
         throw shape_error(detail::concat("TensorView: negative extent ", extents_[i], " in dimension ", i));
+  }
+  /// out = a * b for non-negative a, b; false (out untouched) when the product overflows ptrdiff_t.
+  static bool checked_mul(std::ptrdiff_t a, std::ptrdiff_t b, std::ptrdiff_t& out) noexcept {
+    if (b != 0 && a > std::numeric_limits<std::ptrdiff_t>::max() / b) return false;
+    out = a * b;
+    return true;
+  }
+  [[noreturn]] void throw_overflow() const {
+    std::ostringstream os;
+    os << "TensorView: extents [";
+    for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << extents_[i];
+    os << "] and strides [";
+    for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << strides_[i];
+    os << "] address more elements than ptrdiff_t can count";
+    throw shape_error(os.str());
+  }
+  void validate() const {
+    check_extents();
+    for (int i = 0; i < Rank; ++i)
+      if (strides_[i] < 0)
+        throw shape_error(detail::concat("TensorView: negative stride ", strides_[i], " in dimension ", i));
     if (strides_[Rank - 1] != 1) throw shape_error("TensorView: the last dimension must be contiguous (stride 1)");
     for (int i = Rank - 2; i >= 0; --i) {
       // Rows must not overlap: the outer stride spans at least one whole inner block.
-      std::ptrdiff_t const inner_span = strides_[i + 1] * extents_[i + 1];
-      if (extents_[i] > 1 && strides_[i] < inner_span)
+      if (extents_[i] <= 1) continue;
+      std::ptrdiff_t inner_span = 0;
+      if (!checked_mul(strides_[i + 1], extents_[i + 1], inner_span)) throw_overflow();
+      if (strides_[i] < inner_span)
         throw shape_error(detail::concat("TensorView: stride ", strides_[i], " of dimension ", i,
                                          " is smaller than the ", inner_span, " elements one step must span"));
+    }
+    // size() and element offsets are ptrdiff_t: the element count and the last element's offset must fit.
+    bool is_empty = false;
+    for (int i = 0; i < Rank; ++i) is_empty |= extents_[i] == 0;
+    if (!is_empty) {
+      std::ptrdiff_t count = 1, last = 0;
+      for (int i = 0; i < Rank; ++i) {
+        std::ptrdiff_t step = 0;
+        if (!checked_mul(count, extents_[i], count) || !checked_mul(extents_[i] - 1, strides_[i], step) ||
+            step > std::numeric_limits<std::ptrdiff_t>::max() - last)
+          throw_overflow();
+        last += step;
+      }
     }
     if (data_ == nullptr && size() != 0) throw shape_error("TensorView: null data pointer for a non-empty view");
   }

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 
 #include "error.hpp"
@@ -42,8 +43,13 @@ constexpr std::size_t align_up(std::size_t n) noexcept { return (n + kAlignment 
 class WorkspaceLayout {
  public:
   /// Adds a region of `count` elements of `element_bytes` each.
+  /// \throws value_error if the total overflows size_t (callers bound their counts; this is the last guard).
   WorkspaceLayout& add(std::size_t element_bytes, std::size_t count) {
-    bytes_ += align_up(count * element_bytes);
+    constexpr std::size_t kMax = std::numeric_limits<std::size_t>::max() - kAlignment;
+    if (element_bytes != 0 && count > kMax / element_bytes) throw value_error("WorkspaceLayout: region size overflows size_t");
+    std::size_t const region = align_up(count * element_bytes);
+    if (region > kMax - bytes_) throw value_error("WorkspaceLayout: workspace size overflows size_t");
+    bytes_ += region;
     return *this;
   }
   std::size_t bytes() const noexcept { return bytes_; }
@@ -59,10 +65,13 @@ class WorkspaceCursor {
   WorkspaceCursor(Workspace& ws, char const* function) : base_(ws.data()), bytes_(ws.bytes()), function_(function) {}
   template <class T>
   T* take(std::size_t count) {
+    // Compared without overflow: a huge count must fail here, not wrap around to a small region.
+    std::size_t const left = bytes_ - used_;
+    if (count > left / sizeof(T) || align_up(count * sizeof(T)) > left)
+      throw backend_error(concat(function_, ": workspace of ", bytes_, " bytes is too small (", used_,
+                                 " bytes used, ", count, " more elements of ", sizeof(T),
+                                 " bytes requested); size it with workspace_bytes()"));
     std::size_t const need = align_up(count * sizeof(T));
-    if (used_ + need > bytes_)
-      throw backend_error(concat(function_, ": workspace of ", bytes_, " bytes is too small (needs at least ",
-                                 used_ + need, "); size it with workspace_bytes()"));
     T* p = reinterpret_cast<T*>(base_ + used_);
     used_ += need;
     return p;

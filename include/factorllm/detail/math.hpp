@@ -22,6 +22,12 @@ inline double sigmoid(double a) noexcept {
   return e / (1.0 + e);
 }
 
+/// log(sigmoid(a)) = -log(1 + exp(-a)), finite for every finite a (no underflow to log(0)).
+inline double log_sigmoid(double a) noexcept {
+  if (a >= 0) return -std::log1p(std::exp(-a));
+  return a - std::log1p(std::exp(a));
+}
+
 /// Ranking used by every TopK in the library: larger value first; on equal values the lower index wins;
 /// NaN ranks below every number (so a NaN logit is chosen only when it must be) and NaNs keep index order.
 inline bool ranks_before(double va, std::ptrdiff_t a, double vb, std::ptrdiff_t b) noexcept {

@@ -62,6 +62,8 @@ class ExpertWeights {
 
  private:
   std::ptrdiff_t check(std::ptrdiff_t e) const {
+    // A default-constructed ExpertWeights has a 1-expert partition but no tensors: it has no expert to view.
+    if (gate_.empty()) throw value_error("ExpertWeights: default-constructed, holds no experts");
     if (e < 0 || e >= n_experts())
       throw value_error(detail::concat("ExpertWeights: expert index ", e, " outside [0, ", n_experts(), ")"));
     return e;
@@ -110,6 +112,7 @@ struct DenseFfn {
 
 /// Restores the dense layout from factorized experts by the inverse permutation. Exact: for weights that
 /// came from `factorize`, the result equals the original bit for bit.
+/// \throws value_error for a default-constructed ExpertWeights (it holds no experts).
 template <class T>
 DenseFfn<T> unfactorize(ExpertWeights<T> const& experts) {
   std::ptrdiff_t const n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model();

@@ -2,8 +2,10 @@
 // Dense SwiGLU FFN: F(x) = W_down (SiLU(W_gate x) * (W_up x)) (spec 1.1), the layer being factorized.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "../backend/scalar/swiglu.hpp"
 #include "../backend/simd/swiglu.hpp"
@@ -38,9 +40,20 @@ struct DenseFfnView {
 };
 
 /// Returns the workspace bytes `swiglu_forward` needs on Backend for these sizes.
+/// \throws value_error if n_tokens < 0, d_model < 1, d_ff < 1, or the size would overflow.
 template <class Backend = CpuScalar>
 std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff,
                                    Backend const& b = {}) {
+  if (n_tokens < 0 || d_model < 1 || d_ff < 1)
+    throw value_error(detail::concat("swiglu_workspace_bytes: need n_tokens >= 0, d_model >= 1, d_ff >= 1; got ",
+                                     n_tokens, ", ", d_model, ", ", d_ff));
+  // Regions hold at most max(n_tokens, 256 * threads) * max(d_model, d_ff) elements: bounding both factors keeps
+  // every size computation in range (2^40 elements is far beyond any real layer).
+  constexpr std::ptrdiff_t kMaxElements = std::ptrdiff_t{1} << 40;
+  std::ptrdiff_t const widest = std::max(d_model, d_ff);
+  if (widest > kMaxElements || n_tokens > kMaxElements / widest)
+    throw value_error(detail::concat("swiglu_workspace_bytes: n_tokens ", n_tokens, " x d_model ", d_model, " x d_ff ",
+                                     d_ff, " is too large: the workspace size would overflow"));
   return kernel::swiglu_workspace(n_tokens, d_model, d_ff, b).bytes();
 }
 

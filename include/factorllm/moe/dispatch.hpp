@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "../backend/scalar/dispatch.hpp"
 #include "../backend/tags.hpp"
@@ -18,12 +19,15 @@ namespace moe {
 /// \param ids      [n_tokens, top_k], every entry in [0, n_experts)
 /// \param offsets  [n_experts + 1] out
 /// \param slots    [n_tokens * top_k] out
-/// \throws value_error for an id outside [0, n_experts); shape_error for mis-shaped outputs.
+/// \throws value_error for n_experts outside [1, 2^31 - 1] or an id outside [0, n_experts); shape_error for
+///         mis-shaped outputs.
 template <class Backend = CpuScalar>
 void group_by_expert(MatrixView<std::int32_t const> ids, std::ptrdiff_t n_experts, VectorView<std::int64_t> offsets,
                      VectorView<std::int32_t> slots, Backend const& b = {}) {
   static_assert(is_backend_v<Backend>, "group_by_expert: unknown backend tag");
-  if (n_experts < 1) throw value_error(detail::concat("group_by_expert: n_experts must be >= 1, got ", n_experts));
+  // Expert ids are int32: a larger n_experts is meaningless (and n_experts + 1 below must not overflow).
+  if (n_experts < 1 || n_experts > std::numeric_limits<std::int32_t>::max())
+    throw value_error(detail::concat("group_by_expert: n_experts must be in [1, 2^31 - 1], got ", n_experts));
   detail::require_shape(offsets, {n_experts + 1}, "group_by_expert", "offsets");
   detail::require_shape(slots, {ids.rows() * ids.cols()}, "group_by_expert", "slots");
   for (std::ptrdiff_t t = 0; t < ids.rows(); ++t)

@@ -19,8 +19,11 @@
 // |                       | sigmoid(z_i) when sigmoid_renormalize is true    | (there the bias is added to sigmoid     |
 // |                       |                                                  | scores; here it is added to logits)     |
 //
-// Softmaxes subtract the maximum logit first (no overflow). NaN policy: a NaN in a token's input or logits
-// makes that token's weights and output NaN; other tokens are unaffected; nothing throws at run time.
+// Softmaxes subtract the maximum logit first (no overflow). When the renormalizing modes' selected mass underflows
+// (possible with a selection bias or very negative logits), they use the equal-in-exact-arithmetic softmax over
+// the selected logits (log-sigmoids for sigmoid_topk), so finite logits always give finite weights.
+// NaN policy: a NaN in a token's input or logits makes that token's weights and output NaN; other tokens are
+// unaffected; nothing throws at run time.
 #pragma once
 
 #include <cmath>
@@ -70,9 +73,16 @@ struct Gating {
   /// Multiplies every weight (after the mode's formula).
   float output_scale = 1.0f;
 
-  /// \throws value_error if top_k is outside [1, n_experts], the bias has the wrong length or non-finite
-  ///         values, or output_scale is not finite.
+  /// \throws value_error if mode is not one of the CombineMode values, top_k is outside [1, n_experts], the
+  ///         bias has non-finite values, or output_scale is not finite; shape_error if the bias has the wrong length.
   void validate(std::ptrdiff_t n_experts, char const* function) const {
+    // A CombineMode cast from an out-of-range integer would silently give zero weights.
+    bool known = false;
+    for (auto m : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
+                   CombineMode::topk_softmax, CombineMode::sigmoid_topk})
+      known |= m == mode;
+    if (!known)
+      throw value_error(detail::concat(function, ": mode ", static_cast<int>(mode), " is not a CombineMode"));
     if (n_experts < 1) throw value_error(detail::concat(function, ": n_experts must be >= 1, got ", n_experts));
     if (top_k < 1 || top_k > n_experts)
       throw value_error(detail::concat(function, ": top_k = ", top_k, " must be in [1, n_experts = ", n_experts, "]"));

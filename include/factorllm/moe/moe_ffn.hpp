@@ -2,7 +2,9 @@
 // MoeFfn: the MoE layer an engine calls (experts + router + gating), forward through a chosen backend.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -59,8 +61,15 @@ class MoeFfn {
   double ffn_flops_fraction() const noexcept { return static_cast<double>(top_k()) / static_cast<double>(n_experts()); }
 
   /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens on this backend.
+  /// \throws value_error if max_tokens < 0 or so large that the size would overflow.
   std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const {
     if (max_tokens < 0) throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens must be >= 0, got ", max_tokens));
+    // Every region holds at most max_tokens * top_k * max(d_model, d_expert, n_experts) elements of at most 8 bytes,
+    // and there are fewer than 32 regions: this bound keeps every size computation of every backend in range.
+    std::ptrdiff_t const widest = top_k() * std::max({d_model(), d_expert(), n_experts()});
+    if (max_tokens > std::numeric_limits<std::ptrdiff_t>::max() / 256 / widest)
+      throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens = ", max_tokens,
+                                       " is too large: the workspace size would overflow"));
     return kernel::moe_workspace<A>(max_tokens, d_model(), n_experts(), d_expert(), top_k(), Backend{}).bytes();
   }
 

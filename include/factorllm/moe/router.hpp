@@ -2,6 +2,7 @@
 // The linear router of one layer, z = W_r x + b_r with n_experts outputs (spec 2.2).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
@@ -39,11 +40,11 @@ class Router {
 
   /// The paper's random init (spec 2.2): W_r ~ N(0, stddev^2) with stddev 0.02 by default, b_r = 0,
   /// drawn from a seeded generator (identical on every platform).
-  /// \throws value_error if d_model < 1, n_experts < 1 or stddev < 0.
+  /// \throws value_error if d_model < 1, n_experts < 1, or stddev is negative or not finite.
   static Router random(std::ptrdiff_t d_model, std::ptrdiff_t n_experts, std::uint64_t seed, double stddev = 0.02) {
     if (d_model < 1) throw value_error(detail::concat("Router::random: d_model must be >= 1, got ", d_model));
     if (n_experts < 1) throw value_error(detail::concat("Router::random: n_experts must be >= 1, got ", n_experts));
-    if (!(stddev >= 0)) throw value_error(detail::concat("Router::random: stddev must be >= 0, got ", stddev));
+    if (!(stddev >= 0) || !std::isfinite(stddev)) throw value_error(detail::concat("Router::random: stddev must be >= 0, got ", stddev));
     Matrix<T> w({n_experts, d_model});
     std::mt19937_64 rng(seed);
     for (std::ptrdiff_t i = 0; i < w.size(); ++i) w[i] = from_double<T>(stddev * detail::standard_normal(rng));

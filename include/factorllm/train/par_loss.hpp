@@ -22,9 +22,17 @@ namespace factorllm {
 namespace train {
 
 /// Bytes of scratch `par_loss` needs on Backend (independent of n_tokens).
+/// \throws value_error unless d_model, d_ff, n_experts >= 1 and 1 <= top_k <= n_experts, or if the size overflows.
 template <class Backend = CpuScalar>
 std::size_t par_loss_workspace_bytes(std::ptrdiff_t d_model, std::ptrdiff_t d_ff, std::ptrdiff_t n_experts,
                                      std::ptrdiff_t top_k, Backend const& b = {}) {
+  if (d_model < 1 || d_ff < 1 || n_experts < 1 || top_k < 1 || top_k > n_experts)
+    throw value_error(detail::concat("par_loss_workspace_bytes: need d_model, d_ff, n_experts >= 1 and top_k in [1, ",
+                                     "n_experts]; got ", d_model, ", ", d_ff, ", ", n_experts, ", ", top_k));
+  // The largest region is 2 * n_experts * (d_model + 1) doubles: bound the factors so no size computation overflows.
+  constexpr std::ptrdiff_t kMaxElements = std::ptrdiff_t{1} << 40;
+  if (d_model >= kMaxElements || d_ff > kMaxElements || n_experts > kMaxElements / (d_model + 1))
+    throw value_error("par_loss_workspace_bytes: sizes too large: the workspace size would overflow");
   return kernel::par_loss_workspace(d_model, d_ff, n_experts, top_k, b).bytes();
 }
 

@@ -77,8 +77,23 @@ void select_experts(MatrixView<A const> logits, moe::Gating const& gating, Matri
                              gating.mode == CombineMode::topk_softmax ||
                              (gating.mode == CombineMode::sigmoid_topk && gating.sigmoid_renormalize);
     for (std::ptrdiff_t j = 0; j < k; ++j) sel_sum += raw_weight(j);
+    // Finite logits can still make sum_S of the raw weights underflow (a selection bias picks experts far below the
+    // largest logit, or every selected sigmoid is below 1e-308): p_n / sum_S p would be 0/0. Then use the form that
+    // is equal in exact arithmetic and cannot underflow: a softmax over the selected logits (for sigmoid, over their
+    // log-sigmoids, since sigmoid_n / sum_S sigmoid = exp(ls_n - max ls) / sum_S exp(ls_i - max ls)).
+    bool const underflow = renormalize && !(sel_sum >= std::numeric_limits<double>::min());
+    auto stable_score = [&](std::ptrdiff_t j) {
+      return gating.mode == CombineMode::sigmoid_topk ? detail::log_sigmoid(logit(id[j])) : logit(id[j]);
+    };
+    double stable_max = -std::numeric_limits<double>::infinity(), stable_sum = 0;
+    if (underflow) {
+      for (std::ptrdiff_t j = 0; j < k; ++j) stable_max = std::fmax(stable_max, stable_score(j));
+      for (std::ptrdiff_t j = 0; j < k; ++j) stable_sum += std::exp(stable_score(j) - stable_max);
+    }
     for (std::ptrdiff_t j = 0; j < k; ++j) {
-      double const wj = renormalize ? raw_weight(j) / sel_sum : raw_weight(j);
+      double const wj = underflow     ? std::exp(stable_score(j) - stable_max) / stable_sum
+                        : renormalize ? raw_weight(j) / sel_sum
+                                      : raw_weight(j);
       // NaN policy (moe/gating.hpp): a NaN logit poisons this token's weights in every mode, code_ref included.
       w[j] = any_nan ? std::numeric_limits<A>::quiet_NaN() : static_cast<A>(gating.output_scale * wj);
     }

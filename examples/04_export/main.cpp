@@ -1,0 +1,401 @@
+// SPDX-License-Identifier: Apache-2.0
+// Export: converts stories260K into a K-of-N MoE that llama.cpp can run (softmax-TopK-renormalize gating, bias-free
+// routers), writes the dense and MoE models as GGUF (F32 and F16), the MoE as a factorized safetensors file and as a
+// Hugging Face Mixtral checkpoint, and records our engine's greedy tokens and teacher-forced next-token
+// probabilities for each GGUF file in reference.json (tests/llama_cpp/check.mjs compares llama.cpp with them).
+//
+// Usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K] [--steps S]
+//                         [--calib N] [--length L] [--forced T]
+//   --out DIR     output folder (created; default factorllm_export)
+//   --experts N   routed experts per layer (default 4; must divide hidden_dim = 172)
+//   --top-k K     experts per token (default 2)
+//   --steps S     greedy tokens generated from BOS for the reference (default 128)
+//   --calib N     calibration sequences for the conversion (default 64), --length L tokens each (default 128)
+//   --forced T    length of the teacher-forced sequence, BOS included (default 96)
+// Exit status: 0 on success, 1 if a self-check fails (reloaded files disagree with what was written), 2 on bad
+// usage or input.
+//
+// The conversion (per layer, bottom-up on the inputs the converted lower layers produce):
+//   1. factorize the dense FFN into N experts (contiguous partition; spec 1.2);
+//   2. router: bias-free least squares from x to the centred log-norm of each expert's output, so that softmax of
+//      the logits ranks the experts by how much they contribute to this token (llama.cpp has no router bias);
+//   3. recovery: the K selected experts' outputs are combined with renormalized softmax weights that sum to 1, so
+//      the down projections are refitted jointly (ridge least squares) to reproduce the dense FFN's output under
+//      that routing.
+// This is a simple stand-in until train::train_router / train::recover_* exist; any bias-free router works.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Dense>
+#include <nlohmann/json.hpp>
+
+#include "factorllm/factorllm.hpp"
+#include "factorllm/io/gguf.hpp"
+#include "factorllm/io/safetensors.hpp"
+
+#include "../common/calibration.hpp"
+#include "../common/llama2c_engine.hpp"
+
+#ifndef FACTORLLM_SHARED_DIR
+#define FACTORLLM_SHARED_DIR "../shared"
+#endif
+
+namespace {
+
+namespace fl = factorllm;
+namespace fx = factorllm_examples;
+namespace fs = std::filesystem;
+
+using SimdMoe = fl::moe::MoeFfn<float, fl::CpuSimd<>>;
+using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+struct Options {
+  std::string out = "factorllm_export";
+  std::string model = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
+  std::string tokenizer;
+  int experts = 4, top_k = 2, steps = 128, calib = 64, length = 128, forced = 96;
+};
+
+[[noreturn]] void usage(std::string const& msg) {
+  std::fprintf(stderr,
+               "factorllm_export: %s\n"
+               "usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K]\n"
+               "                        [--steps S] [--calib N] [--length L] [--forced T]\n",
+               msg.c_str());
+  std::exit(2);
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  auto value = [&](int& i) -> std::string {
+    if (i + 1 >= argc) usage(std::string(argv[i]) + " needs a value");
+    return argv[++i];
+  };
+  auto integer = [&](int& i) {
+    std::string const v = value(i);
+    char* end = nullptr;
+    long const x = std::strtol(v.c_str(), &end, 10);
+    if (end == v.c_str() || *end != '\0' || x < 1 || x > 100000) usage("bad number '" + v + "'");
+    return static_cast<int>(x);
+  };
+  for (int i = 1; i < argc; ++i) {
+    std::string const a = argv[i];
+    if (a == "--out") o.out = value(i);
+    else if (a == "--model") o.model = value(i);
+    else if (a == "--tokenizer") o.tokenizer = value(i);
+    else if (a == "--experts") o.experts = integer(i);
+    else if (a == "--top-k") o.top_k = integer(i);
+    else if (a == "--steps") o.steps = integer(i);
+    else if (a == "--calib") o.calib = integer(i);
+    else if (a == "--length") o.length = integer(i);
+    else if (a == "--forced") o.forced = integer(i);
+    else if (a == "-h" || a == "--help") usage("help");
+    else usage("unknown argument '" + a + "'");
+  }
+  if (o.tokenizer.empty()) o.tokenizer = (fs::path(o.model).parent_path() / "tok512.bin").string();
+  if (o.top_k > o.experts) usage("--top-k must be <= --experts");
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Conversion of one layer
+// ---------------------------------------------------------------------------------------------------------------
+
+double silu(double a) { return a / (1.0 + std::exp(-a)); }
+
+/// Expert e's hidden activations h = silu(x G^T) * (x U^T) for every row of x: [n, d_expert].
+RowMajor expert_hidden(fl::ffn::ExpertWeights<float> const& ex, std::ptrdiff_t e, RowMajor const& x) {
+  auto const g = ex.gate(e), u = ex.up(e);
+  Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> const> gm(g.data(), g.rows(), g.cols());
+  Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> const> um(u.data(), u.rows(), u.cols());
+  RowMajor const hg = x * gm.cast<double>().transpose(), hu = x * um.cast<double>().transpose();
+  RowMajor h(hg.rows(), hg.cols());
+  for (Eigen::Index i = 0; i < h.size(); ++i) h.data()[i] = silu(hg.data()[i]) * hu.data()[i];
+  return h;
+}
+
+/// Converts one dense FFN into a bias-free softmax-TopK-renormalize MoE (steps 1-3 in the file comment).
+SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<float const> x_calib,
+                      std::ptrdiff_t n_experts, std::ptrdiff_t top_k) {
+  std::ptrdiff_t const n = x_calib.rows(), d = dense.d_model(), d_ff = dense.d_ff(), m = d_ff / n_experts;
+  auto experts = fl::ffn::factorize(dense, fl::ffn::ExpertPartition::contiguous(d_ff, n_experts));
+  RowMajor x(n, d);
+  for (std::ptrdiff_t t = 0; t < n; ++t)
+    for (std::ptrdiff_t k = 0; k < d; ++k) x(t, k) = x_calib(t, k);
+
+  // Hidden activations and outputs of every expert (the factorization is exact: their sum is the dense output).
+  std::vector<RowMajor> h(static_cast<std::size_t>(n_experts));
+  RowMajor y = RowMajor::Zero(n, d);      // dense FFN output, the recovery target
+  RowMajor score(n, n_experts);           // log ||E_e(x)||, the router target
+  for (std::ptrdiff_t e = 0; e < n_experts; ++e) {
+    h[static_cast<std::size_t>(e)] = expert_hidden(experts, e, x);
+    auto const dn = experts.down(e);
+    Eigen::Map<Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> const> dm(dn.data(), dn.rows(), dn.cols());
+    RowMajor const o = h[static_cast<std::size_t>(e)] * dm.cast<double>().transpose();
+    y += o;
+    score.col(e) = (o.rowwise().norm().array() + 1e-6).log().matrix();
+  }
+  // Softmax ignores a per-token shift, so only the centred scores need fitting; no intercept (bias-free router).
+  for (std::ptrdiff_t t = 0; t < n; ++t) score.row(t).array() -= score.row(t).mean();
+  Eigen::MatrixXd gram = x.transpose() * x;
+  gram.diagonal().array() += 1e-3 * gram.trace() / static_cast<double>(d);
+  Eigen::MatrixXd const w_router = gram.ldlt().solve(x.transpose() * score);  // [d, N]
+
+  fl::Matrix<float> rw({n_experts, d});
+  for (std::ptrdiff_t e = 0; e < n_experts; ++e)
+    for (std::ptrdiff_t k = 0; k < d; ++k) rw(e, k) = static_cast<float>(w_router(k, e));
+  fl::moe::Router<float> router(std::move(rw), fl::Vector<float>({n_experts}));
+
+  // Routing as the MoE will compute it: TopK of the logits (lower index on ties), softmax renormalized over the K.
+  RowMajor const z = x * w_router;
+  RowMajor phi = RowMajor::Zero(n, d_ff);  // [n, d_ff]: w_e(t) h_e(t) in expert e's columns when e is selected
+  std::vector<std::ptrdiff_t> order(static_cast<std::size_t>(n_experts));
+  for (std::ptrdiff_t t = 0; t < n; ++t) {
+    for (std::ptrdiff_t e = 0; e < n_experts; ++e) order[static_cast<std::size_t>(e)] = e;
+    std::stable_sort(order.begin(), order.end(), [&](std::ptrdiff_t a, std::ptrdiff_t b) { return z(t, a) > z(t, b); });
+    double const zmax = z(t, order[0]);
+    double sum = 0;
+    for (std::ptrdiff_t j = 0; j < top_k; ++j) sum += std::exp(z(t, order[static_cast<std::size_t>(j)]) - zmax);
+    for (std::ptrdiff_t j = 0; j < top_k; ++j) {
+      std::ptrdiff_t const e = order[static_cast<std::size_t>(j)];
+      double const w = std::exp(z(t, e) - zmax) / sum;
+      phi.block(t, e * m, 1, m) = w * h[static_cast<std::size_t>(e)].row(t);
+    }
+  }
+  // Recovery: all down projections at once, B [d_ff, d] = argmin ||phi B - y||^2 + lambda ||B||^2.
+  Eigen::MatrixXd a = phi.transpose() * phi;
+  a.diagonal().array() += 1e-4 * a.trace() / static_cast<double>(d_ff);
+  Eigen::MatrixXd const b = a.ldlt().solve(phi.transpose() * y);
+  auto& down = experts.mutable_down_tensor();  // [N, d, m]
+  for (std::ptrdiff_t e = 0; e < n_experts; ++e)
+    for (std::ptrdiff_t o = 0; o < d; ++o)
+      for (std::ptrdiff_t i = 0; i < m; ++i) down(e, o, i) = static_cast<float>(b(e * m + i, o));
+
+  fl::moe::Gating gating;
+  gating.mode = fl::moe::CombineMode::softmax_topk_renorm;
+  gating.top_k = top_k;
+  return SimdMoe(std::move(experts), std::move(router), std::move(gating));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// F16 copies: what the engine computes when the weights are the ones an F16 GGUF file holds
+// ---------------------------------------------------------------------------------------------------------------
+
+float round_f16(float v) { return fl::io::detail::half_to_float(fl::io::detail::float_to_half(v)); }
+
+/// Returns the checkpoint's bytes with every matrix rounded to F16 (norm weights stay F32, as in the F16 export).
+std::vector<unsigned char> f16_checkpoint_bytes(std::string const& path, fl::io::Llama2cCheckpoint const& ck) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto const& c = ck.config();
+  float const* base = ck.token_embedding().data();
+  auto round_range = [&](float const* first, std::ptrdiff_t count) {
+    std::size_t const at = fl::io::Llama2cCheckpoint::kHeaderBytes + static_cast<std::size_t>(first - base) * 4;
+    for (std::ptrdiff_t i = 0; i < count; ++i) {
+      float v;
+      std::memcpy(&v, bytes.data() + at + 4 * static_cast<std::size_t>(i), 4);
+      v = round_f16(v);
+      std::memcpy(bytes.data() + at + 4 * static_cast<std::size_t>(i), &v, 4);
+    }
+  };
+  std::ptrdiff_t const L = c.n_layers;
+  round_range(ck.token_embedding().data(), ck.token_embedding().size());
+  round_range(ck.wq(0).data(), L * ck.wq(0).size());
+  round_range(ck.wk(0).data(), L * ck.wk(0).size());
+  round_range(ck.wv(0).data(), L * ck.wv(0).size());
+  round_range(ck.wo(0).data(), L * ck.wo(0).size());
+  round_range(ck.w1(0).data(), L * ck.w1(0).size());
+  round_range(ck.w2(0).data(), L * ck.w2(0).size());
+  round_range(ck.w3(0).data(), L * ck.w3(0).size());
+  if (!c.shared_classifier) round_range(ck.classifier().data(), ck.classifier().size());
+  return bytes;
+}
+
+/// Returns a copy of the layer whose expert weights are rounded to F16 (the router stays F32, as exported).
+SimdMoe f16_copy(SimdMoe const& a) {
+  auto round_tensor = [](fl::Tensor<float, 3> t) {
+    for (std::ptrdiff_t i = 0; i < t.size(); ++i) t[i] = round_f16(t[i]);
+    return t;
+  };
+  auto const& ex = a.experts();
+  fl::ffn::ExpertWeights<float> r(round_tensor(ex.gate_tensor()), round_tensor(ex.up_tensor()),
+                                  round_tensor(ex.down_tensor()), ex.partition());
+  return SimdMoe(std::move(r), a.router(), a.gating());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reference outputs
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Reference {
+  std::vector<int> greedy;                  // tokens after BOS
+  std::vector<std::vector<float>> probs;    // [forced.size(), vocab] next-token probabilities
+};
+
+Reference run_reference(fx::Llama2cEngine& engine, std::vector<int> const& forced, int steps) {
+  Reference r;
+  fx::Sampler greedy(0.f);
+  r.greedy = engine.generate({fl::io::Llama2cTokenizer::kBos}, steps, greedy, /*stop_at_bos=*/false);
+  auto const logits = engine.forward_sequence(forced);
+  std::ptrdiff_t const vocab = engine.vocab_size();
+  for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) {
+    float const* row = logits.row(t);
+    double const mx = *std::max_element(row, row + vocab);
+    double sum = 0;
+    for (std::ptrdiff_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
+    std::vector<float> p(static_cast<std::size_t>(vocab));
+    for (std::ptrdiff_t v = 0; v < vocab; ++v) p[static_cast<std::size_t>(v)] = static_cast<float>(std::exp(row[v] - mx) / sum);
+    r.probs.push_back(std::move(p));
+  }
+  return r;
+}
+
+void install_moe(fx::Llama2cEngine& engine, std::vector<SimdMoe> const& layers, std::ptrdiff_t max_tokens) {
+  for (std::size_t l = 0; l < layers.size(); ++l)
+    engine.set_ffn(static_cast<int>(l), std::make_unique<fx::MoeFfnLayer>(layers[l], max_tokens, "moe"));
+}
+
+/// Returns the fraction of positions where the two models' most likely next tokens agree.
+double top1_agreement(Reference const& a, Reference const& b) {
+  std::size_t agree = 0;
+  for (std::size_t t = 0; t < a.probs.size(); ++t)
+    agree += fx::Sampler::argmax(a.probs[t].data(), static_cast<std::ptrdiff_t>(a.probs[t].size())) ==
+             fx::Sampler::argmax(b.probs[t].data(), static_cast<std::ptrdiff_t>(b.probs[t].size()));
+  return static_cast<double>(agree) / static_cast<double>(a.probs.size());
+}
+
+int run(Options const& o) {
+  auto const t0 = std::chrono::steady_clock::now();
+  auto const seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto const ck = fl::io::Llama2cCheckpoint::load(o.model);
+  auto const& c = ck.config();
+  auto const tok = fl::io::Llama2cTokenizer::load(o.tokenizer, c.vocab_size);
+  if (c.hidden_dim % o.experts != 0)
+    usage("--experts " + std::to_string(o.experts) + " does not divide hidden_dim " + std::to_string(c.hidden_dim));
+  if (o.steps + 1 > c.seq_len || o.forced > c.seq_len || o.forced < 2) usage("--steps / --forced do not fit seq_len");
+  fs::create_directories(o.out);
+  std::string const moe_tag = "moe-n" + std::to_string(o.experts) + "k" + std::to_string(o.top_k);
+
+  // Dense reference, and the teacher-forced sequence: a temperature-1 sample of the dense model (seed 4242), so the
+  // forced path differs from the greedy one.
+  fx::Llama2cEngine engine(ck);
+  fx::Sampler sampler(1.f, 4242);
+  std::vector<int> forced{fl::io::Llama2cTokenizer::kBos};
+  auto const sampled = engine.generate(forced, o.forced - 1, sampler, /*stop_at_bos=*/false);
+  forced.insert(forced.end(), sampled.begin(), sampled.end());
+  Reference const dense = run_reference(engine, forced, o.steps);
+  std::printf("dense greedy: %s\n", tok.decode(dense.greedy).c_str());
+
+  // Conversion, bottom-up on calibration text sampled from the dense model.
+  auto const calib = fx::sample_sequences(engine, o.calib, o.length, 1000);
+  std::vector<SimdMoe> layers;
+  fx::convert_layers_in_order(engine, calib, [&](int l, fl::Matrix<float> const& x) -> std::unique_ptr<fx::FfnLayer> {
+    layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k));
+    return std::make_unique<fx::MoeFfnLayer>(layers.back(), c.seq_len, moe_tag);
+  });
+  Reference const moe = run_reference(engine, forced, o.steps);
+  std::printf("%s greedy: %s\n", moe_tag.c_str(), tok.decode(moe.greedy).c_str());
+  std::printf("%s top-1 agreement with dense on the forced sequence: %.3f (%.1fs)\n", moe_tag.c_str(),
+              top1_agreement(dense, moe), seconds());
+
+  // F16 references: the same engine on F16-rounded weights (what the F16 files hold).
+  std::vector<unsigned char> const ck16_bytes = f16_checkpoint_bytes(o.model, ck);
+  auto const ck16 = fl::io::Llama2cCheckpoint::parse(ck16_bytes.data(), ck16_bytes.size());
+  fx::Llama2cEngine engine16(ck16);
+  Reference const dense16 = run_reference(engine16, forced, o.steps);
+  std::vector<SimdMoe> layers16;
+  for (auto const& a : layers) layers16.push_back(f16_copy(a));
+  install_moe(engine16, layers16, c.seq_len);
+  Reference const moe16 = run_reference(engine16, forced, o.steps);
+
+  // Files.
+  auto const path = [&](std::string const& name) { return (fs::path(o.out) / name).string(); };
+  fl::io::GgufExportOptions f32_opts, f16_opts;
+  f16_opts.weight_type = fl::io::GgmlType::f16;
+  f32_opts.name = f16_opts.name = "stories260K";
+  fl::io::export_llama_gguf(path("dense-f32.gguf"), ck, tok, f32_opts);
+  fl::io::export_llama_gguf(path("dense-f16.gguf"), ck, tok, f16_opts);
+  f32_opts.name = f16_opts.name = "stories260K-" + moe_tag;
+  fl::io::export_llama_gguf(path(moe_tag + "-f32.gguf"), ck, tok, layers, f32_opts);
+  fl::io::export_llama_gguf(path(moe_tag + "-f16.gguf"), ck, tok, layers, f16_opts);
+  fl::io::FactorizedSaveOptions fopts;
+  fopts.metadata["source_model"] = fs::path(o.model).filename().string();
+  fl::io::save_factorized(path(moe_tag + ".factorized.safetensors"), layers, fopts);
+  fl::io::export_mixtral(path(moe_tag + "-mixtral"), ck, layers);
+
+  // Self-checks: the factorized file reloads into the same model (same greedy tokens), and the GGUF reader finds
+  // the MoE tensors bit-exact.
+  int failures = 0;
+  {
+    auto reloaded = fl::io::load_factorized<fl::CpuSimd<>>(path(moe_tag + ".factorized.safetensors"));
+    fx::Llama2cEngine check(ck);
+    install_moe(check, reloaded, c.seq_len);
+    fx::Sampler greedy(0.f);
+    bool const same = check.generate({fl::io::Llama2cTokenizer::kBos}, o.steps, greedy, false) == moe.greedy;
+    std::printf("factorized safetensors reload: %s\n", same ? "same greedy tokens" : "DIFFERENT greedy tokens");
+    failures += !same;
+    auto const g = fl::io::GgufFile::load(path(moe_tag + "-f32.gguf"));
+    auto const gate = g.to_float("blk.0.ffn_gate_exps.weight");
+    auto const& want = layers[0].experts().gate_tensor();
+    bool const exact = std::equal(gate.begin(), gate.end(), want.data());
+    std::printf("GGUF reload of blk.0.ffn_gate_exps: %s\n", exact ? "bit-exact" : "MISMATCH");
+    failures += !exact;
+  }
+
+  // reference.json for tests/llama_cpp/check.mjs.
+  nlohmann::json ref;
+  ref["generator"] = "factorllm_export";
+  ref["source_model"] = fs::path(o.model).filename().string();
+  ref["bos"] = fl::io::Llama2cTokenizer::kBos;
+  ref["eos"] = fl::io::Llama2cTokenizer::kEos;
+  ref["vocab_size"] = c.vocab_size;
+  ref["greedy_steps"] = o.steps;
+  ref["forced_tokens"] = forced;
+  ref["moe"] = {{"n_experts", o.experts}, {"top_k", o.top_k}, {"d_expert", c.hidden_dim / o.experts},
+                {"combine_mode", "softmax_topk_renorm"}, {"router_bias", false},
+                {"top1_agreement_with_dense", top1_agreement(dense, moe)}};
+  auto entry = [&](std::string const& name, std::string const& file, char const* type, bool is_moe, Reference const& r) {
+    return nlohmann::json{{"name", name},
+                          {"file", file},
+                          {"weight_type", type},
+                          {"moe", is_moe},
+                          {"greedy_tokens", r.greedy},
+                          {"greedy_text", tok.decode(r.greedy)},
+                          {"forced_probs", r.probs}};
+  };
+  ref["models"] = {entry("dense-f32", "dense-f32.gguf", "F32", false, dense),
+                   entry("dense-f16", "dense-f16.gguf", "F16", false, dense16),
+                   entry(moe_tag + "-f32", moe_tag + "-f32.gguf", "F32", true, moe),
+                   entry(moe_tag + "-f16", moe_tag + "-f16.gguf", "F16", true, moe16)};
+  std::ofstream(path("reference.json")) << ref.dump() << "\n";
+  std::printf("wrote %s/{dense,%s}-{f32,f16}.gguf, %s.factorized.safetensors, %s-mixtral/, reference.json (%.1fs)\n",
+              o.out.c_str(), moe_tag.c_str(), moe_tag.c_str(), moe_tag.c_str(), seconds());
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options const o = parse_args(argc, argv);
+  try {
+    return run(o);
+  } catch (std::exception const& e) {
+    std::fprintf(stderr, "factorllm_export: %s\n", e.what());
+    return 2;
+  }
+}

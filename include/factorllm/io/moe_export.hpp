@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+// Checks shared by the model exports (Mixtral safetensors, llama.cpp GGUF): which MoE layers the target's gating can
+// express, and whether the layers fit the checkpoint they replace the FFNs of.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../moe/gating.hpp"
+#include "../moe/moe_ffn.hpp"
+#include "llama2c.hpp"
+
+namespace factorllm {
+namespace io {
+
+/// Throws value_error, naming the layer and the reason, unless every layer's gating is what Mixtral and llama.cpp's
+/// llama-architecture MoE compute: softmax over all N router logits, TopK, renormalize over the K selected
+/// (softmax_topk_renorm, topk_softmax, or softmax_topk with K = N, where the K probabilities already sum to 1), with
+/// a zero router bias, no (or a zero) selection bias and output_scale 1. `target` names the format in messages.
+template <class T, class Backend>
+void check_softmax_topk_renorm_expressible(std::vector<moe::MoeFfn<T, Backend>> const& layers, char const* target) {
+  using moe::CombineMode;
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    auto const& g = layers[l].gating();
+    std::string const where = detail::concat(target, " export: layer ", l, ": ");
+    bool const renorm = g.mode == CombineMode::softmax_topk_renorm || g.mode == CombineMode::topk_softmax ||
+                        (g.mode == CombineMode::softmax_topk && g.top_k == layers[l].n_experts());
+    if (!renorm)
+      throw value_error(detail::concat(where, "combine mode ", moe::to_string(g.mode), " (top_k ", g.top_k,
+                                       ") cannot be expressed: ", target,
+                                       " gating is softmax over all experts, TopK, then renormalize (use "
+                                       "softmax_topk_renorm or topk_softmax)"));
+    auto const bias = layers[l].router().bias();
+    for (std::ptrdiff_t e = 0; e < bias.extent(0); ++e)
+      if (to_double(bias(e)) != 0.0)
+        throw value_error(detail::concat(where, "router bias[", e, "] = ", to_double(bias(e)), " is not zero: ",
+                                         target, " has no router bias tensor; train the router bias-free "
+                                         "(train_bias = false)"));
+    for (std::size_t e = 0; e < g.selection_bias.size(); ++e)
+      if (g.selection_bias[e] != 0.f)
+        throw value_error(detail::concat(where, "selection_bias[", e, "] = ", g.selection_bias[e],
+                                         " cannot be expressed: ", target,
+                                         " selects experts by the router logits alone"));
+    if (g.output_scale != 1.f)
+      throw value_error(detail::concat(where, "output_scale ", g.output_scale, " cannot be expressed: ", target,
+                                       " combines with weights that sum to 1 (fold the scale into the down "
+                                       "projections first)"));
+  }
+}
+
+/// Throws value_error unless there is one layer per decoder layer of `ckpt`, each with the checkpoint's d_model and
+/// d_ff, and all with the same N and K (both formats store one expert count and one top-k per model).
+template <class T, class Backend>
+void check_moe_layers_fit(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
+                          char const* function) {
+  auto const& c = ckpt.config();
+  if (static_cast<std::ptrdiff_t>(layers.size()) != c.n_layers)
+    throw value_error(detail::concat(function, ": ", layers.size(), " MoE layers for a checkpoint of ", c.n_layers,
+                                     " layers"));
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    auto const& a = layers[l];
+    if (a.d_model() != c.dim || a.experts().d_ff() != c.hidden_dim)
+      throw value_error(detail::concat(function, ": layer ", l, " has d_model ", a.d_model(), " and d_ff ",
+                                       a.experts().d_ff(), ", the checkpoint has dim ", c.dim, " and hidden_dim ",
+                                       c.hidden_dim));
+    if (a.n_experts() != layers[0].n_experts() || a.top_k() != layers[0].top_k())
+      throw value_error(detail::concat(function, ": layer ", l, " has N = ", a.n_experts(), ", K = ", a.top_k(),
+                                       " but layer 0 has N = ", layers[0].n_experts(), ", K = ", layers[0].top_k(),
+                                       "; the format stores one N and one K for the whole model"));
+  }
+}
+
+}  // namespace io
+}  // namespace factorllm

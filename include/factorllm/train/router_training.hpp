@@ -1,0 +1,361 @@
+// SPDX-License-Identifier: Apache-2.0
+// Router training on collected FFN inputs (spec 3.2, stage A of spec 3.2 "Total loss"): Adam on the PAR + balance
+// loss of one layer, with the experts and the dense teacher frozen; and a router initialization from a clustered
+// partition.
+//
+// Because the teacher and the experts do not change while the router trains, the PAR pseudo-labels of the
+// calibration tokens are computed once per call (par_oracle_labels, chunked GEMMs in double); each step then costs
+// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels evaluates exactly the loss and
+// gradients of train::par_loss given those labels (tested equal to it).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "../backend/scalar/topk.hpp"
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor.hpp"
+#include "../core/tensor_view.hpp"
+#include "../core/workspace.hpp"
+#include "../ffn/factorize.hpp"
+#include "../ffn/permutation.hpp"
+#include "../moe/router.hpp"
+#include "diagnostics.hpp"
+#include "par_loss.hpp"
+#include "par_types.hpp"
+
+namespace factorllm {
+namespace train {
+
+/// Settings of train_router. Defaults: Adam (beta1 0.9, beta2 0.999; the paper's code uses 0.95, spec 4.1) at
+/// lr 1e-2, which suits a freshly initialized linear router; the loss weights are the paper code's (spec 3.2).
+struct RouterTrainConfig {
+  int steps = 200;          // Adam steps (0: only evaluate)
+  int batch_tokens = 256;   // tokens per minibatch (all tokens when the calibration set is smaller)
+  double lr = 1e-2;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  std::uint64_t seed = 0;   // seeds the minibatch order
+  bool train_bias = true;   // false: b_r is never updated (keeps a zero bias zero: llama.cpp has no router bias)
+  ParLossConfig loss;       // PAR / balance weights and the clip
+};
+
+/// What train_router measured on the whole calibration set, before and after training.
+struct RouterTrainReport {
+  double initial_loss = 0, final_loss = 0;                      // total loss (par_weight * PAR + balance_weight * bal)
+  double initial_label_accuracy = 0, final_label_accuracy = 0;  // router TopK set == pseudo-label set
+  int steps = 0;
+};
+
+/// Bytes of scratch par_loss_from_labels needs (independent of n_tokens).
+/// \throws value_error unless d_model, n_experts >= 1 and 1 <= top_k <= n_experts.
+inline std::size_t par_loss_from_labels_workspace_bytes(std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
+                                                        std::ptrdiff_t top_k) {
+  if (d_model < 1 || n_experts < 1 || top_k < 1 || top_k > n_experts)
+    throw value_error(detail::concat("par_loss_from_labels_workspace_bytes: need d_model, n_experts >= 1 and top_k in ",
+                                     "[1, n_experts]; got ", d_model, ", ", n_experts, ", ", top_k));
+  if (n_experts > (std::ptrdiff_t{1} << 40) / (d_model + 1))
+    throw value_error("par_loss_from_labels_workspace_bytes: sizes too large: the workspace size would overflow");
+  auto const n = static_cast<std::size_t>(n_experts), d = static_cast<std::size_t>(d_model);
+  return detail::WorkspaceLayout()
+      .add(sizeof(double), 4 * n)            // z, p, dz_par, dz_bal
+      .add(sizeof(double), 2 * n * (d + 1))  // dW, db accumulators: par and balance
+      .add(sizeof(std::int32_t), static_cast<std::size_t>(top_k))
+      .bytes();
+}
+
+/// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss, spec 3.2)
+/// for tokens whose pseudo-labels are already known, e.g. from par_oracle_labels. Fills every field of `out` except
+/// mse_to_target, which is left as it was (the MSEs are not needed once the labels are known).
+/// \param x       [n_tokens >= 1, d_model]; \param labels  [n_tokens, top_k] the tokens' pseudo-labels
+/// \param ws      scratch of at least par_loss_from_labels_workspace_bytes(d_model, n_experts, top_k) bytes
+/// \throws value_error for no tokens, a bad top_k or clip, or a label outside [0, n_experts); shape_error for
+///         mismatched shapes; backend_error if ws is too small.
+template <class A>
+void par_loss_from_labels(MatrixView<A const> x, MatrixView<std::int32_t const> labels, moe::Router<A> const& router,
+                          std::ptrdiff_t top_k, ParLossConfig const& config, ParLossResult<A>& out, Workspace& ws) {
+  char const* fn = "par_loss_from_labels";
+  std::ptrdiff_t const n_tokens = x.rows(), n = router.n_experts(), d = router.d_model(), k = top_k;
+  if (n_tokens < 1) throw value_error("par_loss_from_labels: argument 'x' has no tokens; the loss is a mean over tokens");
+  detail::require_shape(x, {n_tokens, d}, fn, "x");
+  if (k < 1 || k > n) throw value_error(detail::concat(fn, ": top_k = ", k, " must be in [1, n_experts = ", n, "]"));
+  detail::require_shape(labels, {n_tokens, k}, fn, "labels");
+  if (!(config.clip > 0 && config.clip < 0.5))
+    throw value_error(detail::concat(fn, ": config.clip = ", config.clip, " must be in (0, 0.5)"));
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t)
+    for (std::ptrdiff_t j = 0; j < k; ++j)
+      if (labels(t, j) < 0 || labels(t, j) >= n)
+        throw value_error(detail::concat(fn, ": argument 'labels' entry (", t, ", ", j, ") = ", labels(t, j),
+                                         " is outside [0, ", n, ")"));
+  out.resize(n_tokens, d, n, k);
+
+  detail::WorkspaceCursor cursor(ws, fn);
+  double* z = cursor.take<double>(static_cast<std::size_t>(4 * n));
+  double* p = z + n;
+  double* dz_par = p + n;
+  double* dz_bal = dz_par + n;
+  double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n * (d + 1)));
+  double* dw_par = acc;
+  double* db_par = dw_par + n * d;
+  double* dw_bal = db_par + n;
+  double* db_bal = dw_bal + n * d;
+  std::int32_t* router_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
+  std::fill(acc, acc + 2 * n * (d + 1), 0.0);
+
+  ParTarget const q = par_target_q(n, k);  // spec 3.2 step 6
+  double const lo = config.clip, hi = 1.0 - config.clip;
+  auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
+  double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
+  double par_sum = 0, bal_sum = 0;
+  std::int64_t matches = 0;
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
+    A const* xr = x.row(t);
+    std::int32_t const* lab = labels.row(t);
+    // p = softmax(W_r x + b_r) (spec 3.2 step 1)
+    double zmax = -std::numeric_limits<double>::infinity();
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      double s = to_double(router.bias()(e));
+      A const* wr = router.weight().row(e);
+      for (std::ptrdiff_t c = 0; c < d; ++c) s += to_double(wr[c]) * to_double(xr[c]);
+      z[e] = s;
+      zmax = std::fmax(zmax, s);
+    }
+    double zsum = 0;
+    for (std::ptrdiff_t e = 0; e < n; ++e) zsum += std::exp(z[e] - zmax);
+    for (std::ptrdiff_t e = 0; e < n; ++e) p[e] = std::exp(z[e] - zmax) / zsum;
+    kernel::topk_indices([&](std::ptrdiff_t e) { return z[e]; }, n, k, router_ids);
+    bool same_set = true;
+    for (std::ptrdiff_t j = 0; j < k; ++j) {
+      out.pseudo_label(t, j) = lab[j];
+      out.router_topk(t, j) = router_ids[j];
+      same_set &= std::find(router_ids, router_ids + k, lab[j]) != router_ids + k;
+    }
+    matches += same_set ? 1 : 0;
+    // KL(clip(p) || clip(q)) and d/dz through the softmax Jacobian (steps 6-7; torch.clamp's gradient rule).
+    double kl = 0, pg = 0;
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      bool const selected = std::find(lab, lab + k, static_cast<std::int32_t>(e)) != lab + k;
+      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
+      kl += ph * std::log(ph / qh);
+      double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
+      dz_par[e] = g;
+      pg += p[e] * g;
+    }
+    par_sum += kl;
+    for (std::ptrdiff_t e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * inv_t;
+    // Balance: mean_{t,n} TopK(p) mask * p (spec 3.2 "Balance").
+    double sel_mass = 0;
+    for (std::ptrdiff_t j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
+    bal_sum += sel_mass;
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      bool const in_topk = std::find(router_ids, router_ids + k, static_cast<std::int32_t>(e)) != router_ids + k;
+      dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt;
+    }
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      db_par[e] += dz_par[e];
+      db_bal[e] += dz_bal[e];
+      for (std::ptrdiff_t c = 0; c < d; ++c) {
+        double const xc = to_double(xr[c]);
+        dw_par[e * d + c] += dz_par[e] * xc;
+        dw_bal[e * d + c] += dz_bal[e] * xc;
+      }
+    }
+  }
+  out.par_loss = par_sum * inv_t;
+  out.balance_loss = bal_sum * inv_nt;
+  out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
+  out.label_accuracy = static_cast<double>(matches) * inv_t;
+  for (std::ptrdiff_t e = 0; e < n; ++e) {
+    out.grad_bias_par(e) = static_cast<A>(db_par[e]);
+    out.grad_bias_balance(e) = static_cast<A>(db_bal[e]);
+    out.grad_bias(e) = static_cast<A>(config.par_weight * db_par[e] + config.balance_weight * db_bal[e]);
+    for (std::ptrdiff_t c = 0; c < d; ++c) {
+      double const gp = dw_par[e * d + c], gb = dw_bal[e * d + c];
+      out.grad_weight_par(e, c) = static_cast<A>(gp);
+      out.grad_weight_balance(e, c) = static_cast<A>(gb);
+      out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
+    }
+  }
+}
+
+namespace detail_train {
+
+inline void validate_router_config(RouterTrainConfig const& cfg) {
+  char const* fn = "train_router";
+  if (cfg.steps < 0) throw value_error(concat(fn, ": cfg.steps must be >= 0, got ", cfg.steps));
+  if (cfg.batch_tokens < 1) throw value_error(concat(fn, ": cfg.batch_tokens must be >= 1, got ", cfg.batch_tokens));
+  if (!(cfg.lr > 0) || !std::isfinite(cfg.lr)) throw value_error(concat(fn, ": cfg.lr must be positive and finite, got ", cfg.lr));
+  if (!(cfg.beta1 >= 0 && cfg.beta1 < 1) || !(cfg.beta2 >= 0 && cfg.beta2 < 1))
+    throw value_error(concat(fn, ": cfg.beta1 and cfg.beta2 must be in [0, 1), got ", cfg.beta1, " and ", cfg.beta2));
+  if (!(cfg.eps > 0) || !std::isfinite(cfg.eps)) throw value_error(concat(fn, ": cfg.eps must be positive and finite, got ", cfg.eps));
+}
+
+/// Draws minibatches of a fixed size from [0, n_tokens): epochs of a seeded Fisher-Yates shuffle (the library's
+/// own unbiased index draw, identical on every platform), continued across epoch boundaries so every batch has
+/// the same size (no reallocation in the step loop).
+class BatchSampler {
+ public:
+  BatchSampler(std::ptrdiff_t n_tokens, std::uint64_t seed) : order_(static_cast<std::size_t>(n_tokens)), rng_(seed) {
+    std::iota(order_.begin(), order_.end(), std::ptrdiff_t{0});
+    shuffle();
+  }
+  std::ptrdiff_t next() {
+    if (pos_ == order_.size()) {
+      shuffle();
+      pos_ = 0;
+    }
+    return order_[pos_++];
+  }
+
+ private:
+  void shuffle() {
+    for (std::size_t i = order_.size(); i > 1; --i) {
+      std::uint64_t const bound = i;
+      std::uint64_t const limit = std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % bound;
+      std::uint64_t r;
+      do r = rng_(); while (r >= limit);
+      std::swap(order_[i - 1], order_[static_cast<std::size_t>(r % bound)]);
+    }
+  }
+  std::vector<std::ptrdiff_t> order_;
+  std::mt19937_64 rng_;
+  std::size_t pos_ = 0;
+};
+
+/// One Adam update (bias-corrected) of `count` parameters; arithmetic in double, moments stored as M.
+template <class P, class G, class M>
+void adam_update(P* param, G const* grad, M* m, M* v, std::ptrdiff_t count, int step, double lr, double beta1,
+                 double beta2, double eps) {
+  double const c1 = 1.0 - std::pow(beta1, step), c2 = 1.0 - std::pow(beta2, step);
+  for (std::ptrdiff_t i = 0; i < count; ++i) {
+    double const g = static_cast<double>(grad[i]);
+    double const mi = beta1 * static_cast<double>(m[i]) + (1.0 - beta1) * g;
+    double const vi = beta2 * static_cast<double>(v[i]) + (1.0 - beta2) * g * g;
+    m[i] = static_cast<M>(mi);
+    v[i] = static_cast<M>(vi);
+    param[i] = static_cast<P>(static_cast<double>(param[i]) - lr * (mi / c1) / (std::sqrt(vi / c2) + eps));
+  }
+}
+
+}  // namespace detail_train
+
+/// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (spec 3.2) with the
+/// experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
+/// teacher (par_oracle_labels), then every step evaluates par_loss_from_labels on a minibatch. Allocates only
+/// before the step loop.
+/// \param router    trained in place (its bias too unless cfg.train_bias is false)
+/// \param x_calib   [n_tokens >= 1, d_model] the layer's FFN inputs (post-attention RMSNorm outputs)
+/// \param dense     the frozen dense FFN (teacher); \param experts  the frozen experts
+/// \param top_k     K of the K-of-N gating the router is trained for
+/// \returns total loss and label accuracy over all of x_calib before and after training
+/// \throws value_error for an empty calibration set, a bad top_k or config; shape_error for mismatched shapes.
+template <class T>
+RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<activation_t<T> const> x_calib,
+                               ffn::DenseFfnView<T> const& dense, ffn::ExpertWeights<T> const& experts,
+                               std::ptrdiff_t top_k, RouterTrainConfig const& cfg) {
+  using A = activation_t<T>;
+  char const* fn = "train_router";
+  detail_train::validate_dense_experts(dense, experts, fn);
+  detail_train::validate_experts_x(x_calib, experts, top_k, fn);
+  if (router.n_experts() != experts.n_experts() || router.d_model() != experts.d_model())
+    throw shape_error(detail::concat(fn, ": argument 'router' has shape ",
+                                     detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
+                                     detail::shape_string({experts.n_experts(), experts.d_model()})));
+  detail_train::validate_router_config(cfg);
+  if (!(cfg.loss.clip > 0 && cfg.loss.clip < 0.5))
+    throw value_error(detail::concat(fn, ": cfg.loss.clip = ", cfg.loss.clip, " must be in (0, 0.5)"));
+
+  std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), d = experts.d_model();
+  std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);
+  // Labels once (experts and teacher are frozen): spec 3.2 steps 2-5.
+  Matrix<std::int32_t> const labels = par_oracle_labels(x_calib, dense, experts, top_k);
+  Workspace ws(par_loss_from_labels_workspace_bytes(d, n, top_k));
+  ParLossResult<A> full, res;
+  par_loss_from_labels(x_calib, labels.cview(), router, top_k, cfg.loss, full, ws);
+  RouterTrainReport report;
+  report.initial_loss = full.total_loss;
+  report.initial_label_accuracy = full.label_accuracy;
+  report.steps = cfg.steps;
+
+  Matrix<A> xb({batch, d});
+  Matrix<std::int32_t> lb({batch, top_k});
+  res.resize(batch, d, n, top_k);
+  std::vector<double> m_w(static_cast<std::size_t>(n * d), 0.0), v_w(m_w), m_b(static_cast<std::size_t>(n), 0.0), v_b(m_b);
+  detail_train::BatchSampler sampler(n_tokens, cfg.seed);
+  for (int step = 1; step <= cfg.steps; ++step) {
+    for (std::ptrdiff_t i = 0; i < batch; ++i) {
+      std::ptrdiff_t const t = sampler.next();
+      std::copy(x_calib.row(t), x_calib.row(t) + d, xb.view().row(i));
+      std::copy(labels.cview().row(t), labels.cview().row(t) + top_k, lb.view().row(i));
+    }
+    par_loss_from_labels(xb.cview(), lb.cview(), router, top_k, cfg.loss, res, ws);
+    detail_train::adam_update(router.mutable_weight().data(), res.grad_weight.data(), m_w.data(), v_w.data(), n * d, step,
+                              cfg.lr, cfg.beta1, cfg.beta2, cfg.eps);
+    if (cfg.train_bias)
+      detail_train::adam_update(router.mutable_bias().data(), res.grad_bias.data(), m_b.data(), v_b.data(), n, step, cfg.lr,
+                                cfg.beta1, cfg.beta2, cfg.eps);
+  }
+  par_loss_from_labels(x_calib, labels.cview(), router, top_k, cfg.loss, full, ws);
+  report.final_loss = full.total_loss;
+  report.final_label_accuracy = full.label_accuracy;
+  return report;
+}
+
+/// Builds a router from a (clustered) partition, as an alternative to the paper's random init (spec 2.2):
+///   c_e = mean over expert e's neurons i of W_gate[i, :] / ||W_gate[i, :]||   (the directions its neurons read)
+///   W_r[e, :] = scale * (c_e - mean_e' c_e') / ||c_e - mean_e' c_e'||,   b_r = 0.
+/// Subtracting the mean removes the component every expert shares, which softmax and TopK ignore anyway; the rows
+/// are normalized so the initial logits are scale * <direction, x>. A row that vanishes (e.g. n_experts = 1) stays 0.
+/// Meant as a starting point for train_router; with a clustered partition it already routes a token to the experts
+/// whose gate rows align with it.
+/// \param dense      the dense FFN the partition splits
+/// \param partition  the partition (d_ff must match)
+/// \param scale      the norm of every router row (> 0, finite)
+/// \throws shape_error if partition.d_ff() != dense.d_ff() or dense is inconsistent; value_error for a bad scale.
+template <class T>
+moe::Router<activation_t<T>> router_from_partition(ffn::DenseFfnView<T> const& dense, ffn::ExpertPartition const& partition,
+                                                   double scale = 1.0) {
+  using A = activation_t<T>;
+  char const* fn = "router_from_partition";
+  dense.validate(fn);
+  if (partition.d_ff() != dense.d_ff())
+    throw shape_error(detail::concat(fn, ": the dense FFN has d_ff = ", dense.d_ff(), " but argument 'partition' is for d_ff = ",
+                                     partition.d_ff()));
+  if (!(scale > 0) || !std::isfinite(scale)) throw value_error(detail::concat(fn, ": scale must be positive and finite, got ", scale));
+  std::ptrdiff_t const n = partition.n_experts(), m = partition.d_expert(), d = dense.d_model();
+  std::vector<double> c(static_cast<std::size_t>(n * d), 0.0), mean(static_cast<std::size_t>(d), 0.0);
+  auto const& perm = partition.permutation();
+  for (std::ptrdiff_t e = 0; e < n; ++e)
+    for (std::ptrdiff_t i = 0; i < m; ++i) {
+      auto const* g = dense.gate.row(perm[static_cast<std::size_t>(e * m + i)]);
+      double nrm = 0;
+      for (std::ptrdiff_t k = 0; k < d; ++k) nrm += to_double(g[k]) * to_double(g[k]);
+      nrm = std::sqrt(nrm);
+      if (!(nrm > 0)) continue;
+      for (std::ptrdiff_t k = 0; k < d; ++k) c[static_cast<std::size_t>(e * d + k)] += to_double(g[k]) / (nrm * static_cast<double>(m));
+    }
+  for (std::ptrdiff_t e = 0; e < n; ++e)
+    for (std::ptrdiff_t k = 0; k < d; ++k) mean[static_cast<std::size_t>(k)] += c[static_cast<std::size_t>(e * d + k)] / static_cast<double>(n);
+  Matrix<A> w({n, d});
+  for (std::ptrdiff_t e = 0; e < n; ++e) {
+    double nrm = 0;
+    for (std::ptrdiff_t k = 0; k < d; ++k) {
+      double const v = c[static_cast<std::size_t>(e * d + k)] - mean[static_cast<std::size_t>(k)];
+      nrm += v * v;
+    }
+    nrm = std::sqrt(nrm);
+    if (!(nrm > 1e-300)) continue;
+    for (std::ptrdiff_t k = 0; k < d; ++k)
+      w(e, k) = static_cast<A>(scale * (c[static_cast<std::size_t>(e * d + k)] - mean[static_cast<std::size_t>(k)]) / nrm);
+  }
+  return moe::Router<A>(std::move(w), Vector<A>({n}));
+}
+
+}  // namespace train
+}  // namespace factorllm

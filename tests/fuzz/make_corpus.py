@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Writes the seed corpora of the libFuzzer targets (python3 standard library only; deterministic).
+
+Usage: python3 tests/fuzz/make_corpus.py OUT_DIR [--shared PATH]
+
+Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer and fuzz_api, each holding small
+valid inputs and broken variants of them (truncated, trailing bytes, bad header fields). The real model files
+(stories260K.bin, tok512.bin) are copied from the shared folder when present (default: ../shared next to the
+repository); nothing here is committed, everything is regenerated.
+"""
+
+import argparse
+import os
+import random
+import shutil
+import struct
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---------------------------------------------------------------------------------------------- llama2.c ----
+
+def payload_floats(dim, hidden, layers, heads, kv_heads, vocab, seq_len):
+    """Floats after the header in llama2.c's legacy layout (vocab < 0: an unshared classifier follows)."""
+    head = dim // heads
+    kv = head * kv_heads
+    v = abs(vocab)
+    n = v * dim + layers * (dim + dim * dim + 2 * kv * dim + dim * dim + dim + 3 * hidden * dim) + dim + seq_len * head
+    if vocab < 0:
+        n += v * dim
+    return n
+
+
+def checkpoint(header, n_floats=None, rng=None):
+    if n_floats is None:
+        n_floats = payload_floats(*header)
+    rng = rng or random.Random(1)
+    data = struct.pack("<7i", *header)
+    data += struct.pack("<%df" % n_floats, *[rng.uniform(-1, 1) for _ in range(n_floats)])
+    return data
+
+
+def tokenizer(pieces, max_len=None):
+    """pieces: list of (score, bytes)."""
+    if max_len is None:
+        max_len = max([1] + [len(p) for _, p in pieces])
+    out = struct.pack("<i", max_len)
+    for score, text in pieces:
+        out += struct.pack("<fi", score, len(text)) + text
+    return out
+
+
+def llama_vocab():
+    pieces = [(0.0, b"<unk>"), (0.0, b"\n<s>\n"), (0.0, b"\n</s>\n")]
+    pieces += [(0.0, ("<0x%02X>" % b).encode()) for b in range(256)]
+    merges = [" t", " a", "th", "he", "in", "er", "an", " the", "re", "on", " s", "ed", "nd", "ing", "Once", " upon"]
+    pieces += [(-float(i), m.encode()) for i, m in enumerate(merges)]
+    pieces += [(-1e6, bytes([c])) for c in range(32, 127)]
+    return pieces
+
+
+def write(directory, name, data):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+
+
+def checkpoint_corpus(out, shared):
+    d = os.path.join(out, "fuzz_llama2c_checkpoint")
+    configs = {
+        "tiny": (8, 16, 1, 2, 2, 4, 2),
+        "gqa": (16, 24, 2, 4, 2, 6, 3),       # n_kv_heads < n_heads
+        "unshared": (8, 12, 1, 2, 1, -5, 2),  # negative vocab_size: wcls stored at the end
+        "two_layers": (4, 8, 2, 1, 1, 3, 1),
+    }
+    for name, header in configs.items():
+        good = checkpoint(header)
+        write(d, name + ".bin", good)
+        write(d, name + "_header_only.bin", good[:28])
+        write(d, name + "_truncated_half.bin", good[: 28 + (len(good) - 28) // 2])
+        write(d, name + "_minus_one.bin", good[:-1])
+        write(d, name + "_trailing.bin", good + b"\0")
+    bad_fields = {
+        "zero_dim": (0, 16, 1, 2, 2, 4, 2),
+        "negative_layers": (8, 16, -1, 2, 2, 4, 2),
+        "vocab_int_min": (8, 16, 1, 2, 2, -2**31, 2),
+        "heads_not_dividing": (8, 16, 1, 3, 1, 4, 2),
+        "odd_head": (6, 16, 1, 2, 2, 4, 2),
+        "overflow": (2**30, 2**30, 2**30, 2, 2, 2**30, 2**30),
+        "huge_claim": (2**20, 2**20, 1, 2, 2, 2**20, 1),
+    }
+    for name, header in bad_fields.items():
+        write(d, name + ".bin", struct.pack("<7i", *header) + b"\0" * 64)
+    write(d, "short_header.bin", b"\x08\0\0\0\x10\0\0")
+    write(d, "empty.bin", b"")
+    model = os.path.join(shared, "models", "stories260K.bin")
+    if os.path.isfile(model):
+        shutil.copyfile(model, os.path.join(d, "stories260K.bin"))
+
+
+def tokenizer_seed(flags, vocab_size, text, file_bytes):
+    """fuzz_llama2c_tokenizer mode A: flags (bit 0 clear), int16 vocab_size, text length, text, tokenizer file."""
+    text = text[:255]
+    return bytes([flags & ~1]) + struct.pack("<h", vocab_size) + bytes([len(text)]) + text + file_bytes
+
+
+def tokenizer_corpus(out, shared):
+    d = os.path.join(out, "fuzz_llama2c_tokenizer")
+    vocab = llama_vocab()
+    good = tokenizer(vocab)
+    n = len(vocab)
+    text = "Once upon a time, the cat sat on the mat.".encode()
+    write(d, "a_llama_vocab.bin", tokenizer_seed(2, n, text, good))
+    write(d, "a_llama_vocab_eos.bin", tokenizer_seed(6, n, "th\u00e9 \U0001F600".encode(), good))
+    write(d, "a_truncated.bin", tokenizer_seed(2, n, text, good[:-3]))
+    write(d, "a_trailing.bin", tokenizer_seed(2, n - 1, text, good))
+    write(d, "a_vocab_too_big.bin", tokenizer_seed(2, n + 1, text, good))
+    write(d, "a_negative_vocab.bin", tokenizer_seed(0, -3, text, good))
+    small = tokenizer([(0.0, b"<unk>"), (0.0, b"\n<s>\n"), (0.0, b"\n</s>\n"), (1.0, b"a"), (2.0, b"ab")])
+    write(d, "a_no_byte_fallback.bin", tokenizer_seed(2, 5, b"ab ba", small))
+    write(d, "a_max_len_zero.bin", tokenizer_seed(2, 5, b"", tokenizer([(0.0, b"")] * 5, max_len=0)))
+    write(d, "a_length_past_end.bin", tokenizer_seed(2, 2, b"x", struct.pack("<ifi", 8, 0.0, 1 << 30)))
+    nan = struct.pack("<i", 4) + b"\0\0\xc0\x7f" + struct.pack("<i", 1) + b"a"  # NaN score
+    write(d, "a_nan_score.bin", tokenizer_seed(2, 1, b"a", nan))
+    tok = os.path.join(shared, "models", "tok512.bin")
+    if os.path.isfile(tok):
+        with open(tok, "rb") as f:
+            real = f.read()
+        write(d, "a_tok512.bin", tokenizer_seed(2, 512, text, real))
+        write(d, "a_tok512_truncated.bin", tokenizer_seed(2, 512, text, real[: len(real) // 2]))
+    # Mode B: text for the fixed vocab (bit 0 set; bit 1 BOS, bit 2 EOS).
+    texts = [b"", b"Once upon a time, there was a little girl.", "caf\u00e9 \u65e5\u672c \u2014 \U0001F600".encode(),
+             b"\xff\xfe invalid \xc3( utf-8 \xf0\x9f", b"a\0b\0c", b"the the the the the", b"\n\n  \t  "]
+    for i, t in enumerate(texts):
+        write(d, "b_text_%d.bin" % i, bytes([1 | (2 if i % 2 == 0 else 0) | (4 if i % 3 == 0 else 0)]) + t)
+
+
+def api_corpus(out):
+    """fuzz_api reads its choices through FuzzedDataProvider: integers come from the END of the input (the last 4
+    bytes seed the data generator, the byte before picks the operation), bytes from the front. One seed per
+    operation and a few random ones."""
+    d = os.path.join(out, "fuzz_api")
+    rng = random.Random(2024)
+    for op in range(16):
+        for variant in range(3):
+            body = bytes(rng.getrandbits(8) for _ in range(rng.choice([16, 64, 256])))
+            write(d, "op%02d_%d.bin" % (op, variant), body + bytes([op]) + struct.pack("<I", rng.getrandbits(32)))
+    for i in range(8):
+        write(d, "random_%d.bin" % i, bytes(rng.getrandbits(8) for _ in range(rng.choice([8, 100, 1000]))))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"),
+                        help="the shared folder holding models/ (default: ../shared next to the repository)")
+    args = parser.parse_args()
+    checkpoint_corpus(args.out_dir, args.shared)
+    tokenizer_corpus(args.out_dir, args.shared)
+    api_corpus(args.out_dir)
+    for target in sorted(os.listdir(args.out_dir)):
+        path = os.path.join(args.out_dir, target)
+        if os.path.isdir(path):
+            print("%s: %d seeds" % (target, len(os.listdir(path))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

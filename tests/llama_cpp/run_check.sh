@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Runs factorllm's GGUF exports in real llama.cpp: installs node-llama-cpp (prebuilt llama.cpp for linux-x64) and
+# @huggingface/gguf with npm into BUILD_DIR/llama_check, converts stories260K with factorllm_export (dense and a
+# K-of-N MoE, F32 and F16), then compares llama.cpp with factorllm's engine (tests/llama_cpp/check.mjs).
+#
+# Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; factorllm_export must be built there)
+# Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm
+# registry cannot be reached; non-zero when the install fails with a reachable registry, the export fails, or the
+# check fails.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+build_dir="$(cd "${1:-$repo_root/build}" && pwd)"
+exporter="$build_dir/examples/factorllm_export"
+work="$build_dir/llama_check"
+here="$repo_root/tests/llama_cpp"
+
+skip() {
+  echo "SKIPPED: llama.cpp check: $*"
+  exit 0
+}
+
+if [ ! -x "$exporter" ]; then
+  echo "error: $exporter is not built (cmake --build $build_dir --target factorllm_export)" >&2
+  exit 1
+fi
+command -v node >/dev/null 2>&1 || skip "node is not installed (needs Node >= 20 and npm)"
+command -v npm >/dev/null 2>&1 || skip "npm is not installed (needs Node >= 20 and npm)"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+[ "$node_major" -ge 20 ] || skip "Node $(node --version) is too old (node-llama-cpp needs >= 20)"
+
+# ---- npm install (into the build tree; never into the repository). ----
+# --omit=optional: node-llama-cpp lists every platform's binaries (CUDA and Vulkan ones are hundreds of MB) as
+# optional dependencies; package.json names the one CPU linux-x64 package directly instead.
+# --ignore-scripts: the prebuilt binaries need no postinstall step (it would only try to build llama.cpp from source).
+mkdir -p "$work"
+cp "$here/package.json" "$here/package-lock.json" "$here/check.mjs" "$work/"
+if [ ! -f "$work/node_modules/.factorllm-installed" ] || ! cmp -s "$here/package-lock.json" "$work/node_modules/.factorllm-installed"; then
+  # Only an unreachable registry skips the check; an install that fails with a reachable registry is an error.
+  (cd "$work" && npm ping --loglevel=error >/dev/null 2>&1) || skip "the npm registry is not reachable, so llama.cpp cannot be installed"
+  # npm install (not npm ci) with the committed lock file: the lock pins every version, but npm ci refuses it because
+  # node-llama-cpp lists optional platform packages that were never published for this version.
+  echo "npm install (node-llama-cpp, @huggingface/gguf; versions from package-lock.json) in $work"
+  (cd "$work" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --omit=optional --ignore-scripts --no-audit --no-fund \
+     --loglevel=error)
+  cp "$here/package-lock.json" "$work/node_modules/.factorllm-installed"
+fi
+
+# ---- Export with factorllm, then compare in llama.cpp. ----
+"$exporter" --out "$work/export"
+cd "$work"
+node check.mjs "$work/export"
