@@ -158,7 +158,15 @@ TEST_CASE("bad input: core types", "[bad_input][core]") {
     CHECK_THROWS_AS((TensorView<float, 2>(data, {2, kHuge}, {kHuge, 1})), shape_error);
     CHECK_NOTHROW(matrix_view<float>(nullptr, 0, kHuge));                         // empty views may be null
     CHECK(matrix_view<float>(nullptr, 0, kHuge).size() == 0);
-    CHECK_NOTHROW((TensorView<float, 3>(nullptr, {std::ptrdiff_t{1} << 40, std::ptrdiff_t{1} << 40, 0})));
+    // Empty views too: row() and operator[] offsets of in-range indices, and the non-zero extents' product.
+    CHECK_THROWS_AS((TensorView<float, 3>(nullptr, {std::ptrdiff_t{1} << 40, std::ptrdiff_t{1} << 40, 0})), shape_error);
+    CHECK_THROWS_AS((TensorView<float, 2>(data, {3, 0}, {kHuge, 1})), shape_error);
+    CHECK((TensorView<float, 2>(data, {1, 0}, {kHuge, 1})).slice_rows(1, 1).data() == data);
+    // A null empty view hands out null rows and sub-views (offsetting null was undefined behaviour).
+    TensorView<float, 2> const null_rows(nullptr, {3, 0}, {5, 1});
+    CHECK(null_rows.row(2) == nullptr);
+    CHECK(null_rows.slice_rows(1, 3).data() == nullptr);
+    CHECK((TensorView<float, 3>(nullptr, {3, 2, 0}, {7, 3, 1}))[2].data() == nullptr);
   }
 
   SECTION("TensorView::slice_rows") {
@@ -171,8 +179,15 @@ TEST_CASE("bad input: core types", "[bad_input][core]") {
 
   SECTION("Tensor(extents), Tensor(view), Tensor::copy_from") {
     CHECK_THROWS_AS((Tensor<float, 2>({-1, 3})), shape_error);
-    CHECK_THROWS_AS((Tensor<float, 3>({kHuge, kHuge, 4})), value_error);  // count overflows size_t: nothing allocated
+    CHECK_THROWS_AS((Tensor<float, 3>({kHuge, kHuge, 4})), value_error);  // count overflows: nothing allocated
+    CHECK_THROWS_AS((Tensor<float, 2>({kHuge / 2, 2})), value_error);      // count fits, bytes overflow size_t
+    // Empty, but its views would index with the product of the other extents: refused as well.
+    CHECK_THROWS_AS((Tensor<float, 3>({0, kHuge, 4})), value_error);
     CHECK_NOTHROW((Tensor<float, 2>({0, kHuge})));
+    CHECK((Tensor<float, 2>({0, kHuge})).view().size() == 0);
+    // Copying an empty view with a huge outer extent is immediate (it used to walk every empty row).
+    Tensor<float, 2> const empty_copy(TensorView<float const, 2>(nullptr, {kHuge, 0}));
+    CHECK(empty_copy.size() == 0);
     Matrix<float> m({2, 4});
     CHECK_THROWS_AS(m.copy_from(matrix_view<float const>(data, 4, 2)), shape_error);
     Matrix<float> const copy(matrix_view<float const>(data, 2, 3, 5));  // strided source: copied dense

@@ -5,6 +5,7 @@
 
 #include <factorllm/ffn/factorize.hpp>
 #include <factorllm/moe/moe_ffn.hpp>
+#include <factorllm/moe/shared_moe.hpp>
 #include <factorllm/train/diagnostics.hpp>
 #include <factorllm/train/par_loss.hpp>
 
@@ -23,6 +24,41 @@ namespace {
 bool same_ids(Matrix<std::int32_t> const& a, Matrix<std::int32_t> const& b) {
   return a.extents() == b.extents() &&
          std::memcmp(a.data(), b.data(), sizeof(std::int32_t) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+/// Brute-force subset labels: every bitmask with popcount k, || sum_{n in mask} e_n - f ||^2 from the reference
+/// expert outputs (double, formed directly, no Gram identity); ids in increasing order.
+std::vector<std::vector<int>> subset_labels_reference(ref::Ffn const& experts_ffn, std::vector<std::int32_t> const& perm,
+                                                      ref::Ffn const& teacher, ref::Vec const& x, int n_tokens, int n,
+                                                      int k) {
+  int const d = teacher.d_model;
+  std::vector<std::vector<int>> out;
+  for (int t = 0; t < n_tokens; ++t) {
+    double const* xt = x.data() + static_cast<std::size_t>(t * d);
+    ref::Vec const f = ref::dense(teacher, xt);
+    std::vector<ref::Vec> e;
+    for (int a = 0; a < n; ++a) e.push_back(ref::expert(experts_ffn, perm, n, a, xt));
+    double best = INFINITY;
+    std::vector<int> best_ids;
+    for (unsigned mask = 0; mask < (1u << n); ++mask) {
+      if (__builtin_popcount(mask) != k) continue;
+      double err = 0;
+      for (int o = 0; o < d; ++o) {
+        double s = -f[static_cast<std::size_t>(o)];
+        for (int a = 0; a < n; ++a)
+          if (mask >> a & 1u) s += e[static_cast<std::size_t>(a)][static_cast<std::size_t>(o)];
+        err += s * s;
+      }
+      if (err < best) {
+        best = err;
+        best_ids.clear();
+        for (int a = 0; a < n; ++a)
+          if (mask >> a & 1u) best_ids.push_back(a);
+      }
+    }
+    out.push_back(best_ids);
+  }
+  return out;
 }
 
 }  // namespace
@@ -73,6 +109,83 @@ TEST_CASE("After recovery only the teacher-based oracle stays equal to par_loss"
   auto const expect = train::par_loss(x.cview(), w.view(), experts, moe::Router<double>::random(d, n, 1), 2);
   REQUIRE(same_ids(train::par_oracle_labels(x.cview(), w.view(), experts, 2), expect.pseudo_label));
   CHECK_FALSE(same_ids(train::par_oracle_labels_gram(x.cview(), experts, 2), expect.pseudo_label));
+}
+
+TEMPLATE_TEST_CASE("subset_oracle_labels equals a brute-force search over all K-subsets", "[train][diagnostics]", float,
+                   double) {
+  using A = activation_t<TestType>;
+  int const d = 10, n_tokens = 37;
+  for (int n : {2, 4, 6}) {
+    for (int k = 1; k <= n; ++k) {
+      int const d_ff = 4 * n;
+      CAPTURE(n, k);
+      fixture::DenseWeights<TestType> w(ref::random_ffn(d, d_ff, 300 + static_cast<std::uint64_t>(n)));
+      // Experts of ANOTHER FFN: they do not sum to the teacher, as after recovery (the teacher-based path).
+      fixture::DenseWeights<TestType> other(ref::random_ffn(d, d_ff, 320 + static_cast<std::uint64_t>(n)));
+      auto const part = ExpertPartition::random(d_ff, n, 340);
+      auto const xv = ref::randn(static_cast<std::size_t>(n_tokens * d), 341, 1.0);
+      auto const x = fixture::to_matrix<A>(xv, n_tokens, d);
+      ref::Vec xr;  // x as the library sees it (rounded to A)
+      for (std::ptrdiff_t i = 0; i < x.size(); ++i) xr.push_back(static_cast<double>(x[i]));
+      for (bool factorized : {true, false}) {
+        CAPTURE(factorized);
+        auto const& src = factorized ? w : other;
+        auto const experts = ffn::factorize(src.view(), part);
+        auto const got = train::subset_oracle_labels(x.cview(), w.view(), experts, k);
+        auto const want = subset_labels_reference(src.rounded(), part.permutation(), w.rounded(), xr, n_tokens, n, k);
+        REQUIRE(got.extent(0) == n_tokens);
+        REQUIRE(got.extent(1) == k);
+        int mismatches = 0;
+        for (int t = 0; t < n_tokens; ++t)
+          for (int j = 0; j < k; ++j) mismatches += got(t, j) != want[static_cast<std::size_t>(t)][static_cast<std::size_t>(j)];
+        CHECK(mismatches == 0);
+        if (k == n)  // the only subset: every expert, in increasing order
+          for (int t = 0; t < n_tokens; ++t)
+            for (int j = 0; j < k; ++j) CHECK(got(t, j) == j);
+      }
+    }
+  }
+}
+
+TEST_CASE("subset labels: factorized experts with K = N give the dense FFN; diagnose_layer measures the router "
+          "against them; errors",
+          "[train][diagnostics]") {
+  int const d = 8, d_ff = 24, n = 4, n_tokens = 50;
+  fixture::DenseWeights<double> w(ref::random_ffn(d, d_ff, 350));
+  auto const experts = ffn::factorize(w.view(), ExpertPartition::random(d_ff, n, 351));
+  auto const x = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(n_tokens * d), 352, 1.0), n_tokens, d);
+  auto const router = moe::Router<double>::random(d, n, 353, 0.5);
+  moe::Gating g;
+  g.top_k = 2;
+  g.output_scale = 0.5;  // plain sum of the K selected experts (code_ref weight floor(4/2) = 2)
+  moe::MoeFfn<double> const layer(experts, router, g);
+  auto const diag = train::diagnose_layer(layer, x.cview(), w.view(), {}, train::LabelKind::subset);
+  // The router's TopK of the raw logits against the subset labels, by hand.
+  auto const labels = train::subset_oracle_labels(x.cview(), w.view(), experts, 2);
+  Matrix<std::int32_t> topk({n_tokens, 2});
+  for (int t = 0; t < n_tokens; ++t) {
+    ref::Vec z(n);
+    for (int e = 0; e < n; ++e) {
+      z[static_cast<std::size_t>(e)] = router.bias()(e);
+      for (int c = 0; c < d; ++c) z[static_cast<std::size_t>(e)] += router.weight()(e, c) * x(t, c);
+    }
+    auto const sel = ref::topk(z, 2);
+    topk(t, 0) = sel[0];
+    topk(t, 1) = sel[1];
+  }
+  CHECK(diag.label_accuracy == train::label_set_agreement(topk.cview(), labels.cview()));
+  auto const par_diag = train::diagnose_layer(layer, x.cview(), w.view());  // default: the paper's labels
+  auto const par = train::par_loss(x.cview(), w.view(), experts, router, 2);
+  CHECK(par_diag.label_accuracy == par.label_accuracy);
+  CHECK(par_diag.relative_error == diag.relative_error);
+  // Errors: too many experts for the exhaustive search, bad top_k, no tokens.
+  int const big = static_cast<int>(train::kMaxSubsetExperts) + 1;
+  fixture::DenseWeights<double> wb(ref::random_ffn(d, big, 354));
+  auto const many = ffn::factorize(wb.view(), ExpertPartition::contiguous(big, big));
+  CHECK_THROWS_AS(train::subset_oracle_labels(x.cview(), wb.view(), many, 2), value_error);
+  CHECK_THROWS_AS(train::subset_oracle_labels(x.cview(), w.view(), experts, 0), value_error);
+  CHECK_THROWS_AS(train::subset_oracle_labels(x.cview(), w.view(), experts, n + 1), value_error);
+  CHECK_THROWS_AS(train::subset_oracle_labels(x.cview().slice_rows(0, 0), w.view(), experts, 2), value_error);
 }
 
 TEST_CASE("label_set_agreement compares sets, not orders", "[train][diagnostics]") {
@@ -137,6 +250,30 @@ TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced; K < N mat
   CHECK(total == 2 * n_tokens);
   CHECK(two.load_entropy_normalized > 0.0);
   CHECK(two.load_entropy_normalized <= 1.0);
+}
+
+TEST_CASE("diagnose_layer of a shared-expert layer", "[train][diagnostics]") {
+  int const d = 10, d_ff = 40, n_tokens = 30;
+  fixture::DenseWeights<double> w(ref::random_ffn(d, d_ff, 135));
+  auto const part = ExpertPartition::random(d_ff, 5, 136);
+  auto const x = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(n_tokens * d), 137, 1.0), n_tokens, d);
+  auto const router = moe::Router<double>::random(d, 4, 138, 0.5);
+  moe::Gating g;
+  g.top_k = 4;  // K = N routed with code_ref: the layer is the dense FFN
+  auto const all = train::diagnose_layer(moe::make_shared_moe(w.view(), part, 1, router, g), x.cview(), w.view());
+  CHECK(all.relative_error < 1e-12);
+  CHECK(all.label_accuracy == 1.0);
+  CHECK(all.load == std::vector<std::int64_t>(4, n_tokens));
+  g.top_k = 2;
+  auto const layer = moe::make_shared_moe(w.view(), part, 1, router, g);
+  auto const two = train::diagnose_layer(layer, x.cview(), w.view());
+  // Router labels against the routed experts' own sum.
+  auto const routed = layer.routed().experts();
+  auto const par = train::par_loss(x.cview(), ffn::unfactorize(routed).view(), routed, router, 2);
+  CHECK(two.label_accuracy == par.label_accuracy);
+  CHECK(two.relative_error > 0.01);
+  fixture::DenseWeights<double> other(ref::random_ffn(d, 20, 139));
+  CHECK_THROWS_AS(train::diagnose_layer(layer, x.cview(), other.view()), shape_error);
 }
 
 TEST_CASE("diagnostics reject bad inputs with the documented exceptions", "[train][diagnostics][errors]") {

@@ -221,7 +221,7 @@ TEST_CASE("gguf: malformed files throw format_error naming the problem", "[io][g
   require_format_error(header(std::uint64_t{1} << 62, 0).b, "tensor count");
   {
     Raw r = header(0, 1);
-    r.u64(1000).bytes(4);  // key length beyond the file
+    r.u64(1000).bytes(20);  // key length beyond the file
     require_format_error(r.b, "truncated: key needs 1000 bytes");
   }
   {

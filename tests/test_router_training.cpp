@@ -134,6 +134,47 @@ TEMPLATE_TEST_CASE("train_router reduces the PAR loss and learns labels a linear
   CHECK(rep.final_label_accuracy == Approx(check.label_accuracy));
 }
 
+TEST_CASE("train_router with subset labels (LabelKind::subset) learns the planted subsets", "[train][router]") {
+  PlantedLayer const p(75);
+  fixture::DenseWeights<double> w(p.f);
+  auto const experts = ffn::factorize(w.view(), ExpertPartition::contiguous(p.d_ff, p.n));
+  auto const x = fixture::to_matrix<double>(p.x, p.n_tokens, p.d);
+  // e_a + e_b ~ f: the planted pair is also the K-subset whose sum is closest to the dense output.
+  auto const labels = train::subset_oracle_labels(x.cview(), w.view(), experts, 2);
+  int planted = 0;
+  for (int t = 0; t < p.n_tokens; ++t)
+    planted += labels(t, 0) == p.pairs[static_cast<std::size_t>(t)][0] && labels(t, 1) == p.pairs[static_cast<std::size_t>(t)][1];
+  REQUIRE(planted == p.n_tokens);
+
+  auto router = moe::Router<double>::random(p.d, p.n, 3);
+  train::RouterTrainConfig cfg;
+  cfg.steps = 200;
+  cfg.batch_tokens = 64;
+  cfg.seed = 5;
+  cfg.labels = train::LabelKind::subset;
+  auto const rep = train::train_router(router, x.cview(), w.view(), experts, 2, cfg);
+  INFO("loss " << rep.initial_loss << " -> " << rep.final_loss << ", accuracy " << rep.initial_label_accuracy << " -> "
+               << rep.final_label_accuracy);
+  CHECK(rep.initial_label_accuracy < 0.5);
+  CHECK(rep.final_label_accuracy >= 0.95);
+  // The report's numbers are the cached-label loss against the subset labels on the whole calibration set.
+  Workspace ws(train::par_loss_from_labels_workspace_bytes(p.d, p.n, 2));
+  train::ParLossResult<double> res;
+  train::par_loss_from_labels(x.cview(), labels.cview(), router, 2, cfg.loss, res, ws);
+  CHECK(rep.final_loss == Approx(res.total_loss).epsilon(1e-12));
+  CHECK(rep.final_label_accuracy == res.label_accuracy);
+
+  // Too many experts for the exhaustive subset search: a clear error before any training.
+  int const big = static_cast<int>(train::kMaxSubsetExperts) + 1;
+  fixture::DenseWeights<double> wb(ref::random_ffn(p.d, big, 76));
+  auto const many = ffn::factorize(wb.view(), ExpertPartition::contiguous(big, big));
+  auto rb = moe::Router<double>::random(p.d, big, 4);
+  CHECK_THROWS_AS(train::train_router(rb, x.cview(), wb.view(), many, 2, cfg), value_error);
+  cfg.labels = train::LabelKind::par;
+  cfg.steps = 1;
+  CHECK_NOTHROW(train::train_router(rb, x.cview(), wb.view(), many, 2, cfg));
+}
+
 TEST_CASE("train_router: bias switch, zero steps, seeded determinism, thread count", "[train][router]") {
   PlantedLayer const p(80);
   fixture::DenseWeights<float> w(p.f);

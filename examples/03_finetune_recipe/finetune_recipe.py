@@ -45,6 +45,15 @@ CHECK_TEXT = ("Once upon a time, there was a little girl named Lily. She loved t
 # llama2.c checkpoint and tokenizer (format: shared/models/README.md), read with numpy and validated
 # ---------------------------------------------------------------------------------------------------------------
 
+def blas_in_use():
+    """The BLAS shared objects this process mapped (torch's CPU matmuls go through it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return ", ".join(sorted({os.path.realpath(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}))
+    except OSError:
+        return ""
+
+
 def load_checkpoint(path):
     raw = np.fromfile(path, dtype="<u1")
     if raw.size < 28:
@@ -420,6 +429,7 @@ def main():
     ap.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "models", "tok512.bin"))
     ap.add_argument("--configs", nargs="+", default=["4:2"], help="N:K pairs (default 4:2, the 50 %% budget)")
     ap.add_argument("--mode", default="softmax_topk_renorm", choices=fllm.MODES)
+    ap.add_argument("--partition", default="contiguous", choices=("contiguous", "random", "cluster_activations"))
     ap.add_argument("--eval", type=int, default=32, help="held-out sequences (seeds 1000000 + i)")
     ap.add_argument("--length", type=int, default=128, help="sampled tokens per sequence after BOS")
     ap.add_argument("--train-seqs", type=int, default=2048, help="training pool (seeds 2000000 + i)")
@@ -430,7 +440,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--router-lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (default 1: stories260K's tensors are tiny, and on a shared 2-core machine "
+                         "OpenMP fork/join with 2 threads measured 5-10x slower per step than 1 thread)")
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--csv", default=None, help="write (or with --append, add) the CSV rows here")
     ap.add_argument("--append", action="store_true", help="append to an existing fidelity CSV (same columns)")
@@ -444,6 +456,14 @@ def main():
     t_start = time.time()
     fllm.load_library()
 
+    if not (os.path.isfile(args.model) and os.path.isfile(args.tokenizer)):
+        print(f"finetune_recipe: model or tokenizer missing ({args.model}, {args.tokenizer}); they live in "
+              "shared/models/ next to the repository", file=sys.stderr)
+        sys.exit(77)  # ctest's SKIP_RETURN_CODE
+    blas = blas_in_use()
+    if "openblas" not in blas and "mkl" not in blas and "blis" not in blas:
+        log(f"note: torch uses {blas or 'an unknown BLAS'}; Debian's reference BLAS makes the dense parts ~4x slower "
+            "(install libopenblas0-openmp, or run with LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp)")
     cfg, w = load_checkpoint(args.model)
     pieces = load_tokenizer(args.tokenizer, cfg["vocab"])
     teacher = Llama(cfg, w).eval()
@@ -458,7 +478,7 @@ def main():
     log(f"model: dim {cfg['dim']}, hidden {cfg['hidden']}, {cfg['n_layers']} layers; greedy check text OK")
 
     held_out = sample_sequences(teacher, args.eval, args.length, 1000000)
-    train_pool = sample_sequences(teacher, args.train_seqs, args.length, 2000000)
+    train_pool = sample_sequences(teacher, args.train_seqs, args.length, 2000000, batch=512)
     held = {tuple(s.tolist()) for s in held_out}
     overlap = sum(tuple(s.tolist()) in held for s in train_pool)
     if overlap:
@@ -472,13 +492,21 @@ def main():
     for spec in args.configs:
         n, k = (int(v) for v in spec.split(":"))
         t0 = time.time()
-        student = build_student(cfg, w, n, k, args.mode, args.seed)
+        calib = None
+        if args.partition == "cluster_activations":  # co-activation statistics from the stage-A sequences
+            with torch.no_grad():
+                xs = []
+                teacher(train_pool[:args.stage_a_seqs, :-1], ffn_inputs=xs)
+            calib = [x.reshape(-1, x.shape[-1]) for x in xs]
+        student = build_student(cfg, w, n, k, args.mode, args.seed, args.partition, calib)
         d_ff_used = student.ffns[0].gate.shape[0] * student.ffns[0].gate.shape[1]
         flops = k * (d_ff_used // n) / cfg["hidden"]
         before, _ = evaluate(student, held_out, dense_ref)
         log(f"\nN={n} K={k} ({args.mode}, FFN FLOPs {flops:.3f}): factorized, random routers: retention "
             f"{before['next_token_acc'] / dense_m['next_token_acc']:.3f}")
-        stage_a(teacher, student, train_pool[:args.stage_a_seqs], k, args.stage_a_steps, args.stage_a_lr, 512, 0.2, log)
+        if args.stage_a_steps > 0:
+            stage_a(teacher, student, train_pool[:args.stage_a_seqs], k, args.stage_a_steps, args.stage_a_lr, 512, 0.2,
+                    log)
         after_a, _ = evaluate(student, held_out, dense_ref)
         log(f"  after stage A: top1 {after_a['top1_agreement']:.3f}, retention "
             f"{after_a['next_token_acc'] / dense_m['next_token_acc']:.3f} ({time.time() - t0:.0f} s)")
@@ -488,8 +516,9 @@ def main():
         log(f"  after stage B: top1 {m['top1_agreement']:.4f}, acc {m['next_token_acc']:.4f}, retention "
             f"{retention:.4f}, ppl {m['ppl']:.3f} (dense {dense_m['ppl']:.3f}), KL {m['kl_to_dense']:.4f} "
             f"({time.time() - t0:.0f} s for this configuration)")
-        label = f"N{n}K{k}-contiguous-par_trained-finetune"
-        rows.append([label, n, k, 0, "contiguous", "par_trained", "finetune", f"{flops:.6f}",
+        router = "par_trained" if args.stage_a_steps > 0 else "random_init"
+        label = f"N{n}K{k}-{args.partition}-{router}-finetune"  # the fidelity report's label scheme
+        rows.append([label, n, k, 0, args.partition, router, "finetune", f"{flops:.6f}",
                      f"{m['top1_agreement']:.6f}", f"{m['next_token_acc']:.6f}", f"{retention:.6f}", f"{m['ppl']:.6f}",
                      f"{dense_m['ppl']:.6f}", f"{m['kl_to_dense']:.6f}"])
 

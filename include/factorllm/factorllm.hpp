@@ -14,6 +14,7 @@
 #include "backend/tags.hpp"
 #include "backend/traits.hpp"
 
+#include "ffn/clustering.hpp"
 #include "ffn/factorize.hpp"
 #include "ffn/permutation.hpp"
 #include "ffn/swiglu.hpp"
@@ -24,9 +25,17 @@
 #include "moe/moe_ffn.hpp"
 #include "moe/router.hpp"
 #include "moe/routing.hpp"
+#include "moe/shared_moe.hpp"
 #include "moe/topk.hpp"
 
+#include "train/diagnostics.hpp"
+#include "train/moe_backward.hpp"
 #include "train/par_loss.hpp"
 #include "train/par_types.hpp"
+#include "train/recovery.hpp"
+#include "train/router_training.hpp"
 
+#include "io/gguf.hpp"
 #include "io/llama2c.hpp"
+#include "io/moe_export.hpp"
+#include "io/safetensors.hpp"

@@ -190,17 +190,28 @@ void view_rank(Ctx& c) {
   if (c.flag()) s[R - 1] = 1;
   float* data = c.pick(0, 7) == 0 ? nullptr : buffer;
   auto check = [&](TensorView<float, R> const& v) {
-    // An accepted view's element count and last offset fit ptrdiff_t (checked here in saturating 128 bits).
-    __int128 count = 1, last = 0;
+    // An accepted view (empty or not): the offset of every in-range index and the product of the non-zero
+    // extents fit ptrdiff_t (checked here in saturating 128 bits).
+    __int128 count = 1, nonzero = 1, last = 0;
     for (int i = 0; i < R; ++i) {
       FUZZ_CHECK(v.extent(i) >= 0 && (v.extent(i) <= 1 || v.stride(i) >= 0));
       count = sat_mul(count, v.extent(i));
-      if (v.extent(i) > 0) last = std::min<__int128>(last + sat_mul(v.extent(i) - 1, v.stride(i)), kSat);
+      if (v.extent(i) > 0) {
+        nonzero = sat_mul(nonzero, v.extent(i));
+        last = std::min<__int128>(last + sat_mul(v.extent(i) - 1, v.stride(i)), kSat);
+      }
     }
     FUZZ_CHECK(v.size() == (count == 0 ? 0 : static_cast<std::ptrdiff_t>(count)));
-    if (count != 0) FUZZ_CHECK(last >= 0 && last <= std::numeric_limits<std::ptrdiff_t>::max());
+    FUZZ_CHECK(last >= 0 && last <= std::numeric_limits<std::ptrdiff_t>::max());
+    FUZZ_CHECK(nonzero <= std::numeric_limits<std::ptrdiff_t>::max());
     FUZZ_CHECK(v.data() != nullptr || count == 0);
     (void)v.is_contiguous();
+    // A dense copy of any accepted view that is empty or lies inside the buffer (never refused: same extents).
+    if (count == 0 || (last < 64 && v.data() == buffer)) {
+      Tensor<float, R> const copy(v);
+      FUZZ_CHECK(copy.size() == v.size());
+      (void)copy.view();
+    }
     // Views inside the buffer can be read element by element (ASan checks the bounds).
     if (count != 0 && last < 64 && v.data() == buffer) {
       volatile float sink = 0;
@@ -214,11 +225,16 @@ void view_rank(Ctx& c) {
   };
   fuzz::expect_ok_or_error([&] { check(TensorView<float, R>(data, e)); });
   fuzz::expect_ok_or_error([&] { check(TensorView<float, R>(data, e, s)); });
-  // Tensor: refuse negative extents (shape_error) and sizes that overflow (value_error) before allocating.
-  __int128 count = 1;
+  // Tensor: refuse negative extents (shape_error) and sizes that overflow (value_error) before allocating; the
+  // product of the non-zero extents must fit ptrdiff_t even when a zero extent makes the tensor empty.
+  __int128 count = 1, nonzero = 1;
   bool negative = false;
   for (int i = 0; i < R; ++i) negative |= e[i] < 0;
-  for (int i = 0; i < R && !negative; ++i) count = sat_mul(count, e[i]);
+  for (int i = 0; i < R && !negative; ++i) {
+    count = sat_mul(count, e[i]);
+    if (e[i] != 0) nonzero = sat_mul(nonzero, e[i]);
+  }
+  if (!negative && nonzero > std::numeric_limits<std::ptrdiff_t>::max()) count = kSat;  // refused below
   if (negative) {
     bool threw = false;
     try {
@@ -329,8 +345,10 @@ void op_router(Ctx& c) {
       std::int64_t const rd = dim(12), rn = dim(9);
       double const stddev = c.pick(0, 3) == 0 ? static_cast<double>(c.special()) : 1.0;
       fuzz::expect_ok_or_error([&] { r = moe::Router<float>::random(rd, rn, c.rng(), stddev); });
-      if (r) {  // accepted: a finite stddev, so finite weights and a zero bias
-        for (std::ptrdiff_t i = 0; i < r->weight().size(); ++i) FUZZ_CHECK(std::isfinite(r->weight().data()[i]));
+      if (r) {  // accepted: a finite stddev; up to 1e30 the weights (|z| < 9 sigma) are finite floats; zero bias
+        FUZZ_CHECK(std::isfinite(stddev) && stddev >= 0);
+        for (std::ptrdiff_t i = 0; i < r->weight().size(); ++i)
+          FUZZ_CHECK(stddev > 1e30 || std::isfinite(r->weight().data()[i]));
         for (std::ptrdiff_t i = 0; i < r->n_experts(); ++i) FUZZ_CHECK(r->bias()(i) == 0.f);
       }
       break;
@@ -400,7 +418,7 @@ void op_select(Ctx& c) {
 
 void op_group_combine(Ctx& c) {
   std::ptrdiff_t const n = c.size(-1, 8), t = c.pick(0, 10), k = c.pick(0, 5);
-  if (n > 64) {
+  if (n > 64 || n < -1) {  // extreme n: only the validation runs (and must not overflow computing n + 1)
     Matrix<std::int32_t> ids({t, k});
     Vector<std::int64_t> offsets({1});
     Vector<std::int32_t> slots({t * k});

@@ -13,6 +13,8 @@
 //  2. llama.cpp greedy generation from BOS gives exactly our engine's tokens (all greedy_steps of them, >= 64).
 //  3. llama.cpp's next-token probabilities on a teacher-forced sequence agree with ours: max |p_llama - p_ours|
 //     over every position and every token <= the tolerance below.
+//  4. llama.cpp's detokenizer prints our text for the greedy tokens, and its tokenizer encodes a probe text (spaces,
+//     punctuation, digits, newline, UTF-8 byte fallback) to our tokens: the vocabulary conversion is faithful.
 //
 // Tolerances (written down once, here):
 //  - F32 weights: 1e-4 absolute. Both engines compute in float32 with different summation orders (ggml's SIMD
@@ -157,10 +159,13 @@ async function runLlamaCpp(llama, model, exact) {
     argmaxAgree += best === bestRef;
   }
   await context.dispose();
+  // llama.cpp's own tokenizer and detokenizer on the exported vocabulary.
+  const text = lm.detokenize(greedy);
+  const probeTokens = Array.from(lm.tokenize(ref.tokenizer_probe.text));
   await lm.dispose();
   let agree = 0;
   while (agree < greedy.length && greedy[agree] === model.greedy_tokens[agree]) ++agree;
-  return {greedy, agree, maxDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length};
+  return {greedy, agree, maxDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length, text, probeTokens};
 }
 
 // One thread: the model is tiny, and ggml's worker threads spin while they wait for each other, which on a loaded
@@ -188,6 +193,13 @@ for (const model of ref.models) {
     fail(`${model.name}: llama.cpp greedy diverges at step ${r.agree}: ` +
          `llama.cpp ${r.greedy.slice(r.agree, r.agree + 5)} vs ours ${model.greedy_tokens.slice(r.agree, r.agree + 5)}`);
   if (!(r.maxDiff <= tol)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${tol}`);
+  // Text: llama.cpp's detokenizer on its own greedy tokens must print what our decoder prints (up to the leading
+  // space sentencepiece adds after BOS); its tokenizer must encode the probe text as ours does.
+  console.log(`  llama.cpp text: ${JSON.stringify(r.text.slice(0, 160))}...`);
+  if (r.text.trimStart() !== model.greedy_text.trimStart())
+    fail(`${model.name}: llama.cpp's detokenized text differs from ours:\n    ${JSON.stringify(r.text)}\n    ${JSON.stringify(model.greedy_text)}`);
+  if (JSON.stringify(r.probeTokens) !== JSON.stringify(ref.tokenizer_probe.tokens))
+    fail(`${model.name}: llama.cpp tokenizes the probe text as ${r.probeTokens}, ours as ${ref.tokenizer_probe.tokens}`);
   const r16 = await runLlamaCpp(llama, model, false);
   console.log(`  llama.cpp defaults (F16 KV cache, flash attention auto; informational): greedy equal for ${r16.agree}/${r16.greedy.length}, ` +
               `max |dp| = ${r16.maxDiff.toExponential(2)}`);

@@ -47,17 +47,24 @@ class Tensor {
 
   Tensor() = default;
   /// Allocates a zero-filled tensor of the given extents.
-  /// \throws shape_error for a negative extent, value_error if the size overflows.
+  /// \throws shape_error for a negative extent; value_error if the product of the non-zero extents overflows
+  ///         ptrdiff_t (also for an empty tensor: its views index with that product) or the bytes overflow size_t.
   explicit Tensor(std::array<std::ptrdiff_t, Rank> extents) : extents_(extents) {
-    std::size_t n = 1;
-    for (auto e : extents_) {
+    for (auto e : extents_)
       if (e < 0) throw shape_error(detail::concat("Tensor: negative extent ", e));
-      if (e != 0 && n > std::numeric_limits<std::size_t>::max() / static_cast<std::size_t>(e))
-        throw value_error("Tensor: element count overflows size_t");
+    std::size_t n = 1;  // product of the non-zero extents
+    bool empty = false;
+    for (auto e : extents_) {
+      if (e == 0) {
+        empty = true;
+        continue;
+      }
+      if (n > static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) / static_cast<std::size_t>(e))
+        throw value_error("Tensor: element count overflows ptrdiff_t");
       n *= static_cast<std::size_t>(e);
     }
-    size_ = n;
-    data_ = detail::allocate_aligned<T>(n);
+    size_ = empty ? 0 : n;
+    data_ = detail::allocate_aligned<T>(size_);
   }
   /// Copies the elements of a view (any strides) into a new dense tensor.
   template <class U, class = std::enable_if_t<std::is_same_v<std::remove_const_t<U>, T>>>
@@ -103,6 +110,7 @@ class Tensor {
   template <class U>
   void copy_from(TensorView<U, Rank> const& src) {
     detail::require_shape(src, extents_, "Tensor::copy_from", "src");
+    if (size_ == 0) return;  // an empty tensor may still have huge outer extents: do not walk them
     copy_rec(src, 0, 0, 0);
   }
 

@@ -85,10 +85,10 @@ class TensorView {
   std::ptrdiff_t cols() const noexcept { return extents_[Rank - 1]; }
   std::ptrdiff_t row_stride() const noexcept { return Rank > 1 ? strides_[0] : extents_[0]; }
 
-  /// Returns a pointer to row i of a rank-2 view (or element i of a rank-1 view).
+  /// Returns a pointer to row i of a rank-2 view (or element i of a rank-1 view); null for an empty view over null.
   T* row(std::ptrdiff_t i) const noexcept {
     FLLM_ASSERT(i >= 0 && i < extents_[0]);
-    return data_ + i * strides_[0];
+    return data_ == nullptr ? nullptr : data_ + i * strides_[0];  // offsetting null is undefined behaviour
   }
 
   template <class... Idx>
@@ -112,7 +112,7 @@ class TensorView {
       e[k - 1] = extents_[k];
       s[k - 1] = strides_[k];
     }
-    return TensorView<T, Rank - 1>(data_ + i * strides_[0], e, s);
+    return TensorView<T, Rank - 1>(data_ == nullptr ? nullptr : data_ + i * strides_[0], e, s);
   }
 
   /// Returns rows [begin, end) of the first dimension as a view of the same rank.
@@ -121,8 +121,9 @@ class TensorView {
       throw shape_error(detail::concat("slice_rows: range [", begin, ", ", end, ") outside [0, ", extents_[0], ")"));
     auto e = extents_;
     e[0] = end - begin;
-    // An empty view may hold a null pointer: offsetting it would be undefined behaviour.
-    return TensorView(data_ == nullptr ? nullptr : data_ + begin * strides_[0], e, strides_);
+    // No offset when the result is empty (begin may equal the row count) or the pointer is null (an empty view's
+    // may be, and offsetting null is undefined behaviour).
+    return TensorView(begin == end || data_ == nullptr ? data_ : data_ + begin * strides_[0], e, strides_);
   }
 
  private:
@@ -161,18 +162,16 @@ class TensorView {
         throw shape_error(detail::concat("TensorView: stride ", strides_[i], " of dimension ", i,
                                          " is smaller than the ", inner_span, " elements one step must span"));
     }
-    // size() and element offsets are ptrdiff_t: the element count and the last element's offset must fit.
-    bool is_empty = false;
-    for (int i = 0; i < Rank; ++i) is_empty |= extents_[i] == 0;
-    if (!is_empty) {
-      std::ptrdiff_t count = 1, last = 0;
-      for (int i = 0; i < Rank; ++i) {
-        std::ptrdiff_t step = 0;
-        if (!checked_mul(count, extents_[i], count) || !checked_mul(extents_[i] - 1, strides_[i], step) ||
-            step > std::numeric_limits<std::ptrdiff_t>::max() - last)
-          throw_overflow();
-        last += step;
-      }
+    // Offsets and size() are ptrdiff_t: the offset of every in-range index (row(), operator[], operator() compute
+    // them, empty views included) and the product of the non-zero extents must fit.
+    std::ptrdiff_t count = 1, last = 0;
+    for (int i = 0; i < Rank; ++i) {
+      if (extents_[i] == 0) continue;
+      std::ptrdiff_t step = 0;
+      if (!checked_mul(count, extents_[i], count) || !checked_mul(extents_[i] - 1, strides_[i], step) ||
+          step > std::numeric_limits<std::ptrdiff_t>::max() - last)
+        throw_overflow();
+      last += step;
     }
     if (data_ == nullptr && size() != 0) throw shape_error("TensorView: null data pointer for a non-empty view");
   }

@@ -670,8 +670,9 @@ std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& 
   if (detail::metadata_string(f, "format_version") != kFactorizedFormatVersion)
     throw format_error(detail::concat(f.source(), ": format_version '", detail::metadata_string(f, "format_version"),
                                       "' is not supported (this reader knows ", kFactorizedFormatVersion, ")"));
-  // Every layer has at least 6 tensors, so the tensor count bounds n_layers before anything is reserved.
-  auto const n_layers = detail::metadata_int(f, "n_layers", 1, static_cast<std::int64_t>(f.tensors().size() / 6));
+  // Every layer has its own tensors, so the tensor count bounds n_layers before anything is reserved.
+  auto const n_layers =
+      detail::metadata_int(f, "n_layers", 1, std::max<std::int64_t>(1, static_cast<std::int64_t>(f.tensors().size())));
   std::vector<moe::MoeFfn<float, Backend>> layers;
   layers.reserve(static_cast<std::size_t>(n_layers));
   for (std::int64_t l = 0; l < n_layers; ++l) {

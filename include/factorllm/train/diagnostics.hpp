@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -23,13 +24,14 @@
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/workspace.hpp"
-#include "../ffn/clustering.hpp"
+#include "../detail/eigen_serial.hpp"
 #include "../ffn/factorize.hpp"
 #include "../ffn/swiglu.hpp"
 #include "../moe/gating.hpp"
 #include "../moe/moe_ffn.hpp"
 #include "../moe/router.hpp"
 #include "../moe/routing.hpp"
+#include "../moe/shared_moe.hpp"
 #include "../moe/topk.hpp"
 #include "par_loss.hpp"
 
@@ -267,6 +269,216 @@ inline double load_entropy(std::vector<std::int64_t> const& load) {
   return h;
 }
 
+/// Bytes of scratch par_loss_from_labels needs (independent of n_tokens).
+/// \throws value_error unless d_model, n_experts >= 1 and 1 <= top_k <= n_experts.
+inline std::size_t par_loss_from_labels_workspace_bytes(std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
+                                                        std::ptrdiff_t top_k) {
+  if (d_model < 1 || n_experts < 1 || top_k < 1 || top_k > n_experts)
+    throw value_error(detail::concat("par_loss_from_labels_workspace_bytes: need d_model, n_experts >= 1 and top_k in ",
+                                     "[1, n_experts]; got ", d_model, ", ", n_experts, ", ", top_k));
+  if (n_experts > (std::ptrdiff_t{1} << 40) / (d_model + 1))
+    throw value_error("par_loss_from_labels_workspace_bytes: sizes too large: the workspace size would overflow");
+  auto const n = static_cast<std::size_t>(n_experts), d = static_cast<std::size_t>(d_model);
+  return detail::WorkspaceLayout()
+      .add(sizeof(double), 4 * n)            // z, p, dz_par, dz_bal
+      .add(sizeof(double), 2 * n * (d + 1))  // dW, db accumulators: par and balance
+      .add(sizeof(std::int32_t), static_cast<std::size_t>(top_k))
+      .bytes();
+}
+
+/// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss, spec 3.2)
+/// for tokens whose pseudo-labels are already known, e.g. from par_oracle_labels. Fills every field of `out` except
+/// mse_to_target, which is left as it was (the MSEs are not needed once the labels are known).
+/// \param x       [n_tokens >= 1, d_model]; \param labels  [n_tokens, top_k] the tokens' pseudo-labels
+/// \param ws      scratch of at least par_loss_from_labels_workspace_bytes(d_model, n_experts, top_k) bytes
+/// \throws value_error for no tokens, a bad top_k or clip, or a label outside [0, n_experts); shape_error for
+///         mismatched shapes; backend_error if ws is too small.
+template <class A>
+void par_loss_from_labels(MatrixView<A const> x, MatrixView<std::int32_t const> labels, moe::Router<A> const& router,
+                          std::ptrdiff_t top_k, ParLossConfig const& config, ParLossResult<A>& out, Workspace& ws) {
+  char const* fn = "par_loss_from_labels";
+  std::ptrdiff_t const n_tokens = x.rows(), n = router.n_experts(), d = router.d_model(), k = top_k;
+  if (n_tokens < 1) throw value_error("par_loss_from_labels: argument 'x' has no tokens; the loss is a mean over tokens");
+  detail::require_shape(x, {n_tokens, d}, fn, "x");
+  if (k < 1 || k > n) throw value_error(detail::concat(fn, ": top_k = ", k, " must be in [1, n_experts = ", n, "]"));
+  detail::require_shape(labels, {n_tokens, k}, fn, "labels");
+  if (!(config.clip > 0 && config.clip < 0.5))
+    throw value_error(detail::concat(fn, ": config.clip = ", config.clip, " must be in (0, 0.5)"));
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t)
+    for (std::ptrdiff_t j = 0; j < k; ++j)
+      if (labels(t, j) < 0 || labels(t, j) >= n)
+        throw value_error(detail::concat(fn, ": argument 'labels' entry (", t, ", ", j, ") = ", labels(t, j),
+                                         " is outside [0, ", n, ")"));
+  out.resize(n_tokens, d, n, k);
+
+  detail::WorkspaceCursor cursor(ws, fn);
+  double* z = cursor.take<double>(static_cast<std::size_t>(4 * n));
+  double* p = z + n;
+  double* dz_par = p + n;
+  double* dz_bal = dz_par + n;
+  double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n * (d + 1)));
+  double* dw_par = acc;
+  double* db_par = dw_par + n * d;
+  double* dw_bal = db_par + n;
+  double* db_bal = dw_bal + n * d;
+  std::int32_t* router_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
+  std::fill(acc, acc + 2 * n * (d + 1), 0.0);
+
+  ParTarget const q = par_target_q(n, k);  // spec 3.2 step 6
+  double const lo = config.clip, hi = 1.0 - config.clip;
+  auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
+  double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
+  double par_sum = 0, bal_sum = 0;
+  std::int64_t matches = 0;
+  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
+    A const* xr = x.row(t);
+    std::int32_t const* lab = labels.row(t);
+    // p = softmax(W_r x + b_r) (spec 3.2 step 1)
+    double zmax = -std::numeric_limits<double>::infinity();
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      double s = to_double(router.bias()(e));
+      A const* wr = router.weight().row(e);
+      for (std::ptrdiff_t c = 0; c < d; ++c) s += to_double(wr[c]) * to_double(xr[c]);
+      z[e] = s;
+      zmax = std::fmax(zmax, s);
+    }
+    double zsum = 0;
+    for (std::ptrdiff_t e = 0; e < n; ++e) zsum += std::exp(z[e] - zmax);
+    for (std::ptrdiff_t e = 0; e < n; ++e) p[e] = std::exp(z[e] - zmax) / zsum;
+    kernel::topk_indices([&](std::ptrdiff_t e) { return z[e]; }, n, k, router_ids);
+    bool same_set = true;
+    for (std::ptrdiff_t j = 0; j < k; ++j) {
+      out.pseudo_label(t, j) = lab[j];
+      out.router_topk(t, j) = router_ids[j];
+      same_set &= std::find(router_ids, router_ids + k, lab[j]) != router_ids + k;
+    }
+    matches += same_set ? 1 : 0;
+    // KL(clip(p) || clip(q)) and d/dz through the softmax Jacobian (steps 6-7; torch.clamp's gradient rule).
+    double kl = 0, pg = 0;
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      bool const selected = std::find(lab, lab + k, static_cast<std::int32_t>(e)) != lab + k;
+      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
+      kl += ph * std::log(ph / qh);
+      double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
+      dz_par[e] = g;
+      pg += p[e] * g;
+    }
+    par_sum += kl;
+    for (std::ptrdiff_t e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * inv_t;
+    // Balance: mean_{t,n} TopK(p) mask * p (spec 3.2 "Balance").
+    double sel_mass = 0;
+    for (std::ptrdiff_t j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
+    bal_sum += sel_mass;
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      bool const in_topk = std::find(router_ids, router_ids + k, static_cast<std::int32_t>(e)) != router_ids + k;
+      dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt;
+    }
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      db_par[e] += dz_par[e];
+      db_bal[e] += dz_bal[e];
+      for (std::ptrdiff_t c = 0; c < d; ++c) {
+        double const xc = to_double(xr[c]);
+        dw_par[e * d + c] += dz_par[e] * xc;
+        dw_bal[e * d + c] += dz_bal[e] * xc;
+      }
+    }
+  }
+  out.par_loss = par_sum * inv_t;
+  out.balance_loss = bal_sum * inv_nt;
+  out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
+  out.label_accuracy = static_cast<double>(matches) * inv_t;
+  for (std::ptrdiff_t e = 0; e < n; ++e) {
+    out.grad_bias_par(e) = static_cast<A>(db_par[e]);
+    out.grad_bias_balance(e) = static_cast<A>(db_bal[e]);
+    out.grad_bias(e) = static_cast<A>(config.par_weight * db_par[e] + config.balance_weight * db_bal[e]);
+    for (std::ptrdiff_t c = 0; c < d; ++c) {
+      double const gp = dw_par[e * d + c], gb = dw_bal[e * d + c];
+      out.grad_weight_par(e, c) = static_cast<A>(gp);
+      out.grad_weight_balance(e, c) = static_cast<A>(gb);
+      out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
+    }
+  }
+}
+
+/// Which pseudo-labels a router is trained toward (RouterTrainConfig::labels) and measured against (diagnose_layer).
+enum class LabelKind {
+  par,     ///< the paper's PAR labels (spec 3.2 step 5): the K experts individually closest to f / floor(N/K)
+  subset,  ///< the K-subset S whose SUMMED output is closest to f, argmin_S || sum_{n in S} e_n - f || (the paper
+           ///< code's unused get_label, spec 3.2): what a plain-sum gating (code_ref with output_scale
+           ///< 1 / floor(N/K), every selected expert weighted 1) actually outputs
+};
+
+/// The largest n_experts subset_oracle_labels accepts: it enumerates all C(N, K) subsets per token.
+inline constexpr std::ptrdiff_t kMaxSubsetExperts = 16;
+
+/// Computes the subset pseudo-labels of every token (LabelKind::subset): the K-subset S of the experts minimizing
+/// || sum_{n in S} e_n(x_t) - F(x_t) ||^2, exhaustively over the C(N, K) subsets. With G the N x N Gram matrix of
+/// the token's expert outputs and b_n = <e_n, f>, the error of S is sum_{n,m in S} G_nm - 2 sum_{n in S} b_n + ||f||^2,
+/// so each subset costs O(K^2) once G and b are known (chunked double GEMMs, as par_oracle_labels).
+/// Valid for any experts (the target is the dense teacher, also after recovery).
+/// \param x       [n_tokens >= 1, d_model] FFN inputs (any row stride)
+/// \param dense   the teacher F; \param experts  the current experts (n_experts <= kMaxSubsetExperts)
+/// \param top_k   K = |S|
+/// \returns [n_tokens, top_k] expert ids in increasing order; ties go to the first subset in lexicographic order of
+///          the increasing id lists (e.g. {0, 3} before {1, 2})
+/// \throws value_error for no tokens, a bad top_k or n_experts > kMaxSubsetExperts; shape_error for mismatched shapes.
+template <class T, class A>
+Matrix<std::int32_t> subset_oracle_labels(MatrixView<A const> x, ffn::DenseFfnView<T> const& dense,
+                                          ffn::ExpertWeights<T> const& experts, std::ptrdiff_t top_k) {
+  char const* fn = "subset_oracle_labels";
+  detail_train::validate_dense_experts(dense, experts, fn);
+  detail_train::validate_experts_x(x, experts, top_k, fn);
+  std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model(), k = top_k;
+  if (n > kMaxSubsetExperts)
+    throw value_error(detail::concat(fn, ": n_experts = ", n, " exceeds ", kMaxSubsetExperts,
+                                     " (the subset labels enumerate all C(N, K) subsets per token)"));
+  Matrix<std::int32_t> labels({n_tokens, k});
+  factorllm::detail::run_eigen_serial([&] {
+    auto const w = detail_train::experts_double(experts);
+    auto const dw = detail_train::dense_double(dense);
+    detail_train::ChunkScratch sc(detail_train::kChunkTokens, d, std::max(n * w.m, dense.d_ff()), n);
+    factorllm::detail::RowMatrixD gram(n, n);
+    std::vector<double> dot_f(static_cast<std::size_t>(n));
+    std::vector<std::ptrdiff_t> pick(static_cast<std::size_t>(k)), best(static_cast<std::size_t>(k));
+    for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += detail_train::kChunkTokens) {
+      std::ptrdiff_t const c = std::min(detail_train::kChunkTokens, n_tokens - t0);
+      factorllm::detail::gather_rows_double(x, t0, c, sc.x.topRows(c));
+      detail_train::dense_output_chunk(dw, c, sc);
+      detail_train::expert_outputs_chunk(w, c, sc);
+      for (std::ptrdiff_t r = 0; r < c; ++r) {
+        for (std::ptrdiff_t a = 0; a < n; ++a) {
+          auto const ea = sc.e_out[static_cast<std::size_t>(a)].row(r);
+          dot_f[static_cast<std::size_t>(a)] = ea.dot(sc.f.row(r));
+          for (std::ptrdiff_t b = a; b < n; ++b) gram(a, b) = gram(b, a) = ea.dot(sc.e_out[static_cast<std::size_t>(b)].row(r));
+        }
+        // Lexicographic enumeration of the increasing index lists pick[0] < ... < pick[k-1]; strict < keeps the
+        // first of equal errors. ||f||^2 is the same for every subset and is left out.
+        for (std::ptrdiff_t j = 0; j < k; ++j) pick[static_cast<std::size_t>(j)] = j;
+        double best_err = std::numeric_limits<double>::infinity();
+        while (true) {
+          double err = 0;
+          for (std::ptrdiff_t i = 0; i < k; ++i) {
+            std::ptrdiff_t const a = pick[static_cast<std::size_t>(i)];
+            err += gram(a, a) - 2.0 * dot_f[static_cast<std::size_t>(a)];
+            for (std::ptrdiff_t j = i + 1; j < k; ++j) err += 2.0 * gram(a, pick[static_cast<std::size_t>(j)]);
+          }
+          if (err < best_err) {
+            best_err = err;
+            best = pick;
+          }
+          std::ptrdiff_t i = k - 1;
+          while (i >= 0 && pick[static_cast<std::size_t>(i)] == n - k + i) --i;
+          if (i < 0) break;
+          ++pick[static_cast<std::size_t>(i)];
+          for (std::ptrdiff_t j = i + 1; j < k; ++j) pick[static_cast<std::size_t>(j)] = pick[static_cast<std::size_t>(j - 1)] + 1;
+        }
+        for (std::ptrdiff_t j = 0; j < k; ++j) labels(t0 + r, j) = static_cast<std::int32_t>(best[static_cast<std::size_t>(j)]);
+      }
+    }
+  });
+  return labels;
+}
+
 /// Per-layer conversion diagnostics (see diagnose_layer).
 struct LayerDiagnostics {
   std::int64_t n_tokens = 0;
@@ -278,21 +490,13 @@ struct LayerDiagnostics {
   double load_entropy_normalized = 0;  // load_entropy / log(n_experts): 1 = perfectly balanced (1 when N = 1)
 };
 
-/// Measures one converted layer on the tokens x: the MoE output against the dense FFN, the router against the PAR
-/// pseudo-labels (par_loss's label_accuracy: the router's TopK of the raw logits, without the gating's selection
-/// bias, against the labels computed from the dense teacher), and the expert load of the layer's own routing.
-/// \param layer   the MoE layer (any backend; its forward is what is measured)
-/// \param x       [n_tokens >= 1, d_model] FFN inputs
-/// \param dense   the dense FFN the layer replaces
-/// \throws value_error for no tokens; shape_error for mismatched shapes.
-template <class T, class Backend, class A>
-LayerDiagnostics diagnose_layer(moe::MoeFfn<T, Backend> const& layer, MatrixView<A const> x,
-                                ffn::DenseFfnView<T> const& dense, ParLossConfig const& config = {}) {
-  char const* fn = "diagnose_layer";
-  detail_train::validate_dense_experts(dense, layer.experts(), fn);
-  detail_train::validate_experts_x(x, layer.experts(), layer.top_k(), fn);
-  std::ptrdiff_t const n_tokens = x.rows(), d = layer.d_model();
-  LayerDiagnostics r;
+namespace detail_train {
+
+/// Relative error of `layer` (a MoeFfn or SharedExpertMoe) against the dense FFN on x, plus the routed layer's load.
+template <class Backend, class Layer, class T, class A>
+void output_and_load(Layer const& layer, MatrixView<A const> x, ffn::DenseFfnView<T> const& dense, std::ptrdiff_t n_routed,
+                     LayerDiagnostics& r) {
+  std::ptrdiff_t const n_tokens = x.rows(), d = dense.d_model();
   r.n_tokens = n_tokens;
   Matrix<A> y_moe({n_tokens, d}), y_dense({n_tokens, d});
   moe::RoutingRecord<A> record;
@@ -308,12 +512,76 @@ LayerDiagnostics diagnose_layer(moe::MoeFfn<T, Backend> const& layer, MatrixView
     den += static_cast<double>(y_dense[i]) * static_cast<double>(y_dense[i]);
   }
   r.relative_error = std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
-  auto const par = par_loss(x, dense, layer.experts(), layer.router(), layer.top_k(), config);
-  r.label_accuracy = par.label_accuracy;
-  r.par_loss = par.par_loss;
   r.load = load_histogram(record);
   r.load_entropy = load_entropy(r.load);
-  r.load_entropy_normalized = layer.n_experts() > 1 ? r.load_entropy / std::log(static_cast<double>(layer.n_experts())) : 1.0;
+  r.load_entropy_normalized = n_routed > 1 ? r.load_entropy / std::log(static_cast<double>(n_routed)) : 1.0;
+}
+
+/// The router of a layer against the chosen pseudo-labels: label_accuracy and par_loss of r. The labels come from
+/// the chunked-GEMM oracles (par_oracle_labels equals par_loss's pseudo-labels), then par_loss_from_labels gives
+/// par_loss's numbers without its per-token scalar expert forward.
+template <class T, class A>
+void router_against_labels(MatrixView<A const> x, ffn::DenseFfnView<T> const& dense, ffn::ExpertWeights<T> const& experts,
+                           moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config,
+                           LabelKind labels, LayerDiagnostics& r) {
+  Matrix<std::int32_t> const lab = labels == LabelKind::subset ? subset_oracle_labels(x, dense, experts, top_k)
+                                                               : par_oracle_labels(x, dense, experts, top_k);
+  Workspace ws(par_loss_from_labels_workspace_bytes(experts.d_model(), experts.n_experts(), top_k));
+  ParLossResult<A> res;
+  par_loss_from_labels(x, lab.cview(), router, top_k, config, res, ws);
+  r.label_accuracy = res.label_accuracy;
+  r.par_loss = res.par_loss;
+}
+
+}  // namespace detail_train
+
+/// Measures one converted layer on the tokens x: the MoE output against the dense FFN, the router against the PAR
+/// pseudo-labels (par_loss's label_accuracy: the router's TopK of the raw logits, without the gating's selection
+/// bias, against the labels computed from the dense teacher), and the expert load of the layer's own routing.
+/// \param layer   the MoE layer (any backend; its forward is what is measured)
+/// \param x       [n_tokens >= 1, d_model] FFN inputs
+/// \param dense   the dense FFN the layer replaces
+/// \param labels  the pseudo-labels label_accuracy and par_loss refer to: LabelKind::par (par_loss's own labels) or
+///                LabelKind::subset (subset_oracle_labels; n_experts <= kMaxSubsetExperts), e.g. the kind the
+///                router was trained on (RouterTrainConfig::labels)
+/// \throws value_error for no tokens (or n_experts > kMaxSubsetExperts with subset labels); shape_error for
+///         mismatched shapes.
+template <class T, class Backend, class A>
+LayerDiagnostics diagnose_layer(moe::MoeFfn<T, Backend> const& layer, MatrixView<A const> x,
+                                ffn::DenseFfnView<T> const& dense, ParLossConfig const& config = {},
+                                LabelKind labels = LabelKind::par) {
+  char const* fn = "diagnose_layer";
+  detail_train::validate_dense_experts(dense, layer.experts(), fn);
+  detail_train::validate_experts_x(x, layer.experts(), layer.top_k(), fn);
+  LayerDiagnostics r;
+  detail_train::output_and_load<Backend>(layer, x, dense, layer.n_experts(), r);
+  detail_train::router_against_labels(x, dense, layer.experts(), layer.router(), layer.top_k(), config, labels, r);
+  return r;
+}
+
+/// Measures a shared-expert layer (moe::SharedExpertMoe) like diagnose_layer: the whole layer's output against the
+/// dense FFN, the routed experts' load (n_routed entries), and the router against the PAR labels of the ROUTED
+/// experts, whose teacher is their own sum (= F minus the shared experts before any recovery; the same target
+/// train_router uses when given ffn::unfactorize(routed experts) as the dense FFN).
+/// \param labels  as for the MoeFfn overload (the labels of the routed experts against their own sum)
+/// \throws value_error for no tokens; shape_error for mismatched shapes.
+template <class T, class Backend, class A>
+LayerDiagnostics diagnose_layer(moe::SharedExpertMoe<T, Backend> const& layer, MatrixView<A const> x,
+                                ffn::DenseFfnView<T> const& dense, ParLossConfig const& config = {},
+                                LabelKind labels = LabelKind::par) {
+  char const* fn = "diagnose_layer";
+  dense.validate(fn);
+  auto const& routed = layer.routed().experts();
+  if (layer.d_model() != dense.d_model() || (layer.n_shared() + layer.n_routed()) * layer.d_expert() != dense.d_ff())
+    throw shape_error(detail::concat(fn, ": argument 'layer' has d_model ", layer.d_model(), " and ",
+                                     layer.n_shared() + layer.n_routed(), " experts of ", layer.d_expert(),
+                                     " neurons; the dense FFN has d_model ", dense.d_model(), ", d_ff ", dense.d_ff()));
+  detail_train::validate_experts_x(x, routed, layer.top_k(), fn);
+  LayerDiagnostics r;
+  detail_train::output_and_load<Backend>(layer, x, dense, layer.n_routed(), r);
+  auto const routed_teacher = ffn::unfactorize(routed);
+  detail_train::router_against_labels(x, routed_teacher.view(), routed, layer.routed().router(), layer.top_k(), config,
+                                      labels, r);
   return r;
 }
 

@@ -6,8 +6,9 @@
 // Both minimize the layer's output error on calibration inputs x_t with the routing held fixed:
 //   MoE(x_t) = sum_j w_tj E_{e_tj}(x_t),  E_e(x) = W_d,e (SiLU(W_g,e x) * (W_u,e x)),
 // where e_tj and w_tj are the experts and combine weights that router + gating give token t (every gating mode;
-// the weights do not depend on the expert parameters, so they are constants here). The routing is computed once
-// per call from the fixed router (it depends only on x and the router).
+// the weights do not depend on the expert parameters, so they are constants here). The routing is data
+// (FixedRouting, computed once per call by fixed_routing from the fixed router), which also covers layers with
+// always-on shared experts (moe::SharedExpertMoe): they are slots with weight 1 that every token uses.
 // Computation: double Eigen products for the refit; Eigen products in the activation type for distillation (double
 // for double weights, which the gradient tests use). Eigen runs single-threaded, so results do not depend on the
 // OpenMP thread count.
@@ -28,7 +29,7 @@
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "../detail/math.hpp"
-#include "../ffn/clustering.hpp"
+#include "../detail/eigen_serial.hpp"
 #include "../ffn/factorize.hpp"
 #include "../moe/gating.hpp"
 #include "../moe/router.hpp"
@@ -147,7 +148,8 @@ void refit_features(Eigen::Ref<RowMatrixD const> h, std::ptrdiff_t t0, std::ptrd
 /// solved by LDLT on the d_ff x d_ff normal matrix (accumulated in double over token chunks).
 /// Why the ridge pulls toward D_0 and not toward 0: an expert that few calibration tokens select keeps its factorized
 /// weights instead of being shrunk to zero, which matters on held-out tokens that do select it; ridge -> infinity
-/// leaves the experts unchanged, ridge = 0 is plain least squares (needs Z^T Z of full rank).
+/// leaves the experts unchanged, ridge = 0 is plain least squares (LDLT with pivoting: directions no token excites,
+/// e.g. the features of an expert no token selects, have zero pivots and keep their current weights).
 /// Gate and up weights are untouched. Memory: O(d_ff^2) for the normal matrix.
 /// \param experts  updated in place (down weights only); nothing is modified when an error is thrown
 /// \param routing  the fixed routing of x_calib (fixed_routing(router, gating, x_calib[, n_shared]))
@@ -155,8 +157,8 @@ void refit_features(Eigen::Ref<RowMatrixD const> h, std::ptrdiff_t t0, std::ptrd
 /// \param ridge    relative ridge strength, >= 0 and finite (e.g. 1e-3)
 /// \returns relative errors on x_calib before and after, and the absolute lambda used
 /// \throws value_error for an empty calibration set, a negative or non-finite ridge, a routing id outside
-///         [0, n_experts) or repeated in a row, or a singular system (ridge = 0 with unused features); shape_error for
-///         mismatched shapes.
+///         [0, n_experts) or repeated in a row, or a solve that is not finite (ridge = 0 on a numerically singular
+///         system); shape_error for mismatched shapes.
 template <class T>
 RefitReport recover_refit(ffn::ExpertWeights<T>& experts, FixedRouting<activation_t<T>> const& routing,
                           MatrixView<activation_t<T> const> x_calib, ffn::DenseFfnView<T> const& dense, double ridge) {

@@ -5,8 +5,10 @@
 //
 // Because the teacher and the experts do not change while the router trains, the PAR pseudo-labels of the
 // calibration tokens are computed once per call (par_oracle_labels, chunked GEMMs in double); each step then costs
-// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels evaluates exactly the loss and
-// gradients of train::par_loss given those labels (tested equal to it).
+// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels (train/diagnostics.hpp) evaluates
+// exactly the loss and gradients of train::par_loss given those labels (tested equal to it). The labels are the
+// paper's PAR labels or, with RouterTrainConfig::labels = LabelKind::subset, the K-subset whose summed output is
+// closest to the dense output (the target of a plain-sum gating).
 #pragma once
 
 #include <algorithm>
@@ -44,6 +46,9 @@ struct RouterTrainConfig {
   std::uint64_t seed = 0;   // seeds the minibatch order
   bool train_bias = true;   // false: b_r is never updated (keeps a zero bias zero: llama.cpp has no router bias)
   ParLossConfig loss;       // PAR / balance weights and the clip
+  LabelKind labels = LabelKind::par;  // pseudo-labels to train toward: the paper's PAR labels, or the K-subset whose
+                                      // summed output is closest to F (subset_oracle_labels; N <= kMaxSubsetExperts),
+                                      // which matches a plain-sum gating (code_ref, output_scale 1 / floor(N/K))
 };
 
 /// What train_router measured on the whole calibration set, before and after training.
@@ -52,137 +57,6 @@ struct RouterTrainReport {
   double initial_label_accuracy = 0, final_label_accuracy = 0;  // router TopK set == pseudo-label set
   int steps = 0;
 };
-
-/// Bytes of scratch par_loss_from_labels needs (independent of n_tokens).
-/// \throws value_error unless d_model, n_experts >= 1 and 1 <= top_k <= n_experts.
-inline std::size_t par_loss_from_labels_workspace_bytes(std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
-                                                        std::ptrdiff_t top_k) {
-  if (d_model < 1 || n_experts < 1 || top_k < 1 || top_k > n_experts)
-    throw value_error(detail::concat("par_loss_from_labels_workspace_bytes: need d_model, n_experts >= 1 and top_k in ",
-                                     "[1, n_experts]; got ", d_model, ", ", n_experts, ", ", top_k));
-  if (n_experts > (std::ptrdiff_t{1} << 40) / (d_model + 1))
-    throw value_error("par_loss_from_labels_workspace_bytes: sizes too large: the workspace size would overflow");
-  auto const n = static_cast<std::size_t>(n_experts), d = static_cast<std::size_t>(d_model);
-  return detail::WorkspaceLayout()
-      .add(sizeof(double), 4 * n)            // z, p, dz_par, dz_bal
-      .add(sizeof(double), 2 * n * (d + 1))  // dW, db accumulators: par and balance
-      .add(sizeof(std::int32_t), static_cast<std::size_t>(top_k))
-      .bytes();
-}
-
-/// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss, spec 3.2)
-/// for tokens whose pseudo-labels are already known, e.g. from par_oracle_labels. Fills every field of `out` except
-/// mse_to_target, which is left as it was (the MSEs are not needed once the labels are known).
-/// \param x       [n_tokens >= 1, d_model]; \param labels  [n_tokens, top_k] the tokens' pseudo-labels
-/// \param ws      scratch of at least par_loss_from_labels_workspace_bytes(d_model, n_experts, top_k) bytes
-/// \throws value_error for no tokens, a bad top_k or clip, or a label outside [0, n_experts); shape_error for
-///         mismatched shapes; backend_error if ws is too small.
-template <class A>
-void par_loss_from_labels(MatrixView<A const> x, MatrixView<std::int32_t const> labels, moe::Router<A> const& router,
-                          std::ptrdiff_t top_k, ParLossConfig const& config, ParLossResult<A>& out, Workspace& ws) {
-  char const* fn = "par_loss_from_labels";
-  std::ptrdiff_t const n_tokens = x.rows(), n = router.n_experts(), d = router.d_model(), k = top_k;
-  if (n_tokens < 1) throw value_error("par_loss_from_labels: argument 'x' has no tokens; the loss is a mean over tokens");
-  detail::require_shape(x, {n_tokens, d}, fn, "x");
-  if (k < 1 || k > n) throw value_error(detail::concat(fn, ": top_k = ", k, " must be in [1, n_experts = ", n, "]"));
-  detail::require_shape(labels, {n_tokens, k}, fn, "labels");
-  if (!(config.clip > 0 && config.clip < 0.5))
-    throw value_error(detail::concat(fn, ": config.clip = ", config.clip, " must be in (0, 0.5)"));
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t)
-    for (std::ptrdiff_t j = 0; j < k; ++j)
-      if (labels(t, j) < 0 || labels(t, j) >= n)
-        throw value_error(detail::concat(fn, ": argument 'labels' entry (", t, ", ", j, ") = ", labels(t, j),
-                                         " is outside [0, ", n, ")"));
-  out.resize(n_tokens, d, n, k);
-
-  detail::WorkspaceCursor cursor(ws, fn);
-  double* z = cursor.take<double>(static_cast<std::size_t>(4 * n));
-  double* p = z + n;
-  double* dz_par = p + n;
-  double* dz_bal = dz_par + n;
-  double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n * (d + 1)));
-  double* dw_par = acc;
-  double* db_par = dw_par + n * d;
-  double* dw_bal = db_par + n;
-  double* db_bal = dw_bal + n * d;
-  std::int32_t* router_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
-  std::fill(acc, acc + 2 * n * (d + 1), 0.0);
-
-  ParTarget const q = par_target_q(n, k);  // spec 3.2 step 6
-  double const lo = config.clip, hi = 1.0 - config.clip;
-  auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
-  double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
-  double par_sum = 0, bal_sum = 0;
-  std::int64_t matches = 0;
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
-    A const* xr = x.row(t);
-    std::int32_t const* lab = labels.row(t);
-    // p = softmax(W_r x + b_r) (spec 3.2 step 1)
-    double zmax = -std::numeric_limits<double>::infinity();
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      double s = to_double(router.bias()(e));
-      A const* wr = router.weight().row(e);
-      for (std::ptrdiff_t c = 0; c < d; ++c) s += to_double(wr[c]) * to_double(xr[c]);
-      z[e] = s;
-      zmax = std::fmax(zmax, s);
-    }
-    double zsum = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) zsum += std::exp(z[e] - zmax);
-    for (std::ptrdiff_t e = 0; e < n; ++e) p[e] = std::exp(z[e] - zmax) / zsum;
-    kernel::topk_indices([&](std::ptrdiff_t e) { return z[e]; }, n, k, router_ids);
-    bool same_set = true;
-    for (std::ptrdiff_t j = 0; j < k; ++j) {
-      out.pseudo_label(t, j) = lab[j];
-      out.router_topk(t, j) = router_ids[j];
-      same_set &= std::find(router_ids, router_ids + k, lab[j]) != router_ids + k;
-    }
-    matches += same_set ? 1 : 0;
-    // KL(clip(p) || clip(q)) and d/dz through the softmax Jacobian (steps 6-7; torch.clamp's gradient rule).
-    double kl = 0, pg = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const selected = std::find(lab, lab + k, static_cast<std::int32_t>(e)) != lab + k;
-      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
-      kl += ph * std::log(ph / qh);
-      double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
-      dz_par[e] = g;
-      pg += p[e] * g;
-    }
-    par_sum += kl;
-    for (std::ptrdiff_t e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * inv_t;
-    // Balance: mean_{t,n} TopK(p) mask * p (spec 3.2 "Balance").
-    double sel_mass = 0;
-    for (std::ptrdiff_t j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
-    bal_sum += sel_mass;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const in_topk = std::find(router_ids, router_ids + k, static_cast<std::int32_t>(e)) != router_ids + k;
-      dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt;
-    }
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      db_par[e] += dz_par[e];
-      db_bal[e] += dz_bal[e];
-      for (std::ptrdiff_t c = 0; c < d; ++c) {
-        double const xc = to_double(xr[c]);
-        dw_par[e * d + c] += dz_par[e] * xc;
-        dw_bal[e * d + c] += dz_bal[e] * xc;
-      }
-    }
-  }
-  out.par_loss = par_sum * inv_t;
-  out.balance_loss = bal_sum * inv_nt;
-  out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
-  out.label_accuracy = static_cast<double>(matches) * inv_t;
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    out.grad_bias_par(e) = static_cast<A>(db_par[e]);
-    out.grad_bias_balance(e) = static_cast<A>(db_bal[e]);
-    out.grad_bias(e) = static_cast<A>(config.par_weight * db_par[e] + config.balance_weight * db_bal[e]);
-    for (std::ptrdiff_t c = 0; c < d; ++c) {
-      double const gp = dw_par[e * d + c], gb = dw_bal[e * d + c];
-      out.grad_weight_par(e, c) = static_cast<A>(gp);
-      out.grad_weight_balance(e, c) = static_cast<A>(gb);
-      out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
-    }
-  }
-}
 
 namespace detail_train {
 
@@ -247,14 +121,18 @@ void adam_update(P* param, G const* grad, M* m, M* v, std::ptrdiff_t count, int 
 
 /// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (spec 3.2) with the
 /// experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
-/// teacher (par_oracle_labels), then every step evaluates par_loss_from_labels on a minibatch. Allocates only
-/// before the step loop.
+/// teacher (par_oracle_labels, or subset_oracle_labels when cfg.labels is LabelKind::subset), then every step
+/// evaluates par_loss_from_labels on a minibatch. Allocates only before the step loop.
+/// Shared-expert layers (moe::SharedExpertMoe): train the router of the N routed experts against their own sum,
+/// train_router(router, x, ffn::unfactorize(routed).view(), routed, K, cfg), i.e. the teacher F minus the shared
+/// experts (exact before recovery), since the shared experts already supply the rest of F.
 /// \param router    trained in place (its bias too unless cfg.train_bias is false)
 /// \param x_calib   [n_tokens >= 1, d_model] the layer's FFN inputs (post-attention RMSNorm outputs)
 /// \param dense     the frozen dense FFN (teacher); \param experts  the frozen experts
 /// \param top_k     K of the K-of-N gating the router is trained for
 /// \returns total loss and label accuracy over all of x_calib before and after training
-/// \throws value_error for an empty calibration set, a bad top_k or config; shape_error for mismatched shapes.
+/// \throws value_error for an empty calibration set, a bad top_k or config (or n_experts > kMaxSubsetExperts with
+///         subset labels); shape_error for mismatched shapes.
 template <class T>
 RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<activation_t<T> const> x_calib,
                                ffn::DenseFfnView<T> const& dense, ffn::ExpertWeights<T> const& experts,
@@ -273,8 +151,9 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
 
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), d = experts.d_model();
   std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);
-  // Labels once (experts and teacher are frozen): spec 3.2 steps 2-5.
-  Matrix<std::int32_t> const labels = par_oracle_labels(x_calib, dense, experts, top_k);
+  // Labels once (experts and teacher are frozen): spec 3.2 steps 2-5, or the subset labels (cfg.labels).
+  Matrix<std::int32_t> const labels = cfg.labels == LabelKind::subset ? subset_oracle_labels(x_calib, dense, experts, top_k)
+                                                                      : par_oracle_labels(x_calib, dense, experts, top_k);
   Workspace ws(par_loss_from_labels_workspace_bytes(d, n, top_k));
   ParLossResult<A> full, res;
   par_loss_from_labels(x_calib, labels.cview(), router, top_k, cfg.loss, full, ws);
