@@ -171,7 +171,7 @@ async function runLlamaCpp(llama, model, exact) {
 // One thread: the model is tiny, and ggml's worker threads spin while they wait for each other, which on a loaded
 // CI machine made a 128-token run take a minute instead of a fraction of a second.
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error, maxThreads: 1});
-console.log(`llama.cpp through node-llama-cpp (${llama.buildType} build, ${llama.cpuMathCores} math cores); ` +
+console.log(`llama.cpp through node-llama-cpp (${llama.buildType} CPU build, 1 thread); ` +
             `reference: ${ref.source_model}, ${ref.greedy_steps} greedy steps, ` +
             `${ref.forced_tokens.length} teacher-forced tokens`);
 if (ref.greedy_steps < kMinGreedySteps) fail(`reference has ${ref.greedy_steps} greedy steps, fewer than ${kMinGreedySteps}`);

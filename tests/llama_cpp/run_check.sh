@@ -4,13 +4,14 @@
 # @huggingface/gguf with npm into BUILD_DIR/llama_check, converts stories260K with factorllm_export (dense and a
 # K-of-N MoE, F32 and F16), then compares llama.cpp with factorllm's engine (tests/llama_cpp/check.mjs).
 #
-# Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; factorllm_export must be built there)
+# Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
 # Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm
 # registry cannot be reached; non-zero when the install fails with a reachable registry, the export fails, or the
 # check fails.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+mkdir -p "${1:-$repo_root/build}"
 build_dir="$(cd "${1:-$repo_root/build}" && pwd)"
 exporter="$build_dir/examples/factorllm_export"
 work="$build_dir/llama_check"
@@ -22,8 +23,9 @@ skip() {
 }
 
 if [ ! -x "$exporter" ]; then
-  echo "error: $exporter is not built (cmake --build $build_dir --target factorllm_export)" >&2
-  exit 1
+  # Not built yet (e.g. the README's one command on a fresh checkout): configure if needed and build the exporter.
+  [ -f "$build_dir/CMakeCache.txt" ] || cmake -S "$repo_root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release
+  cmake --build "$build_dir" --target factorllm_export -j"$(nproc)"
 fi
 command -v node >/dev/null 2>&1 || skip "node is not installed (needs Node >= 20 and npm)"
 command -v npm >/dev/null 2>&1 || skip "npm is not installed (needs Node >= 20 and npm)"
