@@ -8,10 +8,12 @@ loop that gathers each expert's tokens (index_select / index_add_). All three us
 Run (2 threads, as in CI; numbers are ratios measured in the same process):
     /usr/bin/python3 benchmarks/bench_train_step.py [--tokens 512] [--k 1] [--repeats 5]
 PyTorch's CPU matmuls go through the system BLAS (Debian: libblas.so.3). The reference BLAS is ~30x slower than an
-optimized one, which would inflate the ratio; with OpenBLAS installed (libopenblas0-openmp) select it for this
-run with LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp (the script reports which BLAS it got).
+optimized one, which would inflate the ratio: when torch got it and an OpenBLAS is installed (libopenblas0-openmp)
+the script re-runs itself with OpenBLAS first on LD_LIBRARY_PATH (FLLM_KEEP_BLAS=1 opts out); it prints the BLAS
+it got.
 """
 import argparse
+import glob
 import os
 import statistics
 import sys
@@ -29,6 +31,19 @@ def blas_in_use():
         libs = {line.split()[-1] for line in f if "blas" in line.lower()}
     names = sorted(os.path.realpath(p) for p in libs if p.startswith("/"))
     return ", ".join(names) or "unknown"
+
+
+def prefer_optimized_blas():
+    """Re-executes with Debian's OpenBLAS first on the library path when torch got the reference BLAS and an
+    OpenBLAS is installed: the baselines must run on an optimized BLAS to mean anything. FLLM_KEEP_BLAS=1 opts out."""
+    if os.environ.get("FLLM_KEEP_BLAS") or "openblas" in blas_in_use():
+        return
+    for d in sorted(glob.glob("/usr/lib/*/openblas-*/libblas.so.3")):
+        lib_dir = os.path.dirname(d)
+        env = dict(os.environ, FLLM_KEEP_BLAS="1",
+                   LD_LIBRARY_PATH=os.pathsep.join(p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH")) if p))
+        print(f"# torch got the reference BLAS; re-running with {lib_dir} (FLLM_KEEP_BLAS=1 to keep it)", flush=True)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def gating(x, rw, rb, k):
@@ -93,6 +108,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    prefer_optimized_blas()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fllm.load_library()

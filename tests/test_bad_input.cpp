@@ -318,6 +318,7 @@ TEST_CASE("bad input: partitions, factorization, dense SwiGLU", "[bad_input][ffn
     CHECK_THROWS_AS(ffn::swiglu_forward(w.view(), x.cview(), y_short.view()), shape_error);
     ffn::DenseFfnView<float> bad_ffn{w.view().gate, w.view().up.slice_rows(0, 4), w.view().down};
     CHECK_THROWS_AS(ffn::swiglu_forward(bad_ffn, x.cview(), y.view()), shape_error);
+    CHECK_THROWS_AS(ffn::swiglu_forward(ffn::DenseFfnView<float>{}, x.cview(), y.view(), CpuSimd<>{}), shape_error);
     Workspace tiny(8);
     CHECK_THROWS_AS(ffn::swiglu_forward(w.view(), x.cview(), y.view(), tiny), backend_error);
     CHECK_THROWS_AS(ffn::swiglu_forward(w.view(), x.cview(), y.view(), tiny, CpuSimd<>{}), backend_error);

@@ -298,11 +298,11 @@ TEST_CASE("cpu_simd training forward and backward match the scalar oracle in flo
   struct Shape {
     int d, m, n, k, t;
   };
-  // d and m around SIMD widths and the 128-block edge, T = 0 and 1, K = N, N = 1, an expert with no token
-  // (N = 8, T = 3, K = 1), experts with several 128-neuron blocks.
-  Shape const shapes[] = {{64, 43, 4, 2, 37},  {17, 6, 4, 1, 5},   {33, 40, 8, 1, 3},  {33, 5, 8, 8, 9},
-                          {31, 15, 1, 1, 13},  {48, 24, 4, 4, 1},  {130, 129, 2, 1, 40}, {300, 160, 4, 2, 64},
-                          {16, 16, 4, 2, 0},   {129, 257, 3, 2, 17}};
+  // d and m around SIMD widths and the task-block edge (detail::kTrainBlock = 256), T = 0 and 1, K = N, N = 1, an
+  // expert with no token (N = 8, T = 3, K = 1), experts with several neuron blocks and d with several column blocks.
+  Shape const shapes[] = {{64, 43, 4, 2, 37},  {17, 6, 4, 1, 5},    {33, 40, 8, 1, 3},   {33, 5, 8, 8, 9},
+                          {31, 15, 1, 1, 13},  {48, 24, 4, 4, 1},   {130, 255, 2, 1, 40}, {300, 256, 4, 2, 64},
+                          {16, 16, 4, 2, 0},   {257, 257, 3, 2, 17}, {40, 520, 2, 1, 21}};
   std::uint64_t seed = 100;
   for (auto const& s : shapes) {
     for (auto mode : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
@@ -342,8 +342,10 @@ TEST_CASE("cpu_simd training forward and backward are bitwise identical for 1 an
   struct Shape {
     int d, m, n, k, t;
   };
-  // Includes single-task shapes (N = 1, d_expert <= 128), where Eigen would otherwise thread the GEMM itself.
-  Shape const shapes[] = {{256, 256, 4, 2, 100}, {64, 43, 4, 1, 300}, {96, 100, 1, 1, 200}, {200, 64, 8, 3, 7}};
+  // Includes single-task shapes (N = 1, d_expert and d_model <= 256), where Eigen would otherwise thread the GEMM
+  // itself, and shapes with several blocks per expert.
+  Shape const shapes[] = {{256, 256, 4, 2, 100}, {64, 43, 4, 1, 300}, {96, 100, 1, 1, 200}, {200, 64, 8, 3, 7},
+                          {300, 600, 2, 1, 90}};
   for (auto const& s : shapes) {
     Layer<float> layer(s.n, s.m, s.d, 9, 1.0);
     auto const g = make_gating(CombineMode::softmax_topk_renorm, s.k);

@@ -77,6 +77,7 @@ void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixVie
 /// Convenience overload that allocates its own workspace (one allocation per call; not for hot loops).
 template <class Backend = CpuScalar, class T, class A>
 void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Backend const& b = {}) {
+  ffn.validate("swiglu_forward");  // first, so that a bad FFN is a shape_error here too, not the size query's error
   Workspace ws(swiglu_workspace_bytes(x.rows(), ffn.d_model(), ffn.d_ff(), b));
   swiglu_forward(ffn, x, y, ws, b);
 }
