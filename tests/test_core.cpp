@@ -132,3 +132,21 @@ TEST_CASE("backend trait describes the scalar oracle", "[core][backend]") {
   CHECK(std::string(backend_traits<CpuScalar>::name()) == "cpu_scalar");
   STATIC_REQUIRE_FALSE(backend_traits<CpuScalar>::is_device);
 }
+
+TEST_CASE("large tensors are 2 MiB aligned, zero-filled, and copy and move like small ones", "[core][tensor]") {
+  // From kHugePageThreshold bytes the allocator aligns to 2 MiB (huge-page advice on Linux); below it, 64 bytes.
+  std::ptrdiff_t const big = static_cast<std::ptrdiff_t>(kHugePageThreshold / sizeof(float)) + 17;
+  Vector<float> v({big});
+  REQUIRE(reinterpret_cast<std::uintptr_t>(v.data()) % kHugePageBytes == 0);
+  for (std::ptrdiff_t i = 0; i < big; ++i) REQUIRE(v[i] == 0.0f);
+  for (std::ptrdiff_t i = 0; i < big; ++i) v[i] = static_cast<float>(i % 1000);
+  Vector<float> copy(v);
+  REQUIRE(reinterpret_cast<std::uintptr_t>(copy.data()) % kHugePageBytes == 0);
+  REQUIRE(std::memcmp(copy.data(), v.data(), sizeof(float) * static_cast<std::size_t>(big)) == 0);
+  Vector<float> moved(std::move(copy));
+  REQUIRE(moved[big - 1] == static_cast<float>((big - 1) % 1000));
+  Vector<float> small({16});
+  REQUIRE(reinterpret_cast<std::uintptr_t>(small.data()) % kAlignment == 0);
+  Workspace ws(kHugePageThreshold);
+  REQUIRE(reinterpret_cast<std::uintptr_t>(ws.data()) % kHugePageBytes == 0);
+}

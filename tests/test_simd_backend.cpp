@@ -109,6 +109,44 @@ TEST_CASE("cpu_simd output is bitwise identical for 1 and 2 threads and across c
   }
 }
 
+TEST_CASE("cpu_simd dense SwiGLU and router logits are bitwise identical for 1 and 2 threads", "[simd][determinism]") {
+  // Shapes with a single task per phase (stories260K at T = 32: one 128-row down block), where Eigen used to
+  // start its own nested parallel GEMM, and a router GEMM large enough that Eigen would thread it (T = 512).
+#if defined(_OPENMP)
+  struct Shape { int d, d_ff, t; };
+  for (auto const s : {Shape{64, 172, 32}, Shape{64, 172, 200}, Shape{300, 640, 50}}) {
+    fixture::DenseWeights<float> w(ref::random_ffn(s.d, s.d_ff, 21));
+    auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(s.t * s.d), 22, 1.0), s.t, s.d);
+    Matrix<float> y1({s.t, s.d}), y2({s.t, s.d});
+    int const saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    ffn::swiglu_forward(w.view(), x.cview(), y1.view(), Simd{});
+    omp_set_num_threads(2);
+    ffn::swiglu_forward(w.view(), x.cview(), y2.view(), Simd{});
+    omp_set_num_threads(saved);
+    INFO("dense d=" << s.d << " d_ff=" << s.d_ff << " T=" << s.t);
+    REQUIRE(std::memcmp(y1.data(), y2.data(), sizeof(float) * static_cast<std::size_t>(y1.size())) == 0);
+  }
+  auto const router = moe::Router<float>::random(2048, 8, 5, 1.0);
+  for (int t : {1, 3, 512}) {
+    auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(t * 2048), 23, 1.0), t, 2048);
+    Matrix<float> z1({t, 8}), z2({t, 8}), z_ref({t, 8});
+    int const saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    moe::router_logits(router, x.cview(), z1.view(), Simd{});
+    omp_set_num_threads(2);
+    moe::router_logits(router, x.cview(), z2.view(), Simd{});
+    omp_set_num_threads(saved);
+    moe::router_logits(router, x.cview(), z_ref.view(), CpuScalar{});
+    INFO("router T=" << t);
+    REQUIRE(std::memcmp(z1.data(), z2.data(), sizeof(float) * static_cast<std::size_t>(z1.size())) == 0);
+    REQUIRE(ref::rel_l2(z1.data(), z_ref.data(), static_cast<std::size_t>(z1.size())) < kTol);
+  }
+#else
+  WARN("built without OpenMP: nothing to compare");
+#endif
+}
+
 TEST_CASE("dispatch picks the first available backend", "[simd][dispatch]") {
   std::string picked = dispatch(BackendList<Simd, CpuScalar>{}, [](auto b) { return std::string(decltype(b)::name()); });
   CHECK(picked == "cpu_simd");

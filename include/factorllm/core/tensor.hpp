@@ -12,6 +12,10 @@
 #include <new>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "error.hpp"
 #include "tensor_view.hpp"
 
@@ -20,20 +24,36 @@ namespace factorllm {
 /// Byte alignment of every buffer the library allocates (one cache line; enough for AVX-512 loads).
 inline constexpr std::size_t kAlignment = 64;
 
+/// Allocations of at least this many bytes are aligned to 2 MiB and, on Linux, advised to use transparent huge
+/// pages: decode streams every weight row once per token, and with 4 KiB pages each 4 KiB of weights costs a TLB
+/// miss (measured on the TinyLlama FFN decode, THP in "madvise" mode, alternating runs: 0.73-0.80 ms per call with
+/// huge pages against 0.93-1.18 ms without). Smaller buffers keep
+/// the 64-byte alignment.
+inline constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
+inline constexpr std::size_t kHugePageThreshold = std::size_t{4} << 20;
+
 namespace detail {
+/// Frees what allocate_aligned returned (the alignment it used travels with the pointer).
 struct AlignedFree {
-  void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{kAlignment}); }
+  std::size_t alignment = kAlignment;
+  void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{alignment}); }
 };
-/// Allocates `count` zero-initialized elements of T, 64-byte aligned; throws value_error on overflow.
+/// Allocates `count` zero-initialized elements of T, 64-byte aligned (2 MiB aligned and huge-page advised from
+/// kHugePageThreshold bytes); throws value_error on overflow.
 template <class T>
 std::unique_ptr<T[], AlignedFree> allocate_aligned(std::size_t count) {
   static_assert(std::is_trivially_copyable_v<T>, "allocate_aligned: T must be trivially copyable");
   if (count > std::numeric_limits<std::size_t>::max() / sizeof(T))
     throw value_error(concat("allocate_aligned: ", count, " elements overflow size_t"));
-  if (count == 0) return {};
-  void* p = ::operator new(count * sizeof(T), std::align_val_t{kAlignment});
-  std::memset(p, 0, count * sizeof(T));
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
+  if (count == 0) return std::unique_ptr<T[], AlignedFree>(nullptr, AlignedFree{});
+  std::size_t const bytes = count * sizeof(T);
+  std::size_t const alignment = bytes >= kHugePageThreshold ? kHugePageBytes : kAlignment;
+  void* p = ::operator new(bytes, std::align_val_t{alignment});
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (alignment == kHugePageBytes) (void)::madvise(p, bytes / kHugePageBytes * kHugePageBytes, MADV_HUGEPAGE);  // advice only
+#endif
+  std::memset(p, 0, bytes);  // after the advice, so that first touch faults in huge pages
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p), AlignedFree{alignment});
 }
 }  // namespace detail
 

@@ -63,6 +63,25 @@ inline int thread_id() noexcept {
 #endif
 }
 
+/// Runs body(task) for task in [0, n_tasks) on the OpenMP team, dynamically scheduled. Inside the region the
+/// team's threads set their own OpenMP thread budget to 1 (omp_set_num_threads acts on the calling implicit
+/// task only, so the caller's setting is untouched): Eigen then never starts a nested parallel GEMM, whose
+/// blocking (and so its summation order) would depend on the thread count. Without OpenMP Eigen is serial.
+template <class Body>
+void run_serial_eigen_tasks(std::ptrdiff_t n_tasks, Body&& body) {
+  if (n_tasks <= 0) return;
+#if defined(_OPENMP)
+#pragma omp parallel
+  {
+    omp_set_num_threads(1);
+#pragma omp for schedule(dynamic, 1)
+    for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
+  }
+#else
+  for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
+#endif
+}
+
 /// Widens n bf16 values to float (exact: a bf16 is the upper half of a float).
 inline void widen_bf16(bf16 const* FLLM_RESTRICT src, float* FLLM_RESTRICT dst, std::ptrdiff_t n) noexcept {
   // Written as a plain shift loop: GCC vectorizes it to vpmovzxwd + vpslld at -O2 for any enabled ISA.

@@ -56,25 +56,6 @@ inline float sigmoid_f(float a) noexcept {
 }
 }  // namespace train_simd
 
-/// Runs body(task) for task in [0, n_tasks) on the OpenMP team, dynamically scheduled. Inside the region the
-/// team's threads set their own OpenMP thread budget to 1 (omp_set_num_threads acts on the calling implicit
-/// task only, so the caller's setting is untouched): Eigen then never starts a nested parallel GEMM, whose
-/// blocking (and so its summation order) would depend on the thread count. Without OpenMP Eigen is serial.
-template <class Body>
-void run_serial_eigen_tasks(std::ptrdiff_t n_tasks, Body&& body) {
-  if (n_tasks <= 0) return;
-#if defined(_OPENMP)
-#pragma omp parallel
-  {
-    omp_set_num_threads(1);
-#pragma omp for schedule(dynamic, 1)
-    for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
-  }
-#else
-  for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
-#endif
-}
-
 /// Maps a global task index to (expert, block) given per-expert task starts [n_experts + 1].
 inline void task_to_block(std::ptrdiff_t const* starts, std::ptrdiff_t n_experts, std::ptrdiff_t task,
                           std::ptrdiff_t& e, std::ptrdiff_t& block) noexcept {

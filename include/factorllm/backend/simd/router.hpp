@@ -3,28 +3,45 @@
 // fraction of the MoE forward at every n_tokens.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 
 #include <Eigen/Core>
 
 #include "../../core/tensor_view.hpp"
 #include "cpu_simd.hpp"
+#include "swiglu.hpp"
 
 namespace factorllm {
 namespace kernel {
 
-/// CpuSimd router logits for float activations and float router weights.
+/// CpuSimd router logits for float activations and float router weights. Token rows are cut into fixed blocks
+/// of 64 (one Eigen GEMM each, Eigen held serial: its own threading would change the blocking, and so the
+/// summation order, with the thread count); a few tokens (decode) take the streaming multi-dot instead.
 template <class Arch>
 void router_logits(MatrixView<float const> x, MatrixView<float const> w, VectorView<float const> bias,
                    MatrixView<float> logits, CpuSimd<Arch> const&) {
   using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> xm(x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.row_stride()));
-  Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> wm(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.row_stride()));
-  Eigen::Map<RowMajor, 0, Eigen::OuterStride<>> zm(logits.data(), logits.rows(), logits.cols(),
-                                                     Eigen::OuterStride<>(logits.row_stride()));
+  std::ptrdiff_t const n_tokens = x.rows(), n_experts = w.rows(), d = x.cols();
+  if (n_tokens <= detail::kMultiDotRows && x.row_stride() == d) {
+    float dots[detail::kMultiDotRows];
+    for (std::ptrdiff_t e = 0; e < n_experts; ++e) {
+      if (n_tokens > 0) detail::multi_dot<Arch>(w.row(e), x.data(), d, n_tokens, d, dots);
+      for (std::ptrdiff_t t = 0; t < n_tokens; ++t) logits(t, e) = dots[t] + bias(e);
+    }
+    return;
+  }
+  constexpr std::ptrdiff_t kRouterBlock = 64;
+  Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> wm(w.data(), n_experts, d, Eigen::OuterStride<>(w.row_stride()));
   Eigen::Map<Eigen::RowVectorXf const> b(bias.data(), bias.extent(0));
-  zm.noalias() = xm * wm.transpose();
-  zm.rowwise() += b;
+  detail::run_serial_eigen_tasks((n_tokens + kRouterBlock - 1) / kRouterBlock, [&](std::ptrdiff_t blk) {
+    std::ptrdiff_t const t0 = blk * kRouterBlock, rows = std::min(kRouterBlock, n_tokens - t0);
+    Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> xm(x.row(t0), rows, d, Eigen::OuterStride<>(x.row_stride()));
+    Eigen::Map<RowMajor, 0, Eigen::OuterStride<>> zm(logits.row(t0), rows, n_experts,
+                                                       Eigen::OuterStride<>(logits.row_stride()));
+    zm.noalias() = xm * wm.transpose();
+    zm.rowwise() += b;
+  });
 }
 
 }  // namespace kernel
