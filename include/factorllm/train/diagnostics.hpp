@@ -278,12 +278,8 @@ inline std::size_t par_loss_from_labels_workspace_bytes(std::ptrdiff_t d_model, 
                                      "[1, n_experts]; got ", d_model, ", ", n_experts, ", ", top_k));
   if (n_experts > (std::ptrdiff_t{1} << 40) / (d_model + 1))
     throw value_error("par_loss_from_labels_workspace_bytes: sizes too large: the workspace size would overflow");
-  auto const n = static_cast<std::size_t>(n_experts), d = static_cast<std::size_t>(d_model);
-  return detail::WorkspaceLayout()
-      .add(sizeof(double), 4 * n)            // z, p, dz_par, dz_bal
-      .add(sizeof(double), 2 * n * (d + 1))  // dW, db accumulators: par and balance
-      .add(sizeof(std::int32_t), static_cast<std::size_t>(top_k))
-      .bytes();
+  detail::WorkspaceLayout layout;
+  return detail::ParRouterAccumulator::add_scratch(layout, d_model, n_experts, top_k).bytes();
 }
 
 /// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss, spec 3.2)
@@ -312,92 +308,13 @@ void par_loss_from_labels(MatrixView<A const> x, MatrixView<std::int32_t const> 
   out.resize(n_tokens, d, n, k);
 
   detail::WorkspaceCursor cursor(ws, fn);
-  double* z = cursor.take<double>(static_cast<std::size_t>(4 * n));
-  double* p = z + n;
-  double* dz_par = p + n;
-  double* dz_bal = dz_par + n;
-  double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n * (d + 1)));
-  double* dw_par = acc;
-  double* db_par = dw_par + n * d;
-  double* dw_bal = db_par + n;
-  double* db_bal = dw_bal + n * d;
-  std::int32_t* router_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
-  std::fill(acc, acc + 2 * n * (d + 1), 0.0);
-
-  ParTarget const q = par_target_q(n, k);  // spec 3.2 step 6
-  double const lo = config.clip, hi = 1.0 - config.clip;
-  auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
-  double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
-  double par_sum = 0, bal_sum = 0;
-  std::int64_t matches = 0;
+  detail::ParRouterAccumulator router_terms(cursor, n_tokens, d, n, k, config.clip);
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     A const* xr = x.row(t);
-    std::int32_t const* lab = labels.row(t);
-    // p = softmax(W_r x + b_r) (spec 3.2 step 1)
-    double zmax = -std::numeric_limits<double>::infinity();
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      double s = to_double(router.bias()(e));
-      A const* wr = router.weight().row(e);
-      for (std::ptrdiff_t c = 0; c < d; ++c) s += to_double(wr[c]) * to_double(xr[c]);
-      z[e] = s;
-      zmax = std::fmax(zmax, s);
-    }
-    double zsum = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) zsum += std::exp(z[e] - zmax);
-    for (std::ptrdiff_t e = 0; e < n; ++e) p[e] = std::exp(z[e] - zmax) / zsum;
-    kernel::topk_indices([&](std::ptrdiff_t e) { return z[e]; }, n, k, router_ids);
-    bool same_set = true;
-    for (std::ptrdiff_t j = 0; j < k; ++j) {
-      out.pseudo_label(t, j) = lab[j];
-      out.router_topk(t, j) = router_ids[j];
-      same_set &= std::find(router_ids, router_ids + k, lab[j]) != router_ids + k;
-    }
-    matches += same_set ? 1 : 0;
-    // KL(clip(p) || clip(q)) and d/dz through the softmax Jacobian (steps 6-7; torch.clamp's gradient rule).
-    double kl = 0, pg = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const selected = std::find(lab, lab + k, static_cast<std::int32_t>(e)) != lab + k;
-      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
-      kl += ph * std::log(ph / qh);
-      double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
-      dz_par[e] = g;
-      pg += p[e] * g;
-    }
-    par_sum += kl;
-    for (std::ptrdiff_t e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * inv_t;
-    // Balance: mean_{t,n} TopK(p) mask * p (spec 3.2 "Balance").
-    double sel_mass = 0;
-    for (std::ptrdiff_t j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
-    bal_sum += sel_mass;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const in_topk = std::find(router_ids, router_ids + k, static_cast<std::int32_t>(e)) != router_ids + k;
-      dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt;
-    }
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      db_par[e] += dz_par[e];
-      db_bal[e] += dz_bal[e];
-      for (std::ptrdiff_t c = 0; c < d; ++c) {
-        double const xc = to_double(xr[c]);
-        dw_par[e * d + c] += dz_par[e] * xc;
-        dw_bal[e * d + c] += dz_bal[e] * xc;
-      }
-    }
+    router_terms.route(router, xr);                  // spec 3.2 step 1
+    router_terms.add_token(t, xr, labels.row(t), out);  // steps 6-7 and the balance term
   }
-  out.par_loss = par_sum * inv_t;
-  out.balance_loss = bal_sum * inv_nt;
-  out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
-  out.label_accuracy = static_cast<double>(matches) * inv_t;
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    out.grad_bias_par(e) = static_cast<A>(db_par[e]);
-    out.grad_bias_balance(e) = static_cast<A>(db_bal[e]);
-    out.grad_bias(e) = static_cast<A>(config.par_weight * db_par[e] + config.balance_weight * db_bal[e]);
-    for (std::ptrdiff_t c = 0; c < d; ++c) {
-      double const gp = dw_par[e * d + c], gb = dw_bal[e * d + c];
-      out.grad_weight_par(e, c) = static_cast<A>(gp);
-      out.grad_weight_balance(e, c) = static_cast<A>(gb);
-      out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
-    }
-  }
+  router_terms.finish(config, out);
 }
 
 /// Which pseudo-labels a router is trained toward (RouterTrainConfig::labels) and measured against (diagnose_layer).

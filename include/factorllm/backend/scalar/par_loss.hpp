@@ -16,6 +16,137 @@
 #include "topk.hpp"
 
 namespace factorllm {
+namespace detail {
+
+/// The router half of the PAR and balance losses (spec 3.2 step 1, steps 6-7 and "Balance"), in double: per token,
+/// p = softmax(W_r x + b_r), the router's TopK, KL(clip(p) || clip(q)) for given pseudo-labels, the balance mass,
+/// and both losses' gradients w.r.t. W_r and b_r accumulated over tokens. Shared by the scalar oracle
+/// (kernel::par_loss, which finds the labels from the experts' MSEs) and train::par_loss_from_labels (labels given).
+/// The gradient is exact for the clipped loss: d/dp_n of p_hat log(p_hat / q_hat) is (log p_hat - log q_hat + 1)
+/// where the clip passes (torch.clamp's rule: min <= p <= max) and 0 where it saturates; then dz = p * (g - <p, g>).
+class ParRouterAccumulator {
+ public:
+  /// Adds this accumulator's scratch to a layout (must match the order of the constructor's takes).
+  static WorkspaceLayout& add_scratch(WorkspaceLayout& layout, std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
+                                      std::ptrdiff_t top_k) {
+    auto const n = static_cast<std::size_t>(n_experts), d = static_cast<std::size_t>(d_model);
+    return layout.add(sizeof(double), 4 * n)              // z, p, dz_par, dz_bal
+        .add(sizeof(double), 2 * n * (d + 1))             // dW, db accumulators: par and balance
+        .add(sizeof(std::int32_t), static_cast<std::size_t>(top_k));  // router TopK ids
+  }
+
+  ParRouterAccumulator(WorkspaceCursor& cursor, std::ptrdiff_t n_tokens, std::ptrdiff_t d_model,
+                       std::ptrdiff_t n_experts, std::ptrdiff_t top_k, double clip)
+      : n_(n_experts), d_(d_model), k_(top_k), q_(train::par_target_q(n_experts, top_k)), lo_(clip), hi_(1.0 - clip),
+        inv_t_(1.0 / static_cast<double>(n_tokens)), inv_nt_(inv_t_ / static_cast<double>(n_experts)) {
+    z_ = cursor.take<double>(static_cast<std::size_t>(4 * n_));
+    p_ = z_ + n_;
+    dz_par_ = p_ + n_;
+    dz_bal_ = dz_par_ + n_;
+    double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n_ * (d_ + 1)));
+    dw_par_ = acc;
+    db_par_ = dw_par_ + n_ * d_;
+    dw_bal_ = db_par_ + n_;
+    db_bal_ = dw_bal_ + n_ * d_;
+    router_ids_ = cursor.take<std::int32_t>(static_cast<std::size_t>(k_));
+    std::fill(acc, acc + 2 * n_ * (d_ + 1), 0.0);
+  }
+
+  /// z = W_r x + b_r and p = softmax(z) for one token (spec 3.2 step 1); returns p [n_experts].
+  template <class A>
+  double const* route(moe::Router<A> const& router, A const* xr) {
+    double zmax = -INFINITY;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) {
+      double acc_z = to_double(router.bias()(e));
+      A const* wr = router.weight().row(e);
+      for (std::ptrdiff_t c = 0; c < d_; ++c) acc_z += to_double(wr[c]) * to_double(xr[c]);
+      z_[e] = acc_z;
+      zmax = std::fmax(zmax, acc_z);
+    }
+    double zsum = 0;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) zsum += std::exp(z_[e] - zmax);
+    for (std::ptrdiff_t e = 0; e < n_; ++e) p_[e] = std::exp(z_[e] - zmax) / zsum;
+    return p_;
+  }
+
+  /// After route(): records token t's labels and router TopK in `out`, and adds its KL, balance mass and
+  /// gradients (x row xr) to the sums.
+  template <class A>
+  void add_token(std::ptrdiff_t t, A const* xr, std::int32_t const* label_ids, train::ParLossResult<A>& out) {
+    kernel::topk_indices([&](std::ptrdiff_t e) { return z_[e]; }, n_, k_, router_ids_);
+    bool same_set = true;
+    for (std::ptrdiff_t j = 0; j < k_; ++j) {
+      out.pseudo_label(t, j) = label_ids[j];
+      out.router_topk(t, j) = router_ids_[j];
+      same_set &= std::find(router_ids_, router_ids_ + k_, label_ids[j]) != router_ids_ + k_;
+    }
+    matches_ += same_set ? 1 : 0;
+    // KL(clip(p) || clip(q)) and d/dz through the softmax Jacobian (steps 6-7).
+    double kl = 0, pg = 0;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) {
+      bool const selected = std::find(label_ids, label_ids + k_, static_cast<std::int32_t>(e)) != label_ids + k_;
+      double const qh = clip(selected ? q_.selected : q_.unselected), ph = clip(p_[e]);
+      kl += ph * std::log(ph / qh);
+      double const g = (p_[e] >= lo_ && p_[e] <= hi_) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
+      dz_par_[e] = g;
+      pg += p_[e] * g;
+    }
+    par_sum_ += kl;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) dz_par_[e] = p_[e] * (dz_par_[e] - pg) * inv_t_;
+    // Balance term: mean_{t,n} of mask * p with mask = TopK(p) = TopK(z) (spec 3.2 "Balance").
+    double sel_mass = 0;
+    for (std::ptrdiff_t j = 0; j < k_; ++j) sel_mass += p_[router_ids_[j]];
+    bal_sum_ += sel_mass;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) {
+      bool const in_topk = std::find(router_ids_, router_ids_ + k_, static_cast<std::int32_t>(e)) != router_ids_ + k_;
+      dz_bal_[e] = p_[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt_;
+    }
+    for (std::ptrdiff_t e = 0; e < n_; ++e) {
+      db_par_[e] += dz_par_[e];
+      db_bal_[e] += dz_bal_[e];
+      for (std::ptrdiff_t c = 0; c < d_; ++c) {
+        double const xc = to_double(xr[c]);
+        dw_par_[e * d_ + c] += dz_par_[e] * xc;
+        dw_bal_[e * d_ + c] += dz_bal_[e] * xc;
+      }
+    }
+  }
+
+  /// Writes the losses (means over tokens), the label accuracy and the gradients into `out`.
+  template <class A>
+  void finish(train::ParLossConfig const& config, train::ParLossResult<A>& out) const {
+    out.par_loss = par_sum_ * inv_t_;
+    out.balance_loss = bal_sum_ * inv_nt_;
+    out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
+    out.label_accuracy = static_cast<double>(matches_) * inv_t_;
+    for (std::ptrdiff_t e = 0; e < n_; ++e) {
+      out.grad_bias_par(e) = static_cast<A>(db_par_[e]);
+      out.grad_bias_balance(e) = static_cast<A>(db_bal_[e]);
+      out.grad_bias(e) = static_cast<A>(config.par_weight * db_par_[e] + config.balance_weight * db_bal_[e]);
+      for (std::ptrdiff_t c = 0; c < d_; ++c) {
+        double const gp = dw_par_[e * d_ + c], gb = dw_bal_[e * d_ + c];
+        out.grad_weight_par(e, c) = static_cast<A>(gp);
+        out.grad_weight_balance(e, c) = static_cast<A>(gb);
+        out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
+      }
+    }
+  }
+
+ private:
+  double clip(double v) const noexcept { return std::min(std::max(v, lo_), hi_); }
+
+  std::ptrdiff_t n_, d_, k_;
+  train::ParTarget q_;  // spec 3.2 step 6 (q table)
+  double lo_, hi_, inv_t_, inv_nt_;
+  double *z_ = nullptr, *p_ = nullptr, *dz_par_ = nullptr, *dz_bal_ = nullptr;
+  double *dw_par_ = nullptr, *db_par_ = nullptr, *dw_bal_ = nullptr, *db_bal_ = nullptr;
+  std::int32_t* router_ids_ = nullptr;
+  double par_sum_ = 0, bal_sum_ = 0;
+  std::int64_t matches_ = 0;
+};
+
+}  // namespace detail
+
 namespace kernel {
 
 /// Scratch of the scalar PAR loss: teacher/expert rows, per-token router vectors, gradient accumulators.
@@ -23,13 +154,13 @@ inline detail::WorkspaceLayout par_loss_workspace(std::ptrdiff_t d_model, std::p
                                                   std::ptrdiff_t top_k, CpuScalar const&) {
   auto const d = static_cast<std::size_t>(d_model), n = static_cast<std::size_t>(n_experts),
              k = static_cast<std::size_t>(top_k);
-  return detail::WorkspaceLayout()
-      .add(sizeof(double), static_cast<std::size_t>(d_ff))  // hidden row (dense teacher, the largest)
-      .add(sizeof(double), d)                               // teacher f
-      .add(sizeof(double), d)                               // expert output e_n
-      .add(sizeof(double), 5 * n)                           // z, p, dz_par, dz_bal, mse
-      .add(sizeof(double), 2 * n * (d + 1))                 // dW, db accumulators: par and balance
-      .add(sizeof(std::int32_t), 2 * k);                    // pseudo-label ids, router TopK ids
+  detail::WorkspaceLayout layout;
+  layout.add(sizeof(double), static_cast<std::size_t>(d_ff))  // hidden row (dense teacher, the largest)
+      .add(sizeof(double), d)                                   // teacher f
+      .add(sizeof(double), d)                                   // expert output e_n
+      .add(sizeof(double), n)                                   // mse
+      .add(sizeof(std::int32_t), k);                            // pseudo-label ids
+  return detail::ParRouterAccumulator::add_scratch(layout, d_model, n_experts, top_k);
 }
 
 /// PAR + balance losses over all rows of x and their gradients w.r.t. W_r and b_r (spec 3.2):
@@ -48,42 +179,14 @@ void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::Exp
   double* hidden = cursor.take<double>(static_cast<std::size_t>(dense.d_ff()));
   double* f = cursor.take<double>(static_cast<std::size_t>(d));
   double* e_out = cursor.take<double>(static_cast<std::size_t>(d));
-  double* z = cursor.take<double>(static_cast<std::size_t>(5 * n));
-  double* p = z + n;
-  double* dz_par = p + n;
-  double* dz_bal = dz_par + n;
-  double* mse = dz_bal + n;
-  double* acc = cursor.take<double>(static_cast<std::size_t>(2 * n * (d + 1)));
-  double* dw_par = acc;
-  double* db_par = dw_par + n * d;
-  double* dw_bal = db_par + n;
-  double* db_bal = dw_bal + n * d;
-  std::int32_t* label_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(2 * k));
-  std::int32_t* router_ids = label_ids + k;
-  std::fill(acc, acc + 2 * n * (d + 1), 0.0);
-
+  double* mse = cursor.take<double>(static_cast<std::size_t>(n));
+  std::int32_t* label_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
+  detail::ParRouterAccumulator router_terms(cursor, n_tokens, d, n, k, config.clip);
   double const s = moe::Gating::code_ref_scale(n, k);  // MSE target f / floor(N/K): spec 3.2 step 4, quirk Q5
-  train::ParTarget const q = train::par_target_q(n, k);  // spec 3.2 step 6 (q table)
-  double const lo = config.clip, hi = 1.0 - config.clip;
-  auto clip = [&](double v) { return std::min(std::max(v, lo), hi); };
-  double const inv_t = 1.0 / static_cast<double>(n_tokens), inv_nt = inv_t / static_cast<double>(n);
-  double par_sum = 0, bal_sum = 0;
-  std::int64_t matches = 0;
 
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     A const* xr = x.row(t);
-    // Router distribution p = softmax(W_r x + b_r) (spec 3.2 step 1).
-    double zmax = -INFINITY;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      double acc_z = to_double(router.bias()(e));
-      for (std::ptrdiff_t c = 0; c < d; ++c) acc_z += to_double(router.weight()(e, c)) * to_double(xr[c]);
-      z[e] = acc_z;
-      zmax = std::fmax(zmax, acc_z);
-    }
-    double zsum = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) zsum += std::exp(z[e] - zmax);
-    for (std::ptrdiff_t e = 0; e < n; ++e) p[e] = std::exp(z[e] - zmax) / zsum;
-
+    router_terms.route(router, xr);  // step 1
     // Teacher f = F(x) and per-expert MSE to f / s (steps 2-4).
     swiglu_row(dense.gate, dense.up, dense.down, xr, hidden, f);
     for (std::ptrdiff_t e = 0; e < n; ++e) {
@@ -98,61 +201,9 @@ void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::Exp
     }
     // Pseudo-label: the K experts with the smallest MSE, lower index first on ties (step 5).
     topk_indices([&](std::ptrdiff_t e) { return -mse[e]; }, n, k, label_ids);
-    topk_indices([&](std::ptrdiff_t e) { return z[e]; }, n, k, router_ids);
-    bool same_set = true;
-    for (std::ptrdiff_t j = 0; j < k; ++j) {
-      out.pseudo_label(t, j) = label_ids[j];
-      out.router_topk(t, j) = router_ids[j];
-      same_set &= std::find(router_ids, router_ids + k, label_ids[j]) != router_ids + k;
-    }
-    matches += same_set ? 1 : 0;
-
-    // KL(clip(p) || clip(q)) and its gradient (steps 6-7).
-    double kl = 0, pg = 0;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const selected = std::find(label_ids, label_ids + k, e) != label_ids + k;
-      double const qh = clip(selected ? q.selected : q.unselected), ph = clip(p[e]);
-      kl += ph * std::log(ph / qh);
-      double const g = (p[e] >= lo && p[e] <= hi) ? (std::log(ph) - std::log(qh) + 1.0) : 0.0;
-      dz_par[e] = g;
-      pg += p[e] * g;
-    }
-    par_sum += kl;
-    for (std::ptrdiff_t e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * inv_t;
-
-    // Balance term: mean_{t,n} of mask * p with mask = TopK(p) = TopK(z) (spec 3.2 "Balance").
-    double sel_mass = 0;
-    for (std::ptrdiff_t j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
-    bal_sum += sel_mass;
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      bool const in_topk = std::find(router_ids, router_ids + k, e) != router_ids + k;
-      dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * inv_nt;
-    }
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      db_par[e] += dz_par[e];
-      db_bal[e] += dz_bal[e];
-      for (std::ptrdiff_t c = 0; c < d; ++c) {
-        double const xc = to_double(xr[c]);
-        dw_par[e * d + c] += dz_par[e] * xc;
-        dw_bal[e * d + c] += dz_bal[e] * xc;
-      }
-    }
+    router_terms.add_token(t, xr, label_ids, out);  // steps 6-7 and the balance term
   }
-  out.par_loss = par_sum * inv_t;
-  out.balance_loss = bal_sum * inv_nt;
-  out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
-  out.label_accuracy = static_cast<double>(matches) * inv_t;
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    out.grad_bias_par(e) = static_cast<A>(db_par[e]);
-    out.grad_bias_balance(e) = static_cast<A>(db_bal[e]);
-    out.grad_bias(e) = static_cast<A>(config.par_weight * db_par[e] + config.balance_weight * db_bal[e]);
-    for (std::ptrdiff_t c = 0; c < d; ++c) {
-      double const gp = dw_par[e * d + c], gb = dw_bal[e * d + c];
-      out.grad_weight_par(e, c) = static_cast<A>(gp);
-      out.grad_weight_balance(e, c) = static_cast<A>(gb);
-      out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
-    }
-  }
+  router_terms.finish(config, out);
 }
 
 }  // namespace kernel
