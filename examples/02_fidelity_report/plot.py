@@ -63,12 +63,13 @@ def main():
         series[key].append((float(r["ffn_flops_fraction"]), float(r["acc_retention"]), float(r["top1_agreement"])))
 
     # Highlighted: every recipe on the co-activation partition (the best), the paper-like baseline (contiguous
-    # partition, random router, no recovery) and the N = 2 / N = 8 / shared-expert variants; every other row is a
+    # partition, random router, no recovery), the N = 2 / N = 8 / shared-expert variants and the end-to-end
+    # fine-tuned rows of examples/03_finetune_recipe (recovery = finetune); every other row is a
     # grey point, so the legend stays readable with the full grid.
     def highlighted(key):
         n, shared, part, router, rec = key
-        return args.all or part == "cluster_activations" or (part == "contiguous" and router == "random_init"
-                                                               and rec == "none")
+        return args.all or part == "cluster_activations" or rec == "finetune" or (
+            part == "contiguous" and router == "random_init" and rec == "none")
 
     recoveries = sorted({k[4] for k in series})
     colors = {rec: plt.cm.tab10(i) for i, rec in enumerate(recoveries)}
@@ -102,7 +103,7 @@ def main():
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("stories260K: K-of-N MoE conversion (layer-local), held-out fidelity\n"
+    fig.suptitle("stories260K: K-of-N MoE conversion (layer-local, and end-to-end finetune rows), held-out fidelity\n"
                  "color = recovery; marker = router (o random, s PAR labels, ^ PAR subset labels); "
                  "dashed = N 2 / N 8 / shared expert; red = targets")
     fig.tight_layout(rect=(0, 0.25, 1, 0.95))

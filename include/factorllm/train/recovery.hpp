@@ -399,16 +399,6 @@ Matrix<A> dense_targets(ffn::DenseFfnView<T> const& dense, MatrixView<A const> x
   return f;
 }
 
-inline void validate_distill_config(DistillConfig const& cfg) {
-  char const* fn = "recover_distill";
-  if (cfg.steps < 0) throw value_error(concat(fn, ": cfg.steps must be >= 0, got ", cfg.steps));
-  if (cfg.batch_tokens < 1) throw value_error(concat(fn, ": cfg.batch_tokens must be >= 1, got ", cfg.batch_tokens));
-  if (!(cfg.lr > 0) || !std::isfinite(cfg.lr)) throw value_error(concat(fn, ": cfg.lr must be positive and finite, got ", cfg.lr));
-  if (!(cfg.beta1 >= 0 && cfg.beta1 < 1) || !(cfg.beta2 >= 0 && cfg.beta2 < 1))
-    throw value_error(concat(fn, ": cfg.beta1 and cfg.beta2 must be in [0, 1), got ", cfg.beta1, " and ", cfg.beta2));
-  if (!(cfg.eps > 0) || !std::isfinite(cfg.eps)) throw value_error(concat(fn, ": cfg.eps must be positive and finite, got ", cfg.eps));
-}
-
 }  // namespace detail_train
 
 /// Computes the distillation loss mean_t || MoE(x_t) - F(x_t) ||^2 (squared L2 over d_model, mean over tokens) under
@@ -468,7 +458,7 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
                               DistillConfig const& cfg) {
   using A = activation_t<T>;
   detail_train::validate_recovery(experts, routing, x_calib, dense, "recover_distill");
-  detail_train::validate_distill_config(cfg);
+  detail_train::validate_adam_config(cfg, "recover_distill");
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model(),
                        k = routing.ids.extent(1);
   std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);

@@ -60,8 +60,10 @@ struct RouterTrainReport {
 
 namespace detail_train {
 
-inline void validate_router_config(RouterTrainConfig const& cfg) {
-  char const* fn = "train_router";
+/// Checks the Adam fields every trainer's config has (steps, batch_tokens, lr, beta1, beta2, eps); `fn` names the
+/// trainer in the value_error.
+template <class AdamConfig>
+void validate_adam_config(AdamConfig const& cfg, char const* fn) {
   if (cfg.steps < 0) throw value_error(concat(fn, ": cfg.steps must be >= 0, got ", cfg.steps));
   if (cfg.batch_tokens < 1) throw value_error(concat(fn, ": cfg.batch_tokens must be >= 1, got ", cfg.batch_tokens));
   if (!(cfg.lr > 0) || !std::isfinite(cfg.lr)) throw value_error(concat(fn, ": cfg.lr must be positive and finite, got ", cfg.lr));
@@ -145,7 +147,7 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
     throw shape_error(detail::concat(fn, ": argument 'router' has shape ",
                                      detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
                                      detail::shape_string({experts.n_experts(), experts.d_model()})));
-  detail_train::validate_router_config(cfg);
+  detail_train::validate_adam_config(cfg, "train_router");
   if (!(cfg.loss.clip > 0 && cfg.loss.clip < 0.5))
     throw value_error(detail::concat(fn, ": cfg.loss.clip = ", cfg.loss.clip, " must be in (0, 0.5)"));
 
