@@ -444,3 +444,138 @@ TEST_CASE("backward with no tokens writes zero gradients", "[train][backward]") 
   for (auto out : {run_float<CpuScalar>(layer, g, x.cview(), x.cview(), false), run_float<Simd>(layer, g, x.cview(), x.cview(), true)})
     for (float v : out) REQUIRE(v == 0.f);
 }
+
+namespace {
+
+/// L(z) = sum_j c_j w_j(z) for the combine weights the forward computes (kernel::select_experts, the routing step of
+/// every backend's training forward) from one token's logits z; ids of the routing are returned through `ids`.
+double weights_loss(std::vector<double> const& z, moe::Gating const& g, std::vector<double> const& c,
+                    std::vector<std::int32_t>& ids) {
+  std::ptrdiff_t const n = static_cast<std::ptrdiff_t>(z.size()), k = g.top_k;
+  Matrix<double> w({1, k});
+  Matrix<std::int32_t> id({1, k});
+  kernel::select_experts(matrix_view<double const>(z.data(), 1, n), g, id.view(), w.view(), CpuScalar{});
+  ids.assign(id.data(), id.data() + k);
+  double l = 0;
+  for (std::ptrdiff_t j = 0; j < k; ++j) l += c[static_cast<std::size_t>(j)] * w(0, j);
+  return l;
+}
+
+}  // namespace
+
+// Issue 5: the renormalized sigmoid gating's forward stays finite when every selected sigmoid underflows (logits
+// ~ -800: it switches to a softmax over the log-sigmoids), so its backward must too, and must be the derivative of
+// that same function. Checked on the combine-weight VJP directly (central differences of select_experts' weights),
+// then through the whole layer on both backends. The renormalized softmax modes are checked alongside (their VJP
+// is a softmax over S shifted by its maximum: no 0/0 however far below the other logits the selected ones are).
+// Tolerance: h = 1e-5 on logits of magnitude <= 1e3 (ulp 1e-13): round-off eps |L| / h ~ 1e-11, truncation
+// h^2 |L'''| ~ 1e-10; we require |fd - analytic| <= 1e-7 max(1, |fd|).
+TEST_CASE("combine-weight gradients stay finite and match finite differences for extreme logits", "[train][backward][fd]") {
+  struct Case {
+    CombineMode mode;
+    bool renorm;
+    std::vector<double> z;
+    int k;
+    std::vector<float> bias;
+  };
+  std::vector<Case> const cases = {
+      // every selected sigmoid underflows to 0 (the forward's log-sigmoid fallback)
+      {CombineMode::sigmoid_topk, true, {-800.0, -801.5, -799.25, -805.0}, 2, {}},
+      {CombineMode::sigmoid_topk, true, {-800.0, -801.5, -799.25, -805.0}, 4, {}},
+      {CombineMode::sigmoid_topk, true, {-1000.0, -760.0, -1e5, -745.5}, 3, {}},
+      // mixed huge / tiny logits, selected by the bias: one selected sigmoid is 1, another underflows
+      {CombineMode::sigmoid_topk, true, {800.0, -800.0, 3.0, -2.0}, 2, {0.f, 1e4f, -1e4f, 0.f}},
+      {CombineMode::sigmoid_topk, true, {30.0, -800.0, -0.5, 700.0}, 4, {}},
+      {CombineMode::sigmoid_topk, true, {-720.0, -700.0, 2.0, 1.0}, 2, {1e4f, 1e4f, 0.f, 0.f}},
+      // near the forward's switch (sum of sigmoids ~ DBL_MIN): both sides
+      {CombineMode::sigmoid_topk, true, {-706.0, -707.0, -1000.0}, 2, {}},
+      {CombineMode::sigmoid_topk, true, {-709.5, -710.0, -1000.0}, 2, {}},
+      {CombineMode::sigmoid_topk, false, {-800.0, 800.0, -3.0, 2.0}, 3, {}},
+      // renormalized softmaxes with the selected logits far below an unselected one (selection bias)
+      {CombineMode::softmax_topk_renorm, false, {800.0, -800.0, -801.0, 5.0}, 2, {-1e4f, 0.f, 0.f, -1e4f}},
+      {CombineMode::topk_softmax, false, {800.0, -800.0, -801.0, 5.0}, 2, {-1e4f, 0.f, 0.f, -1e4f}},
+      {CombineMode::softmax_topk_renorm, false, {-800.0, -801.5, -799.25, -805.0}, 3, {}},
+      {CombineMode::softmax_topk, false, {800.0, -800.0, -801.0, 5.0}, 3, {}},
+  };
+  std::vector<double> const c = {0.7, -1.3, 0.4, 2.1};
+  for (auto const& cs : cases) {
+    auto g = make_gating(cs.mode, cs.k, cs.renorm, 1.25f, cs.bias);
+    std::ptrdiff_t const n = static_cast<std::ptrdiff_t>(cs.z.size());
+    std::vector<std::int32_t> ids, ids_p, ids_m;
+    double const l0 = weights_loss(cs.z, g, c, ids);
+    REQUIRE(std::isfinite(l0));
+    std::vector<double> dz(static_cast<std::size_t>(n));
+    kernel::combine_weights_vjp(cs.z.data(), n, ids.data(), cs.k, c.data(), g, dz.data());
+    for (std::ptrdiff_t i = 0; i < n; ++i) {
+      INFO("mode=" << moe::to_string(cs.mode) << " renorm=" << cs.renorm << " K=" << cs.k << " z0=" << cs.z[0]
+                   << " i=" << i);
+      REQUIRE(std::isfinite(dz[static_cast<std::size_t>(i)]));
+      constexpr double h = 1e-5;
+      auto zp = cs.z, zm = cs.z;
+      zp[static_cast<std::size_t>(i)] += h;
+      zm[static_cast<std::size_t>(i)] -= h;
+      double const fd = (weights_loss(zp, g, c, ids_p) - weights_loss(zm, g, c, ids_m)) / (2 * h);
+      REQUIRE(ids_p == ids);  // the cases keep every logit away from a TopK boundary
+      REQUIRE(ids_m == ids);
+      CHECK(std::fabs(fd - dz[static_cast<std::size_t>(i)]) <= 1e-7 * std::max(1.0, std::fabs(fd)));
+    }
+  }
+}
+
+TEST_CASE("MoE backward with renormalized sigmoid gating at logits ~ -800: finite, matches finite differences, "
+          "cpu_simd agrees", "[train][backward][fd][simd]") {
+  std::ptrdiff_t const n = 4, m = 3, d = 5, t = 6;
+  // Router bias ~ -800 and small router weights: every logit is about -800, so every sigmoid underflows. The last
+  // expert's bias is +800 in the mixed case: its sigmoid is 1 while the other selected one underflows.
+  for (bool mixed : {false, true}) {
+    Layer<double> layer(n, m, d, 21, 0.05);
+    double const base[] = {-800.0, -801.0, -799.5, mixed ? 800.0 : -802.0};
+    for (std::ptrdiff_t e = 0; e < n; ++e) layer.rb(e) += base[e];
+    auto const x = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(t * d), 22, 1.0), t, d);
+    auto const r = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(t * d), 23, 1.0), t, d);
+    auto const g = make_gating(CombineMode::sigmoid_topk, 2, true, 1.f);
+    INFO("mixed=" << mixed);
+
+    auto const p = layer.params();
+    Matrix<double> y({t, d});
+    moe::RoutingRecord<double> rec;
+    Workspace wf(train::moe_forward_workspace_bytes(p, 2, t));
+    train::moe_forward(p, g, x.cview(), y.view(), rec, wf);
+    for (std::ptrdiff_t i = 0; i < rec.weights.size(); ++i) REQUIRE(std::isfinite(rec.weights[i]));
+    Grads<double> gr(t, n, m, d);
+    Workspace wb(train::moe_backward_workspace_bytes(p, 2, t));
+    train::moe_backward(p, g, rec, x.cview(), r.cview(), gr.view(), wb);
+    for (auto const* v : {&gr.x, &gr.rw, &gr.logits})
+      for (std::ptrdiff_t i = 0; i < v->size(); ++i) REQUIRE(std::isfinite((*v)[i]));
+    for (std::ptrdiff_t i = 0; i < gr.rb.size(); ++i) REQUIRE(std::isfinite(gr.rb[i]));
+    double router_grad_norm = 0;
+    for (std::ptrdiff_t i = 0; i < gr.rb.size(); ++i) router_grad_norm += std::fabs(gr.rb[i]);
+    // All ~ -800: the renormalized weights are a softmax of logits ~ 1 apart, so the router really gets a gradient
+    // (not a vacuous zero). Mixed: sigmoid(800) = 1 saturates and the other weight is e^-1600, so it is 0, as the
+    // finite differences below also say.
+    if (!mixed) CHECK(router_grad_norm > 1e-3);
+
+    FdStats st;
+    Matrix<double> xm(x);
+    fd_check(xm, gr.x, layer, g, xm, r, rec, st);
+    fd_check(layer.rw, gr.rw, layer, g, x, r, rec, st);
+    fd_check(layer.rb, gr.rb, layer, g, x, r, rec, st);
+    fd_check(layer.gate, gr.gate, layer, g, x, r, rec, st);
+    INFO("checked " << st.checked << ", skipped " << st.skipped << ", max err " << st.max_err);
+    // h = 1e-6 on a bias of 800 (ulp 1.1e-13): round-off ~ 1e-7 relative; the usual 1e-6 bound holds.
+    CHECK(st.max_err < 1e-6);
+    CHECK(st.skipped * 20 < st.checked);
+
+    // cpu_simd (float) on the same layer: finite, and equal to the scalar oracle in float within the usual bound.
+    Layer<float> lf(n, m, d, 21, 0.05);
+    for (std::ptrdiff_t e = 0; e < n; ++e) lf.rb(e) += static_cast<float>(base[e]);
+    auto const xf = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(t * d), 22, 1.0), t, d);
+    auto const dyf = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(t * d), 23, 1.0), t, d);
+    auto const ref_out = run_float<CpuScalar>(lf, g, xf.cview(), dyf.cview(), false);
+    for (bool use_saved : {false, true}) {
+      auto const out = run_float<Simd>(lf, g, xf.cview(), dyf.cview(), use_saved);
+      for (float v : out) REQUIRE(std::isfinite(v));
+      CHECK(worst_block_rel_l2(out, ref_out, t, lf) < 5e-5);
+    }
+  }
+}

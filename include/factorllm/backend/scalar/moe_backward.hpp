@@ -100,7 +100,10 @@ namespace kernel {
 ///   softmax_topk          w_j = s p_{id_j}, p = softmax(z)    -> dz = p (g - <p, g>), g_{id_j} = s dw_j
 ///   softmax_topk_renorm,  w_j = s r_j, r = softmax(z_S)       -> dz_{id_j} = s r_j (dw_j - <r, dw>), 0 off S
 ///   topk_softmax          (equal in exact arithmetic)
-///   sigmoid_topk          w_j = s sig(z_{id_j}) [/ sum_S sig] -> through sig' = sig (1 - sig)
+///   sigmoid_topk          w_j = s sig(z_{id_j})               -> dz_{id_j} = s dw_j sig(z) sig(-z)
+///   sigmoid_topk, renormalized: w_j = s r_j, r = softmax_S(log sig(z))   (= sig / sum_S sig)
+///                         -> dz_{id_j} = s r_j (dw_j - <r, dw>) sig(-z_{id_j}); finite when the sigmoids underflow
+/// The renormalizing modes' r is always a softmax over S shifted by its maximum (sum >= 1), so no 0/0.
 /// The selection bias only moves the (piecewise constant) choice of S, so it has no gradient.
 template <class Z>
 void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, std::ptrdiff_t k, double const* dw,
@@ -131,19 +134,27 @@ void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, 
       return;
     }
     case CombineMode::sigmoid_topk: {
+      // sig'(z) = sig(z) (1 - sig(z)) = sig(z) sig(-z): no cancellation in 1 - sig for large z.
       if (!gating.sigmoid_renormalize) {
         for (std::ptrdiff_t j = 0; j < k; ++j) {
-          double const sg = detail::sigmoid(static_cast<double>(z[ids[j]]));
-          dz[ids[j]] = s * dw[j] * sg * (1.0 - sg);
+          double const zj = static_cast<double>(z[ids[j]]);
+          dz[ids[j]] = s * dw[j] * detail::sigmoid(zj) * detail::sigmoid(-zj);
         }
         return;
       }
-      double sum = 0, rdw = 0;
-      for (std::ptrdiff_t j = 0; j < k; ++j) sum += detail::sigmoid(static_cast<double>(z[ids[j]]));
-      for (std::ptrdiff_t j = 0; j < k; ++j) rdw += detail::sigmoid(static_cast<double>(z[ids[j]])) / sum * dw[j];
+      // w_j = s sig(z_j) / sum_S sig = s softmax_S(ls)_j with ls = log sig(z): the forward's underflow fallback,
+      // equal in exact arithmetic to its usual form, so both have the same derivative
+      //   dz_{id_j} = s r_j (dw_j - <r, dw>) dls_j/dz_j,  r = softmax_S(ls),  dls/dz = 1 - sig(z) = sig(-z).
+      // r is taken from the log-sigmoids, never as sig / sum_S sig: when every selected sigmoid underflows
+      // (logits ~ -800) that would be 0 / 0 = NaN while the forward's weights are finite.
+      double mx = -std::numeric_limits<double>::infinity(), sum = 0, rdw = 0;
+      for (std::ptrdiff_t j = 0; j < k; ++j) mx = std::fmax(mx, detail::log_sigmoid(static_cast<double>(z[ids[j]])));
+      for (std::ptrdiff_t j = 0; j < k; ++j) sum += std::exp(detail::log_sigmoid(static_cast<double>(z[ids[j]])) - mx);
+      for (std::ptrdiff_t j = 0; j < k; ++j)
+        rdw += std::exp(detail::log_sigmoid(static_cast<double>(z[ids[j]])) - mx) / sum * dw[j];
       for (std::ptrdiff_t j = 0; j < k; ++j) {
-        double const sg = detail::sigmoid(static_cast<double>(z[ids[j]]));
-        dz[ids[j]] = s * (dw[j] - rdw) / sum * sg * (1.0 - sg);
+        double const zj = static_cast<double>(z[ids[j]]);
+        dz[ids[j]] = s * std::exp(detail::log_sigmoid(zj) - mx) / sum * (dw[j] - rdw) * detail::sigmoid(-zj);
       }
       return;
     }
