@@ -65,6 +65,8 @@ def _flatten_tokens(x, fn, arg="x"):
     """[..., n] -> [n_tokens, n] as a view (refuses what would need a copy)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: argument '{arg}' must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:  # checked first: a sparse tensor has no strides, and view() would fail unnamed
+        raise ValueError(f"{fn}: argument '{arg}' must have the strided (dense) layout, got {x.layout}")
     if x.dim() < 2:
         raise ValueError(f"{fn}: argument '{arg}' must have shape [..., n] with at least 2 dims, got {list(x.shape)}")
     if not x.is_contiguous():

@@ -111,13 +111,23 @@ fl::Workspace& thread_workspace() {
   return ws;
 }
 
-/// Identity of a tensor as a forward saw it: storage address, version counter, shape.
+/// Identity of a tensor as a forward saw it: its storage (held weakly), data address, version counter, shape.
+/// The data address alone is not an identity: once the forward's tensor is freed, the allocator may hand the same
+/// address to a new tensor (version 0, same shape), which would then pass for it. A weak reference keeps the
+/// StorageImpl object (not its data) allocated, so no other storage can take its address while the routing lives.
 struct Fingerprint {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
   void const* data = nullptr;
   std::int64_t version = 0;
   std::vector<std::int64_t> sizes;
-  static Fingerprint of(at::Tensor const& t) { return {t.data_ptr(), t._version(), t.sizes().vec()}; }
-  bool operator==(Fingerprint const& o) const { return data == o.data && version == o.version && sizes == o.sizes; }
+  static Fingerprint of(at::Tensor const& t) {
+    return {t.storage().getWeakStorageImpl(), t.data_ptr(), t._version(), t.sizes().vec()};
+  }
+  /// True when `t` is (a view at the same offset of) the tensor this fingerprint was taken of, unmodified since.
+  bool matches(at::Tensor const& t) const {
+    return !storage.expired() && storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
+           data == t.data_ptr() && version == t._version() && sizes == t.sizes().vec();
+  }
 };
 
 }  // namespace
@@ -275,10 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(r.is_double == (dt == at::kDouble), fn, ": argument 'routing' was recorded by another forward (",
                     r.is_double ? "float64" : "float32", " layer, these tensors are ", c10::toString(dt), ")");
   auto const mismatch = [&](Fingerprint const& saw, at::Tensor const& t, char const* arg) {
-    TORCH_CHECK_VALUE(saw == Fingerprint::of(t), fn, ": argument 'routing' was recorded by another forward (#", r.forward_id,
-                      "): argument '", arg, "' is not the tensor that forward used, or was modified in place since (",
-                      "forward saw ", shape_str(saw.sizes), " at ", saw.data, " version ", saw.version, "; got ",
-                      shape_str(t.sizes()), " at ", t.data_ptr(), " version ", t._version(), ")");
+    TORCH_CHECK_VALUE(saw.matches(t), fn, ": argument 'routing' was recorded by another forward (#", r.forward_id,
+                      "): argument '", arg, "' is not the tensor that forward used (or that tensor was freed), ",
+                      "or was modified in place since (forward saw ", shape_str(saw.sizes), " at ", saw.data, " version ",
+                      saw.version, "; got ", shape_str(t.sizes()), " at ", t.data_ptr(), " version ", t._version(), ")");
   };
   mismatch(r.x, x, "x");
   mismatch(r.router_weight, router_weight, "router_weight");

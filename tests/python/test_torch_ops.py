@@ -307,6 +307,57 @@ class BadInputTest(unittest.TestCase):
         argsd = tuple(a.double() for a in args)
         self.assert_raises(ValueError, ["'routing'", "float32"], ops.moe_backward, r1, xd, dy.double(), *argsd)
 
+    def test_routing_is_tied_to_the_tensors_not_their_addresses(self):
+        # A tensor at the address the forward's x had is not that x: two tensors over one buffer (from_numpy), and
+        # a new tensor over the buffer after the forward's x is gone (what the allocator does when it reuses freed
+        # memory), have the data address, shape and version 0 of the forward's x, yet are other tensors.
+        ops = torch.ops.factorllm
+        args = (self.rw, self.rb, self.gate, self.up, self.down)
+        dy = torch.ones(10, 16)
+        buf = self.x.numpy().copy()
+        x1 = torch.from_numpy(buf)
+        _, r1 = ops.moe_forward(x1, *args, "softmax_topk_renorm", 2, 1.0, False, None, False)
+        ops.moe_backward(r1, x1.view(10, 16), dy, *args)  # a view of the forward's x at the same offset: fine
+        alias = torch.from_numpy(buf)
+        self.assertEqual(alias.data_ptr(), x1.data_ptr())
+        self.assert_raises(ValueError, ["'routing'", "another forward", "'x'"], ops.moe_backward, r1, alias, dy, *args)
+        del x1, alias
+        x_new = torch.from_numpy(buf)
+        self.assert_raises(ValueError, ["'routing'", "another forward", "'x'", "freed"], ops.moe_backward, r1, x_new, dy,
+                           *args)
+        # The same for a parameter: another layer's gate of the same shape and values.
+        _, r2 = ops.moe_forward(self.x, *args, "softmax_topk_renorm", 2, 1.0, False, None, False)
+        other = (self.rw, self.rb, self.gate.clone(), self.up, self.down)
+        self.assert_raises(ValueError, ["'routing'", "'gate'"], ops.moe_backward, r2, self.x, dy, *other)
+        # And what the allocator really does: free the forward's x, allocate a new one (often at the same address).
+        reused = 0
+        for _ in range(20):
+            xa = torch.randn(10, 16)
+            ya, ra = ops.moe_forward(xa, *args, "softmax_topk_renorm", 2, 1.0, False, None, False)
+            addr = xa.data_ptr()
+            del xa, ya
+            xb = torch.randn(10, 16)
+            if xb.data_ptr() == addr:
+                reused += 1
+                self.assert_raises(ValueError, ["'routing'", "'x'"], ops.moe_backward, ra, xb, dy, *args)
+        print(f"  (allocator reused the freed x's address in {reused} of 20 tries; each was refused)")
+
+    def test_bad_backward_and_gating_arguments_are_named(self):
+        ops = torch.ops.factorllm
+        args = (self.rw, self.rb, self.gate, self.up, self.down)
+        _, r = ops.moe_forward(self.x, *args, "softmax_topk_renorm", 2, 1.0, False, None, False)
+        self.assert_raises(TypeError, ["'dy'", "Float", "Double"], ops.moe_backward, r, self.x, torch.ones(10, 16).double(),
+                           *args)
+        self.assert_raises(ValueError, ["'dy'", "[10, 16]", "[10, 15]"], ops.moe_backward, r, self.x, torch.ones(10, 15),
+                           *args)
+        self.assert_raises(ValueError, ["'dy'", "contiguous"], ops.moe_backward, r, self.x, torch.ones(16, 10).t(), *args)
+        self.assert_raises(ValueError, ["'dy'", "CPU", "meta"], ops.moe_backward, r, self.x,
+                           torch.empty(10, 16, device="meta"), *args)
+        self.assert_raises(ValueError, ["'selection_bias'", "[4]", "[3]"], fllm.moe_ffn, self.x, *args, top_k=2,
+                           selection_bias=torch.zeros(3))
+        self.assert_raises(ValueError, ["'x'", "CPU", "meta"], self.call, x=torch.empty(10, 16, device="meta"))
+        self.assert_raises(ValueError, ["'x'", "strided"], self.call, x=self.x.to_sparse())
+
     def test_autograd_refuses_in_place_change_before_backward(self):
         x = self.x.clone().requires_grad_()
         gate = self.gate.clone().requires_grad_()
