@@ -13,7 +13,6 @@ the script re-runs itself with OpenBLAS first on LD_LIBRARY_PATH (FLLM_KEEP_BLAS
 it got.
 """
 import argparse
-import glob
 import os
 import statistics
 import sys
@@ -24,26 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "torch_ops"))
 import factorllm_torch as fllm  # noqa: E402
-
-
-def blas_in_use():
-    with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "blas" in line.lower()}
-    names = sorted(os.path.realpath(p) for p in libs if p.startswith("/"))
-    return ", ".join(names) or "unknown"
-
-
-def prefer_optimized_blas():
-    """Re-executes with Debian's OpenBLAS first on the library path when torch got the reference BLAS and an
-    OpenBLAS is installed: the baselines must run on an optimized BLAS to mean anything. FLLM_KEEP_BLAS=1 opts out."""
-    if os.environ.get("FLLM_KEEP_BLAS") or "openblas" in blas_in_use():
-        return
-    for d in sorted(glob.glob("/usr/lib/*/openblas-*/libblas.so.3")):
-        lib_dir = os.path.dirname(d)
-        env = dict(os.environ, FLLM_KEEP_BLAS="1",
-                   LD_LIBRARY_PATH=os.pathsep.join(p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH")) if p))
-        print(f"# torch got the reference BLAS; re-running with {lib_dir} (FLLM_KEEP_BLAS=1 to keep it)", flush=True)
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def gating(x, rw, rb, k):
@@ -108,7 +87,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    prefer_optimized_blas()
+    fllm.prefer_optimized_blas('# ')
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fllm.load_library()
@@ -120,7 +99,7 @@ def main():
     rw0, rb0 = torch.randn(n, d, generator=g) * 0.02, torch.zeros(n)
     print(f"# training step of one MoE FFN: d_model {d}, d_ff {args.d_ff}, N {n}, K {k}, threads {args.threads}, "
           f"torch {torch.__version__}")
-    print(f"# BLAS used by torch: {blas_in_use()}")
+    print(f"# BLAS used by torch: {fllm.blas_in_use()}")
     print("tokens,impl,step_ms,speedup_of_factorllm")
     for t in args.tokens:
         x0 = torch.randn(t, d, generator=g)

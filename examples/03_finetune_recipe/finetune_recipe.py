@@ -20,7 +20,6 @@ kl_to_dense (mean KL(dense || model)).
 """
 import argparse
 import csv
-import glob
 import math
 import os
 import sys
@@ -45,31 +44,6 @@ CHECK_TEXT = ("Once upon a time, there was a little girl named Lily. She loved t
 # ---------------------------------------------------------------------------------------------------------------
 # llama2.c checkpoint and tokenizer (format: shared/models/README.md), read with numpy and validated
 # ---------------------------------------------------------------------------------------------------------------
-
-def blas_in_use():
-    """The BLAS shared objects this process mapped (torch's CPU matmuls go through it)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return ", ".join(sorted({os.path.realpath(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}))
-    except OSError:
-        return ""
-
-
-def prefer_optimized_blas():
-    """Re-executes this script with Debian's OpenBLAS first on the library path when torch got the reference BLAS
-    (libblas3, ~30x slower GEMMs) and an OpenBLAS is installed but not the system default: the recipe's budget
-    assumes an optimized BLAS. Results differ from a reference-BLAS run only by float rounding. Opt out with
-    FLLM_KEEP_BLAS=1."""
-    if os.environ.get("FLLM_KEEP_BLAS") or "openblas" in blas_in_use():
-        return
-    for d in sorted(glob.glob("/usr/lib/*/openblas-*/libblas.so.3")):
-        lib_dir = os.path.dirname(d)
-        env = dict(os.environ, FLLM_KEEP_BLAS="1",
-                   LD_LIBRARY_PATH=os.pathsep.join(p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH")) if p))
-        print(f"note: torch got the reference BLAS; re-running with {lib_dir} (FLLM_KEEP_BLAS=1 to keep it)",
-              flush=True)
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
 
 def load_checkpoint(path):
     raw = np.fromfile(path, dtype="<u1")
@@ -483,7 +457,7 @@ def main():
         if not 1 <= k <= n:
             ap.error(f"--configs: '{spec}' needs 1 <= K <= N")
         configs.append((n, k))
-    prefer_optimized_blas()
+    fllm.prefer_optimized_blas('note: ')
     if args.quick:
         args.eval, args.train_seqs, args.stage_a_steps, args.steps = 8, 256, 20, 40
     torch.set_num_threads(args.threads)
@@ -496,7 +470,7 @@ def main():
         print(f"finetune_recipe: model or tokenizer missing ({args.model}, {args.tokenizer}); they live in "
               "shared/models/ next to the repository", file=sys.stderr)
         sys.exit(77)  # ctest's SKIP_RETURN_CODE
-    blas = blas_in_use()
+    blas = fllm.blas_in_use()
     log(f"BLAS used by torch: {blas or 'unknown'}")
     if "openblas" not in blas and "mkl" not in blas and "blis" not in blas:
         log("note: Debian's reference BLAS makes the recipe ~2.5x slower end to end (install libopenblas0-openmp)")

@@ -21,13 +21,39 @@ W_r and b_r).
 """
 import glob
 import os
+import sys
 
 import torch
 
 __all__ = [
     "load_library", "MoeFfnFunction", "ParLossFunction", "BalanceLossFunction", "moe_ffn", "par_loss",
-    "balance_loss", "MoeFfn", "factorize", "MODES",
+    "balance_loss", "MoeFfn", "factorize", "MODES", "blas_in_use", "prefer_optimized_blas",
 ]
+
+def blas_in_use():
+    """The BLAS shared objects this process mapped (torch's CPU matmuls go through it), comma-separated."""
+    try:
+        with open("/proc/self/maps") as f:
+            return ", ".join(sorted({os.path.realpath(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}))
+    except OSError:
+        return ""
+
+
+def prefer_optimized_blas(note_prefix="note: "):
+    """Re-executes the running script with Debian's OpenBLAS first on the library path when torch got the reference
+    BLAS (libblas3, ~30x slower GEMMs) and an OpenBLAS is installed but is not the system default: PyTorch baselines
+    and the recipe's budget assume an optimized BLAS. Results differ only by float rounding. Opt out with
+    FLLM_KEEP_BLAS=1. Returns (does not re-execute) when nothing better is installed."""
+    if os.environ.get("FLLM_KEEP_BLAS") or "openblas" in blas_in_use():
+        return
+    for d in sorted(glob.glob("/usr/lib/*/openblas-*/libblas.so.3")):
+        lib_dir = os.path.dirname(d)
+        env = dict(os.environ, FLLM_KEEP_BLAS="1",
+                   LD_LIBRARY_PATH=os.pathsep.join(p for p in (lib_dir, os.environ.get("LD_LIBRARY_PATH")) if p))
+        print(f"{note_prefix}torch got the reference BLAS; re-running with {lib_dir} (FLLM_KEEP_BLAS=1 to keep it)",
+              flush=True)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
 
 MODES = ("code_ref", "softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk")
 _LIB_NAME = "libfactorllm_torch.so"
