@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "moe_variant_api.h"
+#include "moe_variant_desc.hpp"
 #include "reference/fixtures.hpp"
 #include "reference/reference.hpp"
 
@@ -80,18 +81,7 @@ void check_module(FllmMoeVariantApi const* api, int d, int d_ff, int n, int k, m
   moe::Gating g;
   g.mode = mode;
   g.top_k = k;
-  FllmMoeDesc desc{};
-  desc.d_model = d;
-  desc.d_expert = experts.d_expert();
-  desc.n_experts = n;
-  desc.top_k = k;
-  desc.combine_mode = static_cast<std::int32_t>(mode);
-  desc.weight_type = std::is_same_v<W, bf16> ? FLLM_MOE_WEIGHTS_BF16 : FLLM_MOE_WEIGHTS_F32;
-  desc.gate = experts.gate_tensor().data();
-  desc.up = experts.up_tensor().data();
-  desc.down = experts.down_tensor().data();
-  desc.router_weight = router.weight().data();
-  desc.router_bias = router.bias().data();
+  FllmMoeDesc const desc = factorllm_examples::moe_variant_desc(experts, router, g);
   char err[512] = {};
   void* layer = api->create(&desc, err, sizeof err);
   INFO("create: " << err);

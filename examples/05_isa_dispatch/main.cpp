@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "moe_variant_api.h"
+#include "moe_variant_desc.hpp"
 
 using namespace factorllm;
 
@@ -91,18 +92,7 @@ int main(int argc, char** argv) {
     gating.top_k = top_k;
 
     // The module copies the weights; the oracle below runs in this (baseline) program.
-    FllmMoeDesc desc{};
-    desc.d_model = d_model;
-    desc.d_expert = experts.d_expert();
-    desc.n_experts = n_experts;
-    desc.top_k = top_k;
-    desc.combine_mode = static_cast<std::int32_t>(gating.mode);
-    desc.weight_type = FLLM_MOE_WEIGHTS_F32;
-    desc.gate = experts.gate_tensor().data();
-    desc.up = experts.up_tensor().data();
-    desc.down = experts.down_tensor().data();
-    desc.router_weight = router.weight().data();
-    desc.router_bias = router.bias().data();
+    FllmMoeDesc const desc = factorllm_examples::moe_variant_desc(experts, router, gating);
     char err[512] = {};
     void* layer = api->create(&desc, err, sizeof err);
     if (!layer) {
