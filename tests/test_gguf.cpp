@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../examples/common/llama2c_engine.hpp"
+#include "reference/llama_reference.hpp"
 
 namespace {
 
@@ -492,7 +493,7 @@ TEST_CASE("gguf export: refuses gating llama.cpp cannot express, with a clear me
 
 namespace {
 
-using RowMajorF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ref::RowMajorF;
 
 /// llama.cpp's llama-architecture forward (llm_build_llama) over the GGUF file only: every tensor is read by name
 /// with ggml's dimension order (ne[0] = row length, so a weight with ne {in, out} is an [out, in] row-major matrix
@@ -554,23 +555,7 @@ RowMajorF ggml_llama_forward(GgufFile const& f, std::vector<int> const& tokens) 
     RowMajorF const v = h * mat(p + "attn_v.weight").transpose();
     rope(q, n_heads);
     rope(k, n_kv);
-    RowMajorF att(T, d);
-    for (int head = 0; head < n_heads; ++head) {
-      int const kvh = head / (n_heads / n_kv);
-      for (int t = 0; t < T; ++t) {
-        std::vector<float> s(static_cast<std::size_t>(t + 1));
-        float mx = -INFINITY;
-        for (int u = 0; u <= t; ++u) {
-          s[static_cast<std::size_t>(u)] =
-              q.row(t).segment(head * hs, hs).dot(k.row(u).segment(kvh * hs, hs)) / std::sqrt(static_cast<float>(hs));
-          mx = std::max(mx, s[static_cast<std::size_t>(u)]);
-        }
-        float sum = 0;
-        for (auto& e : s) sum += e = std::exp(e - mx);
-        att.block(t, head * hs, 1, hs).setZero();
-        for (int u = 0; u <= t; ++u) att.block(t, head * hs, 1, hs) += s[static_cast<std::size_t>(u)] / sum * v.block(u, kvh * hs, 1, hs);
-      }
-    }
+    RowMajorF const att = ref::causal_gqa_attention(q, k, v, n_heads, n_kv, hs);
     x += att * mat(p + "attn_output.weight").transpose();
     RowMajorF const hn = rms(x, mat(p + "ffn_norm.weight"));
     if (n_exp == 0) {
@@ -579,22 +564,11 @@ RowMajorF ggml_llama_forward(GgufFile const& f, std::vector<int> const& tokens) 
     }
     RowMajorF const logits = hn * mat(p + "ffn_gate_inp.weight").transpose();  // [T, n_expert]
     for (int t = 0; t < T; ++t) {
-      std::vector<double> pr(static_cast<std::size_t>(n_exp));
-      double const mx = logits.row(t).maxCoeff();
-      double sum = 0;
-      for (int e = 0; e < n_exp; ++e) sum += pr[static_cast<std::size_t>(e)] = std::exp(logits(t, e) - mx);
-      for (auto& e : pr) e /= sum;
-      std::vector<int> order(static_cast<std::size_t>(n_exp));
-      for (int e = 0; e < n_exp; ++e) order[static_cast<std::size_t>(e)] = e;
-      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pr[static_cast<std::size_t>(a)] > pr[static_cast<std::size_t>(b)]; });
-      double top = 0;
-      for (int j = 0; j < n_used; ++j) top += pr[static_cast<std::size_t>(order[static_cast<std::size_t>(j)])];
       RowMajorF const xt = hn.row(t);
-      for (int j = 0; j < n_used; ++j) {
-        int const e = order[static_cast<std::size_t>(j)];
+      for (auto const& [e, w] : ref::softmax_topk_renorm(logits.row(t), n_used)) {
         RowMajorF const o = swiglu(xt, mat(p + "ffn_gate_exps.weight", e), mat(p + "ffn_up_exps.weight", e),
                                    mat(p + "ffn_down_exps.weight", e));
-        x.row(t) += static_cast<float>(pr[static_cast<std::size_t>(e)] / top) * o;
+        x.row(t) += static_cast<float>(w) * o;
       }
     }
   }

@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../examples/common/llama2c_engine.hpp"
+#include "reference/llama_reference.hpp"
 
 namespace {
 
@@ -473,7 +474,7 @@ std::vector<fl::moe::MoeFfn<float, fl::CpuScalar>> stories_moe(io::Llama2cCheckp
   return layers;
 }
 
-using RowMajorF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ref::RowMajorF;
 
 /// An independent forward of Hugging Face's MixtralForCausalLM (modeling_mixtral.py semantics, float32) that reads
 /// only the exported tensors and config.json: half-split rotary embedding (rotate_half), GQA, and the sparse MoE
@@ -523,46 +524,22 @@ RowMajorF hf_mixtral_forward(SafetensorsFile const& f, nlohmann::json const& cfg
     RowMajorF const v = h * mat(p + "self_attn.v_proj.weight").transpose();
     rope(q, n_heads);
     rope(k, n_kv);
-    RowMajorF att(T, d);
-    for (int head = 0; head < n_heads; ++head) {
-      int const kvh = head / (n_heads / n_kv);
-      for (int t = 0; t < T; ++t) {
-        std::vector<float> s(static_cast<std::size_t>(t + 1));
-        float mx = -INFINITY;
-        for (int u = 0; u <= t; ++u) {
-          s[static_cast<std::size_t>(u)] =
-              q.row(t).segment(head * hs, hs).dot(k.row(u).segment(kvh * hs, hs)) / std::sqrt(static_cast<float>(hs));
-          mx = std::max(mx, s[static_cast<std::size_t>(u)]);
-        }
-        float sum = 0;
-        for (auto& e : s) sum += e = std::exp(e - mx);
-        att.block(t, head * hs, 1, hs).setZero();
-        for (int u = 0; u <= t; ++u) att.block(t, head * hs, 1, hs) += s[static_cast<std::size_t>(u)] / sum * v.block(u, kvh * hs, 1, hs);
-      }
-    }
+    RowMajorF const att = ref::causal_gqa_attention(q, k, v, n_heads, n_kv, hs);
     x += att * mat(p + "self_attn.o_proj.weight").transpose();
     RowMajorF const hn = rms(x, mat(p + "post_attention_layernorm.weight"));
     RowMajorF const logits = hn * mat(p + "block_sparse_moe.gate.weight").transpose();  // [T, N]
+    REQUIRE(logits.cols() == n_exp);  // config.json and the router agree on the expert count
     RowMajorF moe = RowMajorF::Zero(T, d);
     for (int t = 0; t < T; ++t) {
-      std::vector<double> pr(static_cast<std::size_t>(n_exp));
-      double mx = logits.row(t).maxCoeff(), sum = 0;
-      for (int e = 0; e < n_exp; ++e) sum += pr[static_cast<std::size_t>(e)] = std::exp(logits(t, e) - mx);
-      for (auto& e : pr) e /= sum;  // routing_weights = softmax(router_logits)
-      std::vector<int> order(static_cast<std::size_t>(n_exp));
-      for (int e = 0; e < n_exp; ++e) order[static_cast<std::size_t>(e)] = e;
-      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pr[static_cast<std::size_t>(a)] > pr[static_cast<std::size_t>(b)]; });
-      double top_sum = 0;
-      for (int j = 0; j < top_k; ++j) top_sum += pr[static_cast<std::size_t>(order[static_cast<std::size_t>(j)])];
-      for (int j = 0; j < top_k; ++j) {
-        int const e = order[static_cast<std::size_t>(j)];
+      RowMajorF const xt = hn.row(t);
+      // routing_weights = softmax(router_logits), TopK, renormalized
+      for (auto const& [e, w] : ref::softmax_topk_renorm(logits.row(t), top_k)) {
         std::string const ep = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
-        RowMajorF const xt = hn.row(t);
         RowMajorF const g = xt * mat(ep + "w1.weight").transpose();
         RowMajorF const u = xt * mat(ep + "w3.weight").transpose();
         RowMajorF a(1, g.cols());
         for (Eigen::Index i = 0; i < g.cols(); ++i) a(0, i) = g(0, i) / (1.0f + std::exp(-g(0, i))) * u(0, i);
-        moe.row(t) += static_cast<float>(pr[static_cast<std::size_t>(e)] / top_sum) * (a * mat(ep + "w2.weight").transpose());
+        moe.row(t) += static_cast<float>(w) * (a * mat(ep + "w2.weight").transpose());
       }
     }
     x += moe;
