@@ -100,6 +100,26 @@ inline void expert_outputs_chunk(ExpertsDouble const& w, std::ptrdiff_t c, Chunk
     s.e_out[static_cast<std::size_t>(e)].topRows(c).noalias() = s.h.block(0, e * w.m, c, w.m) * w.down[static_cast<std::size_t>(e)].transpose();
 }
 
+/// Runs body(t0, c, scratch) for consecutive chunks of at most kChunkTokens rows of x, with scratch.f holding the
+/// dense teacher's outputs F(x) and scratch.e_out[e] every expert's outputs E_e(x) for those rows (double, Eigen
+/// held serial): the shared front of the oracle labellers (PAR and subset labels).
+template <class T, class A, class Body>
+void for_each_teacher_expert_chunk(MatrixView<A const> x, ffn::DenseFfnView<T> const& dense,
+                                   ffn::ExpertWeights<T> const& experts, Body&& body) {
+  factorllm::detail::run_eigen_serial([&] {
+    auto const w = experts_double(experts);
+    auto const dw = dense_double(dense);
+    ChunkScratch sc(kChunkTokens, experts.d_model(), std::max(experts.n_experts() * w.m, dense.d_ff()), experts.n_experts());
+    for (std::ptrdiff_t t0 = 0; t0 < x.rows(); t0 += kChunkTokens) {
+      std::ptrdiff_t const c = std::min(kChunkTokens, x.rows() - t0);
+      factorllm::detail::gather_rows_double(x, t0, c, sc.x.topRows(c));
+      dense_output_chunk(dw, c, sc);
+      expert_outputs_chunk(w, c, sc);
+      body(t0, c, sc);
+    }
+  });
+}
+
 template <class T, class A>
 void validate_experts_x(MatrixView<A const> x, ffn::ExpertWeights<T> const& experts, std::ptrdiff_t top_k, char const* fn) {
   if (experts.gate_tensor().empty()) throw value_error(concat(fn, ": argument 'experts' holds no experts (default-constructed)"));
@@ -201,24 +221,16 @@ Matrix<std::int32_t> par_oracle_labels(MatrixView<A const> x, ffn::DenseFfnView<
   Matrix<std::int32_t> labels({n_tokens, top_k});
   if (mse != nullptr && mse->extents() != std::array<std::ptrdiff_t, 2>{n_tokens, n}) *mse = Matrix<double>({n_tokens, n});
   double const s = moe::Gating::code_ref_scale(n, top_k);  // spec 3.2 step 4 (quirk Q5)
-  factorllm::detail::run_eigen_serial([&] {
-    auto const w = detail_train::experts_double(experts);
-    auto const dw = detail_train::dense_double(dense);
-    detail_train::ChunkScratch sc(detail_train::kChunkTokens, d, std::max(n * w.m, dense.d_ff()), n);
-    std::vector<double> delta(static_cast<std::size_t>(n));
-    for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += detail_train::kChunkTokens) {
-      std::ptrdiff_t const c = std::min(detail_train::kChunkTokens, n_tokens - t0);
-      factorllm::detail::gather_rows_double(x, t0, c, sc.x.topRows(c));
-      detail_train::dense_output_chunk(dw, c, sc);
-      detail_train::expert_outputs_chunk(w, c, sc);
-      for (std::ptrdiff_t r = 0; r < c; ++r) {
-        for (std::ptrdiff_t a = 0; a < n; ++a)
-          delta[static_cast<std::size_t>(a)] =
-              (sc.e_out[static_cast<std::size_t>(a)].row(r) - sc.f.row(r) / s).squaredNorm() / static_cast<double>(d);
-        detail_train::labels_from_mse(delta.data(), n, top_k, labels.view().row(t0 + r));
-        if (mse != nullptr)
-          for (std::ptrdiff_t a = 0; a < n; ++a) (*mse)(t0 + r, a) = delta[static_cast<std::size_t>(a)];
-      }
+  std::vector<double> delta(static_cast<std::size_t>(n));
+  detail_train::for_each_teacher_expert_chunk(x, dense, experts, [&](std::ptrdiff_t t0, std::ptrdiff_t c,
+                                                                    detail_train::ChunkScratch const& sc) {
+    for (std::ptrdiff_t r = 0; r < c; ++r) {
+      for (std::ptrdiff_t a = 0; a < n; ++a)
+        delta[static_cast<std::size_t>(a)] =
+            (sc.e_out[static_cast<std::size_t>(a)].row(r) - sc.f.row(r) / s).squaredNorm() / static_cast<double>(d);
+      detail_train::labels_from_mse(delta.data(), n, top_k, labels.view().row(t0 + r));
+      if (mse != nullptr)
+        for (std::ptrdiff_t a = 0; a < n; ++a) (*mse)(t0 + r, a) = delta[static_cast<std::size_t>(a)];
     }
   });
   return labels;
@@ -345,52 +357,44 @@ Matrix<std::int32_t> subset_oracle_labels(MatrixView<A const> x, ffn::DenseFfnVi
   char const* fn = "subset_oracle_labels";
   detail_train::validate_dense_experts(dense, experts, fn);
   detail_train::validate_experts_x(x, experts, top_k, fn);
-  std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model(), k = top_k;
+  std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), k = top_k;
   if (n > kMaxSubsetExperts)
     throw value_error(detail::concat(fn, ": n_experts = ", n, " exceeds ", kMaxSubsetExperts,
                                      " (the subset labels enumerate all C(N, K) subsets per token)"));
   Matrix<std::int32_t> labels({n_tokens, k});
-  factorllm::detail::run_eigen_serial([&] {
-    auto const w = detail_train::experts_double(experts);
-    auto const dw = detail_train::dense_double(dense);
-    detail_train::ChunkScratch sc(detail_train::kChunkTokens, d, std::max(n * w.m, dense.d_ff()), n);
-    factorllm::detail::RowMatrixD gram(n, n);
-    std::vector<double> dot_f(static_cast<std::size_t>(n));
-    std::vector<std::ptrdiff_t> pick(static_cast<std::size_t>(k)), best(static_cast<std::size_t>(k));
-    for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += detail_train::kChunkTokens) {
-      std::ptrdiff_t const c = std::min(detail_train::kChunkTokens, n_tokens - t0);
-      factorllm::detail::gather_rows_double(x, t0, c, sc.x.topRows(c));
-      detail_train::dense_output_chunk(dw, c, sc);
-      detail_train::expert_outputs_chunk(w, c, sc);
-      for (std::ptrdiff_t r = 0; r < c; ++r) {
-        for (std::ptrdiff_t a = 0; a < n; ++a) {
-          auto const ea = sc.e_out[static_cast<std::size_t>(a)].row(r);
-          dot_f[static_cast<std::size_t>(a)] = ea.dot(sc.f.row(r));
-          for (std::ptrdiff_t b = a; b < n; ++b) gram(a, b) = gram(b, a) = ea.dot(sc.e_out[static_cast<std::size_t>(b)].row(r));
-        }
-        // Lexicographic enumeration of the increasing index lists pick[0] < ... < pick[k-1]; strict < keeps the
-        // first of equal errors. ||f||^2 is the same for every subset and is left out.
-        for (std::ptrdiff_t j = 0; j < k; ++j) pick[static_cast<std::size_t>(j)] = j;
-        double best_err = std::numeric_limits<double>::infinity();
-        while (true) {
-          double err = 0;
-          for (std::ptrdiff_t i = 0; i < k; ++i) {
-            std::ptrdiff_t const a = pick[static_cast<std::size_t>(i)];
-            err += gram(a, a) - 2.0 * dot_f[static_cast<std::size_t>(a)];
-            for (std::ptrdiff_t j = i + 1; j < k; ++j) err += 2.0 * gram(a, pick[static_cast<std::size_t>(j)]);
-          }
-          if (err < best_err) {
-            best_err = err;
-            best = pick;
-          }
-          std::ptrdiff_t i = k - 1;
-          while (i >= 0 && pick[static_cast<std::size_t>(i)] == n - k + i) --i;
-          if (i < 0) break;
-          ++pick[static_cast<std::size_t>(i)];
-          for (std::ptrdiff_t j = i + 1; j < k; ++j) pick[static_cast<std::size_t>(j)] = pick[static_cast<std::size_t>(j - 1)] + 1;
-        }
-        for (std::ptrdiff_t j = 0; j < k; ++j) labels(t0 + r, j) = static_cast<std::int32_t>(best[static_cast<std::size_t>(j)]);
+  factorllm::detail::RowMatrixD gram(n, n);
+  std::vector<double> dot_f(static_cast<std::size_t>(n));
+  std::vector<std::ptrdiff_t> pick(static_cast<std::size_t>(k)), best(static_cast<std::size_t>(k));
+  detail_train::for_each_teacher_expert_chunk(x, dense, experts, [&](std::ptrdiff_t t0, std::ptrdiff_t c,
+                                                                    detail_train::ChunkScratch const& sc) {
+    for (std::ptrdiff_t r = 0; r < c; ++r) {
+      for (std::ptrdiff_t a = 0; a < n; ++a) {
+        auto const ea = sc.e_out[static_cast<std::size_t>(a)].row(r);
+        dot_f[static_cast<std::size_t>(a)] = ea.dot(sc.f.row(r));
+        for (std::ptrdiff_t b = a; b < n; ++b) gram(a, b) = gram(b, a) = ea.dot(sc.e_out[static_cast<std::size_t>(b)].row(r));
       }
+      // Lexicographic enumeration of the increasing index lists pick[0] < ... < pick[k-1]; strict < keeps the
+      // first of equal errors. ||f||^2 is the same for every subset and is left out.
+      for (std::ptrdiff_t j = 0; j < k; ++j) pick[static_cast<std::size_t>(j)] = j;
+      double best_err = std::numeric_limits<double>::infinity();
+      while (true) {
+        double err = 0;
+        for (std::ptrdiff_t i = 0; i < k; ++i) {
+          std::ptrdiff_t const a = pick[static_cast<std::size_t>(i)];
+          err += gram(a, a) - 2.0 * dot_f[static_cast<std::size_t>(a)];
+          for (std::ptrdiff_t j = i + 1; j < k; ++j) err += 2.0 * gram(a, pick[static_cast<std::size_t>(j)]);
+        }
+        if (err < best_err) {
+          best_err = err;
+          best = pick;
+        }
+        std::ptrdiff_t i = k - 1;
+        while (i >= 0 && pick[static_cast<std::size_t>(i)] == n - k + i) --i;
+        if (i < 0) break;
+        ++pick[static_cast<std::size_t>(i)];
+        for (std::ptrdiff_t j = i + 1; j < k; ++j) pick[static_cast<std::size_t>(j)] = pick[static_cast<std::size_t>(j - 1)] + 1;
+      }
+      for (std::ptrdiff_t j = 0; j < k; ++j) labels(t0 + r, j) = static_cast<std::int32_t>(best[static_cast<std::size_t>(j)]);
     }
   });
   return labels;
