@@ -150,3 +150,18 @@ TEST_CASE("large tensors are 2 MiB aligned, zero-filled, and copy and move like 
   Workspace ws(kHugePageThreshold);
   REQUIRE(reinterpret_cast<std::uintptr_t>(ws.data()) % kHugePageBytes == 0);
 }
+
+TEST_CASE("a view whose offsets fit ptrdiff_t in elements but not in bytes is refused", "[core][view]") {
+  // Found by fuzz_api: row 1 at PTRDIFF_MAX / 2 floats is a valid ptrdiff_t element offset, but 4x that in bytes
+  // wrapped around in slice_rows' pointer arithmetic (undefined behaviour, reported by UBSan).
+  float storage[4] = {};
+  std::ptrdiff_t const huge = std::numeric_limits<std::ptrdiff_t>::max() / 2;
+  CHECK_THROWS_AS((TensorView<float, 2>(storage, {2, 1}, {huge, 1})), shape_error);
+  CHECK_THROWS_AS((TensorView<float, 1>(storage, {huge})), shape_error);  // size() * sizeof(float) bytes
+  CHECK_NOTHROW((TensorView<std::uint8_t, 2>(reinterpret_cast<std::uint8_t*>(storage), {2, 1}, {huge, 1})));
+  // An empty view (0 columns) may have that row stride: its pointer is never offset.
+  TensorView<float, 2> empty_rows(storage, {2, 0}, {huge, 1});
+  CHECK(empty_rows.slice_rows(1, 2).data() == storage);
+  CHECK(empty_rows.row(1) == storage);
+  CHECK(empty_rows[1].data() == storage);
+}

@@ -2,6 +2,7 @@
 // Non-owning views over host (or device) memory: pointer, extents and strides in elements.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <sstream>
 #include <cstddef>
@@ -88,7 +89,8 @@ class TensorView {
   /// Returns a pointer to row i of a rank-2 view (or element i of a rank-1 view); null for an empty view over null.
   T* row(std::ptrdiff_t i) const noexcept {
     FLLM_ASSERT(i >= 0 && i < extents_[0]);
-    return data_ == nullptr ? nullptr : data_ + i * strides_[0];  // offsetting null is undefined behaviour
+    // No offset for a null pointer (undefined behaviour) or an empty view (its strides bound no element).
+    return data_ == nullptr || empty() ? data_ : data_ + i * strides_[0];
   }
 
   template <class... Idx>
@@ -112,7 +114,7 @@ class TensorView {
       e[k - 1] = extents_[k];
       s[k - 1] = strides_[k];
     }
-    return TensorView<T, Rank - 1>(data_ == nullptr ? nullptr : data_ + i * strides_[0], e, s);
+    return TensorView<T, Rank - 1>(data_ == nullptr || empty() ? data_ : data_ + i * strides_[0], e, s);
   }
 
   /// Returns rows [begin, end) of the first dimension as a view of the same rank.
@@ -121,9 +123,10 @@ class TensorView {
       throw shape_error(detail::concat("slice_rows: range [", begin, ", ", end, ") outside [0, ", extents_[0], ")"));
     auto e = extents_;
     e[0] = end - begin;
-    // No offset when the result is empty (begin may equal the row count) or the pointer is null (an empty view's
-    // may be, and offsetting null is undefined behaviour).
-    return TensorView(begin == end || data_ == nullptr ? data_ : data_ + begin * strides_[0], e, strides_);
+    // No offset when the result is empty (begin may equal the row count, or another extent is 0: an empty view's
+    // strides bound no element, so begin * stride may not fit a pointer offset) or the pointer is null (an empty
+    // view's may be, and offsetting null is undefined behaviour).
+    return TensorView(begin == end || data_ == nullptr || empty() ? data_ : data_ + begin * strides_[0], e, strides_);
   }
 
  private:
@@ -144,7 +147,7 @@ class TensorView {
     for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << extents_[i];
     os << "] and strides [";
     for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << strides_[i];
-    os << "] address more elements than ptrdiff_t can count";
+    os << "] address more bytes than a pointer offset (ptrdiff_t) can hold";
     throw shape_error(os.str());
   }
   void validate() const {
@@ -163,13 +166,19 @@ class TensorView {
                                          " is smaller than the ", inner_span, " elements one step must span"));
     }
     // Offsets and size() are ptrdiff_t: the offset of every in-range index (row(), operator[], operator() compute
-    // them, empty views included) and the product of the non-zero extents must fit.
+    // them, empty views included) and the product of the non-zero extents must fit. A non-empty view's offsets
+    // become pointer offsets, so they must also fit in bytes (an element offset below PTRDIFF_MAX can overflow the
+    // pointer arithmetic once scaled by sizeof(T): found by fuzz_api through slice_rows); an empty view's pointer
+    // is never offset (row, operator[], slice_rows return it as is).
+    bool const has_elements = std::all_of(extents_.begin(), extents_.end(), [](std::ptrdiff_t e) { return e > 0; });
+    std::ptrdiff_t const max_elements =
+        std::numeric_limits<std::ptrdiff_t>::max() / (has_elements ? static_cast<std::ptrdiff_t>(sizeof(T)) : 1);
     std::ptrdiff_t count = 1, last = 0;
     for (int i = 0; i < Rank; ++i) {
       if (extents_[i] == 0) continue;
       std::ptrdiff_t step = 0;
-      if (!checked_mul(count, extents_[i], count) || !checked_mul(extents_[i] - 1, strides_[i], step) ||
-          step > std::numeric_limits<std::ptrdiff_t>::max() - last)
+      if (!checked_mul(count, extents_[i], count) || count > max_elements ||
+          !checked_mul(extents_[i] - 1, strides_[i], step) || step > max_elements - last)
         throw_overflow();
       last += step;
     }
