@@ -3,7 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <factorllm/moe/combine.hpp>
-#include <factorllm/moe/dispatch.hpp>
+#include <factorllm/moe/grouping.hpp>
 #include <factorllm/moe/gating.hpp>
 #include <factorllm/moe/topk.hpp>
 

@@ -447,14 +447,14 @@ TEST_CASE("backward with no tokens writes zero gradients", "[train][backward]") 
 
 namespace {
 
-/// L(z) = sum_j c_j w_j(z) for the combine weights the forward computes (kernel::select_experts, the routing step of
+/// L(z) = sum_j c_j w_j(z) for the combine weights the forward computes (op select_experts, the routing step of
 /// every backend's training forward) from one token's logits z; ids of the routing are returned through `ids`.
 double weights_loss(std::vector<double> const& z, moe::Gating const& g, std::vector<double> const& c,
                     std::vector<std::int32_t>& ids) {
   std::ptrdiff_t const n = static_cast<std::ptrdiff_t>(z.size()), k = g.top_k;
   Matrix<double> w({1, k});
   Matrix<std::int32_t> id({1, k});
-  kernel::select_experts(matrix_view<double const>(z.data(), 1, n), g, id.view(), w.view(), CpuScalar{});
+  kernel::SelectExperts<CpuScalar>::run(matrix_view<double const>(z.data(), 1, n), g.params(), id.view(), w.view());
   ids.assign(id.data(), id.data() + k);
   double l = 0;
   for (std::ptrdiff_t j = 0; j < k; ++j) l += c[static_cast<std::size_t>(j)] * w(0, j);
@@ -505,7 +505,7 @@ TEST_CASE("combine-weight gradients stay finite and match finite differences for
     double const l0 = weights_loss(cs.z, g, c, ids);
     REQUIRE(std::isfinite(l0));
     std::vector<double> dz(static_cast<std::size_t>(n));
-    kernel::combine_weights_vjp(cs.z.data(), n, ids.data(), cs.k, c.data(), g, dz.data());
+    kernel::combine_weights_vjp(cs.z.data(), n, ids.data(), cs.k, c.data(), g.params(), dz.data());
     for (std::ptrdiff_t i = 0; i < n; ++i) {
       INFO("mode=" << moe::to_string(cs.mode) << " renorm=" << cs.renorm << " K=" << cs.k << " z0=" << cs.z[0]
                    << " i=" << i);

@@ -20,7 +20,7 @@
 #include "ffn/swiglu.hpp"
 
 #include "moe/combine.hpp"
-#include "moe/dispatch.hpp"
+#include "moe/grouping.hpp"
 #include "moe/gating.hpp"
 #include "moe/moe_ffn.hpp"
 #include "moe/router.hpp"
@@ -31,7 +31,6 @@
 #include "train/diagnostics.hpp"
 #include "train/moe_backward.hpp"
 #include "train/par_loss.hpp"
-#include "train/par_types.hpp"
 #include "train/recovery.hpp"
 #include "train/router_training.hpp"
 

@@ -17,9 +17,8 @@
 //   avx2     xsimd::fma3<avx2>      AVX2 + FMA + F16C, OS saves YMM state
 //   sse4_2   xsimd::sse4_2          SSE4.2
 //   generic  xsimd::sse2 (x86-64)   always supported: the fallback
-// The CPU is queried with xsimd::available_architectures() (cpuid at run time) and, because xsimd 8.1 checks
-// neither AVX-512VL, F16C nor the OS's XCR0 state (and reads the AVX bit from the wrong cpuid leaf), with this
-// header's own cpuid/xgetbv check as well: an ISA is supported only when both agree.
+// The CPU is queried by detail::cpu_supports_level (backend/simd/cpu_features.hpp), the same check behind
+// CpuSimd<Arch>::available(): xsimd's cpuid plus our own cpuid/xgetbv, and an ISA is supported only when both agree.
 //
 // Linux/glibc only (dlopen); needs ${CMAKE_DL_LIBS} on glibc < 2.34 (the CMake function's target adds it).
 #pragma once
@@ -36,52 +35,14 @@
 
 #include <dlfcn.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
-
 #include <xsimd/xsimd.hpp>
 
 #include "../core/error.hpp"
+#include "simd/cpu_features.hpp"
 
 namespace factorllm {
 
 namespace detail {
-
-/// The x86 features the ISA variants need, from cpuid leaves 1 and 7 and XCR0 (xgetbv). All false elsewhere.
-struct X86Features {
-  bool sse4_2 = false;
-  bool avx2_fma_f16c = false;   // AVX, AVX2, FMA, F16C and the OS saves XMM+YMM state
-  bool avx512_f_cd_bw_dq_vl = false;  // plus the OS saves opmask and ZMM state
-};
-
-inline X86Features query_x86_features() noexcept {
-  X86Features f;
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  unsigned const ecx1 = c;
-  f.sse4_2 = (ecx1 >> 20) & 1u;
-  bool const osxsave = (ecx1 >> 27) & 1u;
-  std::uint64_t xcr0 = 0;
-  if (osxsave) {
-    // xgetbv(0) through inline asm: the intrinsic would need -mxsave on the (baseline) host.
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    xcr0 = (static_cast<std::uint64_t>(hi) << 32) | lo;
-  }
-  bool const os_ymm = (xcr0 & 0x6u) == 0x6u;     // XMM, YMM
-  bool const os_zmm = (xcr0 & 0xE6u) == 0xE6u;   // XMM, YMM, opmask, ZMM_Hi256, Hi16_ZMM
-  bool const avx = (ecx1 >> 28) & 1u, fma = (ecx1 >> 12) & 1u, f16c = (ecx1 >> 29) & 1u;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
-  bool const avx2 = (b >> 5) & 1u;
-  f.avx2_fma_f16c = os_ymm && avx && avx2 && fma && f16c;
-  bool const avx512f = (b >> 16) & 1u, avx512dq = (b >> 17) & 1u, avx512cd = (b >> 28) & 1u,
-             avx512bw = (b >> 30) & 1u, avx512vl = (b >> 31) & 1u;
-  f.avx512_f_cd_bw_dq_vl = f.avx2_fma_f16c && os_zmm && avx512f && avx512dq && avx512cd && avx512bw && avx512vl;
-#endif
-  return f;
-}
 
 /// The ISA names this header knows, best first.
 inline constexpr std::string_view kIsaNames[] = {"avx512", "avx2", "sse4_2", "generic"};
@@ -121,16 +82,10 @@ inline char const* isa_xsimd_arch_name(std::string_view isa) {
 /// \throws backend_error for an unknown ISA name.
 inline bool cpu_supports_isa(std::string_view isa) {
   detail::require_known_isa(isa, "cpu_supports_isa");
-  if (isa == "generic") return true;
-#if defined(__x86_64__) || defined(__i386__)
-  auto const xs = xsimd::available_architectures();
-  auto const own = detail::query_x86_features();
-  if (isa == "avx512") return xs.avx512bw && xs.avx512dq && xs.avx512cd && xs.avx512f && own.avx512_f_cd_bw_dq_vl;
-  if (isa == "avx2") return xs.fma3_avx2 && own.avx2_fma_f16c;
-  return xs.sse4_2 && own.sse4_2;  // sse4_2
-#else
-  return false;
-#endif
+  if (isa == "avx512") return detail::cpu_supports_level(detail::IsaLevel::avx512);
+  if (isa == "avx2") return detail::cpu_supports_level(detail::IsaLevel::avx2);
+  if (isa == "sse4_2") return detail::cpu_supports_level(detail::IsaLevel::sse4_2);
+  return true;  // generic
 }
 
 /// Returns the directory holding the running executable (from /proc/self/exe), where

@@ -1,27 +1,42 @@
 // SPDX-License-Identifier: Apache-2.0
-// Backend tag types: empty types that select kernel overloads; inheritance is the fallback chain.
+// Backend tag types: empty types that select kernels; each names its memory space and the backend it falls back to.
 #pragma once
 
 #include <type_traits>
 
+#include "../core/workspace.hpp"
+
 namespace factorllm {
 
+/// The end of every fallback chain: "no backend". An op resolved to it has no kernel (backend/ops.hpp).
+struct NoBackend {
+  static constexpr char const* name() noexcept { return "none"; }
+};
+
 /// The reference backend: plain loops, double accumulation, one thread. It is the oracle every other
-/// backend is tested against, and the overload any derived CPU backend falls back to for an op it does
-/// not specialize (overload resolution picks the most derived tag that has a kernel).
+/// backend is tested against, and the backend any derived CPU tag falls back to for an op it does not
+/// implement (docs/design.md §4).
 struct CpuScalar {
+  using backend_self = CpuScalar;  // lets fallback_t tell a tag that re-declares nothing from its base
+  using fallback = NoBackend;
   static constexpr char const* name() noexcept { return "cpu_scalar"; }
+  static constexpr MemorySpace memory_space = MemorySpace::host;
   static constexpr bool is_device = false;
   static bool available() noexcept { return true; }
 };
 
-/// CUDA backend tag (device memory). Deliberately NOT derived from a CPU tag: an op without a CUDA
-/// kernel must fail to compile rather than silently run host code on device pointers.
+/// CUDA backend tag (device memory). Deliberately NOT derived from a CPU tag and falling back to nothing: an op
+/// without a CUDA kernel must fail to compile rather than silently run host code on device pointers.
+/// available() is false in this build: the library has no CUDA kernels yet, so no op can run on a device.
 template <int kSm = 80>
 struct Cuda {
+  using backend_self = Cuda;
+  using fallback = NoBackend;
   static constexpr int kMinComputeCapability = kSm;
+  static constexpr MemorySpace memory_space = MemorySpace::device;
   static constexpr bool is_device = true;
   static constexpr char const* name() noexcept { return "cuda"; }
+  static bool available() noexcept { return false; }
 };
 
 /// True for the backend tag types this library defines (or a user tag deriving from CpuScalar).
@@ -34,8 +49,11 @@ struct is_backend<Cuda<kSm>> : std::true_type {};
 template <class B>
 inline constexpr bool is_backend_v = is_backend<B>::value;
 
-/// False for every type; used in static_asserts that must only fire when instantiated.
-template <class>
-inline constexpr bool dependent_false = false;
+/// The backend B falls back to for an op it has no kernel for: B::fallback when B declares its own
+/// (backend_self is B), else the library tag B derives from (a user tag `struct Mine : CpuSimd<A> {}` falls
+/// back to CpuSimd<A>, not past it).
+template <class B>
+using fallback_t = std::conditional_t<std::is_same_v<typename B::backend_self, B>, typename B::fallback,
+                                      typename B::backend_self>;
 
 }  // namespace factorllm

@@ -1,7 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// Storage types (bf16) and numeric traits: how each weight type converts to and from float/double.
+// Weight formats: the storage types a weight may have (f32, f64, bf16, f16) and their numeric traits.
+//
+// A weight format is a type W with a dtype_traits<W> specialization: its name, the activation type used with
+// it, how many weights one stored element holds (1 for the plain types; a block-quantized format stores a
+// block of weights with its scale in one element), and its conversions. Kernel-argument views
+// (core/kernel_args.hpp) are templates over W, so a new format adds a type, its traits and kernels, and no
+// front changes (docs/design.md §3).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -48,9 +55,77 @@ struct bf16 {
 };
 static_assert(sizeof(bf16) == 2, "bf16 must be two bytes");
 
+/// IEEE 754 binary16 storage type. Arithmetic happens in float. Conversion from float rounds to nearest, ties to
+/// even (subnormals included); values beyond the largest half (65504) become infinities; NaN stays a quiet NaN.
+struct f16 {
+  std::uint16_t bits = 0;
+
+  f16() = default;
+  /// Converts a float with round-to-nearest-even.
+  explicit f16(float value) noexcept : bits(from_float_bits(value)) {}
+
+  /// Returns the float this value represents (exact: every half is a float).
+  explicit operator float() const noexcept { return to_float(); }
+  float to_float() const noexcept {
+    std::uint32_t const sign = static_cast<std::uint32_t>(bits & 0x8000u) << 16;
+    std::uint32_t const exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
+    std::uint32_t u;
+    if (exponent == 0x1fu) {
+      u = sign | 0x7f800000u | (mantissa << 13);  // infinity or NaN (payload kept)
+    } else if (exponent != 0) {
+      u = sign | ((exponent + 112u) << 23) | (mantissa << 13);  // rebias 15 -> 127
+    } else if (mantissa == 0) {
+      u = sign;  // signed zero
+    } else {
+      // Subnormal half m * 2^-24: normalize the mantissa into a float.
+      int shift = 0;
+      std::uint32_t m = mantissa;
+      while ((m & 0x400u) == 0) {
+        m <<= 1;
+        ++shift;
+      }
+      u = sign | (static_cast<std::uint32_t>(113 - shift) << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+
+  /// Returns the half bit pattern nearest to `value` (ties to even).
+  static std::uint16_t from_float_bits(float value) noexcept {
+    std::uint32_t u;
+    std::memcpy(&u, &value, sizeof u);
+    std::uint32_t const sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));  // quiet NaN
+    if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504: infinity
+    if (abs >= 0x38800000u) {
+      // Normal half: drop 13 mantissa bits with round-to-nearest-even; a carry correctly bumps the exponent.
+      std::uint32_t const rebased = abs - 0x38000000u;  // exponent 127 -> 15
+      std::uint32_t const lsb = (rebased >> 13) & 1u;
+      return static_cast<std::uint16_t>(sign | ((rebased + 0xfffu + lsb) >> 13));
+    }
+    if (abs < 0x33000000u) return static_cast<std::uint16_t>(sign);  // below half the smallest subnormal: zero
+    // Subnormal half: the value in units of 2^-24, rounded to nearest even.
+    std::uint32_t const exponent = abs >> 23, mantissa = (abs & 0x7fffffu) | 0x800000u;
+    std::uint32_t const shift = 126u - exponent;  // 14..24: value = mantissa * 2^(exponent - 150) = q * 2^-24
+    std::uint32_t q = mantissa >> shift;
+    std::uint32_t const rest = mantissa & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rest > half || (rest == half && (q & 1u))) ++q;
+    return static_cast<std::uint16_t>(sign | q);
+  }
+  static f16 from_bits(std::uint16_t b) noexcept {
+    f16 r;
+    r.bits = b;
+    return r;
+  }
+  friend bool operator==(f16 a, f16 b) noexcept { return a.bits == b.bits; }
+  friend bool operator!=(f16 a, f16 b) noexcept { return a.bits != b.bits; }
+};
+static_assert(sizeof(f16) == 2, "f16 must be two bytes");
+
 /// Numeric traits of a weight/activation type: the type activations use with it and its conversions.
-/// Weights may be float, double (for oracles and gradient checks) or bf16; activations are float,
-/// or double when the weights are double.
+/// Weights may be float, double (for oracles and gradient checks), bf16 or f16; activations are float,
+/// or double when the weights are double. `block_weights` is how many weights one stored element holds.
 template <class T>
 struct dtype_traits;
 
@@ -58,6 +133,7 @@ template <>
 struct dtype_traits<float> {
   using activation_type = float;
   static constexpr char const* name() noexcept { return "f32"; }
+  static constexpr std::ptrdiff_t block_weights = 1;
   static double to_double(float v) noexcept { return v; }
   static float to_float(float v) noexcept { return v; }
   static float from_float(float v) noexcept { return v; }
@@ -66,6 +142,7 @@ template <>
 struct dtype_traits<double> {
   using activation_type = double;
   static constexpr char const* name() noexcept { return "f64"; }
+  static constexpr std::ptrdiff_t block_weights = 1;
   static double to_double(double v) noexcept { return v; }
   static float to_float(double v) noexcept { return static_cast<float>(v); }
   static double from_float(float v) noexcept { return v; }
@@ -74,10 +151,29 @@ template <>
 struct dtype_traits<bf16> {
   using activation_type = float;
   static constexpr char const* name() noexcept { return "bf16"; }
+  static constexpr std::ptrdiff_t block_weights = 1;
   static double to_double(bf16 v) noexcept { return v.to_float(); }
   static float to_float(bf16 v) noexcept { return v.to_float(); }
   static bf16 from_float(float v) noexcept { return bf16(v); }
 };
+
+template <>
+struct dtype_traits<f16> {
+  using activation_type = float;
+  static constexpr char const* name() noexcept { return "f16"; }
+  static constexpr std::ptrdiff_t block_weights = 1;
+  static double to_double(f16 v) noexcept { return v.to_float(); }
+  static float to_float(f16 v) noexcept { return v.to_float(); }
+  static f16 from_float(float v) noexcept { return f16(v); }
+};
+
+/// True for the types that have weight-format traits.
+template <class T, class = void>
+struct is_weight_format : std::false_type {};
+template <class T>
+struct is_weight_format<T, std::void_t<decltype(dtype_traits<T>::block_weights)>> : std::true_type {};
+template <class T>
+inline constexpr bool is_weight_format_v = is_weight_format<std::remove_const_t<T>>::value;
 
 /// The activation type used with weights of type T (float, or double for double weights).
 template <class T>

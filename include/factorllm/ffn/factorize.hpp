@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "../core/error.hpp"
+#include "../core/kernel_args.hpp"
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "permutation.hpp"
@@ -50,6 +51,9 @@ class ExpertWeights {
 
   /// Views of one expert as a SwiGLU block (d_ff = d_expert).
   DenseFfnView<T> expert(std::ptrdiff_t e) const { return DenseFfnView<T>{gate(e), up(e), down(e)}; }
+
+  /// The kernel-argument view of all experts.
+  ExpertWeightsView<T> view() const noexcept { return ExpertWeightsView<T>{gate_.cview(), up_.cview(), down_.cview()}; }
 
   /// The stacked tensors, read-only.
   Tensor<T, 3> const& gate_tensor() const noexcept { return gate_; }

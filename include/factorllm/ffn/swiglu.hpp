@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Dense SwiGLU FFN: F(x) = W_down (SiLU(W_gate x) * (W_up x)) (spec 1.1), the layer being factorized.
+// Dense SwiGLU FFN: F(x) = W_down (SiLU(W_gate x) * (W_up x)) (docs/math.md §1.1), the layer being factorized.
 #pragma once
 
 #include <algorithm>
@@ -7,9 +7,10 @@
 #include <cstdint>
 #include <limits>
 
+#include "../backend/ops.hpp"
 #include "../backend/scalar/swiglu.hpp"
 #include "../backend/simd/swiglu.hpp"
-#include "../backend/tags.hpp"
+#include "../backend/traits.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor_view.hpp"
@@ -41,9 +42,10 @@ struct DenseFfnView {
 
 /// Returns the workspace bytes `swiglu_forward` needs on Backend for these sizes.
 /// \throws value_error if n_tokens < 0, d_model < 1, d_ff < 1, or the size would overflow.
-template <class Backend = CpuScalar>
+/// \tparam T  weight format (the scratch of some backends depends on it; f32 by default)
+template <class Backend = CpuScalar, class T = float>
 std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff,
-                                   Backend const& b = {}) {
+                                   Backend const& = {}) {
   if (n_tokens < 0 || d_model < 1 || d_ff < 1)
     throw value_error(detail::concat("swiglu_workspace_bytes: need n_tokens >= 0, d_model >= 1, d_ff >= 1; got ",
                                      n_tokens, ", ", d_model, ", ", d_ff));
@@ -54,10 +56,10 @@ std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_mod
   if (widest > kMaxElements || n_tokens > kMaxElements / widest)
     throw value_error(detail::concat("swiglu_workspace_bytes: n_tokens ", n_tokens, " x d_model ", d_model, " x d_ff ",
                                      d_ff, " is too large: the workspace size would overflow"));
-  return kernel::swiglu_workspace(n_tokens, d_model, d_ff, b).bytes();
+  return kernel::Swiglu<Backend>::template workspace<T, activation_t<T>>(n_tokens, d_model, d_ff).bytes();
 }
 
-/// Computes y = F(x) for every row of x (spec 1.1).
+/// Computes y = F(x) for every row of x (docs/math.md §1.1).
 /// \param ffn  dense weights (validated)
 /// \param x    [n_tokens, d_model] inputs, any row stride
 /// \param y    [n_tokens, d_model] outputs; must not alias x
@@ -65,20 +67,25 @@ std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_mod
 /// NaN/Inf in a row of x propagate to that row of y only.
 template <class Backend = CpuScalar, class T, class A>
 void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Workspace& ws,
-                    Backend const& b = {}) {
+                    Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "swiglu_forward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<T>>, "swiglu_forward: activations must be activation_t<T>");
   ffn.validate("swiglu_forward");
   detail::require_shape(x, {x.rows(), ffn.d_model()}, "swiglu_forward", "x");
   detail::require_shape(y, {x.rows(), ffn.d_model()}, "swiglu_forward", "y");
-  kernel::swiglu(ffn.gate, ffn.up, ffn.down, x, y, ws, b);
+  detail::require_workspace_space<Backend>(ws, "swiglu_forward");
+  std::size_t const need = swiglu_workspace_bytes<Backend, T>(x.rows(), ffn.d_model(), ffn.d_ff());
+  if (ws.bytes() < need)
+    throw backend_error(detail::concat("swiglu_forward: workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
+                                       " tokens (needs ", need, "; use swiglu_workspace_bytes())"));
+  kernel::Swiglu<Backend>::run(ffn.gate, ffn.up, ffn.down, x, y, ws.span());
 }
 
 /// Convenience overload that allocates its own workspace (one allocation per call; not for hot loops).
 template <class Backend = CpuScalar, class T, class A>
 void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Backend const& b = {}) {
   ffn.validate("swiglu_forward");  // first, so that a bad FFN is a shape_error here too, not the size query's error
-  Workspace ws(swiglu_workspace_bytes(x.rows(), ffn.d_model(), ffn.d_ff(), b));
+  Workspace ws(swiglu_workspace_bytes<Backend, T>(x.rows(), ffn.d_model(), ffn.d_ff()));
   swiglu_forward(ffn, x, y, ws, b);
 }
 

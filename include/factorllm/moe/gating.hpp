@@ -32,33 +32,16 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/kernel_args.hpp"
 
 namespace factorllm {
 namespace moe {
 
-/// How the outputs of the K selected experts are weighted (table above).
-enum class CombineMode { code_ref, softmax_topk, softmax_topk_renorm, topk_softmax, sigmoid_topk };
-
-/// Returns the mode's name as written in the table ("code_ref", ...).
-inline char const* to_string(CombineMode mode) noexcept {
-  switch (mode) {
-    case CombineMode::code_ref: return "code_ref";
-    case CombineMode::softmax_topk: return "softmax_topk";
-    case CombineMode::softmax_topk_renorm: return "softmax_topk_renorm";
-    case CombineMode::topk_softmax: return "topk_softmax";
-    case CombineMode::sigmoid_topk: return "sigmoid_topk";
-  }
-  return "unknown";
-}
-
-/// Parses a mode name; \throws value_error for an unknown name (listing the valid ones).
-inline CombineMode combine_mode_from_string(std::string const& name) {
-  for (auto m : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
-                 CombineMode::topk_softmax, CombineMode::sigmoid_topk})
-    if (name == to_string(m)) return m;
-  throw value_error("unknown combine mode '" + name +
-                    "'; expected code_ref, softmax_topk, softmax_topk_renorm, topk_softmax or sigmoid_topk");
-}
+// CombineMode, to_string and combine_mode_from_string live with the kernel arguments (core/kernel_args.hpp);
+// they are part of this namespace's API as well.
+using factorllm::CombineMode;
+using factorllm::combine_mode_from_string;
+using factorllm::to_string;
 
 /// The gating configuration of one MoE layer.
 struct Gating {
@@ -95,9 +78,16 @@ struct Gating {
     if (!std::isfinite(output_scale)) throw value_error(detail::concat(function, ": output_scale is not finite"));
   }
 
-  /// The code_ref scale floor(N / K) (spec 2.3).
+  /// The code_ref scale floor(N / K) (docs/math.md §2.3).
   static double code_ref_scale(std::ptrdiff_t n_experts, std::ptrdiff_t top_k) noexcept {
-    return static_cast<double>(n_experts / top_k);
+    return GatingParams::code_ref_scale(n_experts, top_k);
+  }
+
+  /// The plain-value form kernels take; points into selection_bias, so it is valid while this Gating lives
+  /// unchanged. Validate first: kernels trust it.
+  GatingParams params() const noexcept {
+    return GatingParams{mode, top_k, sigmoid_renormalize, selection_bias.empty() ? nullptr : selection_bias.data(),
+                        static_cast<std::ptrdiff_t>(selection_bias.size()), output_scale};
   }
 };
 

@@ -4,14 +4,23 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
 
-#include "../backend/scalar/moe_ffn.hpp"
-#include "../backend/simd/moe_ffn.hpp"
-#include "../backend/tags.hpp"
+#include "../backend/ops.hpp"
+#include "../backend/scalar/combine.hpp"
+#include "../backend/scalar/grouping.hpp"
+#include "../backend/scalar/router.hpp"
+#include "../backend/scalar/swiglu.hpp"
+#include "../backend/scalar/topk.hpp"
+#include "../backend/simd/combine.hpp"
+#include "../backend/simd/router.hpp"
+#include "../backend/simd/swiglu.hpp"
+#include "../backend/traits.hpp"
 #include "../core/dtype.hpp"
+#include "../core/kernel_args.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/workspace.hpp"
@@ -23,11 +32,11 @@
 namespace factorllm {
 namespace moe {
 
-/// A K-of-N mixture-of-experts SwiGLU layer (DESIGN.md data flow, steps 1-5):
+/// A K-of-N mixture-of-experts SwiGLU layer (docs/design.md §2, steps 1-5):
 ///   z = x W_r^T + b_r; S = TopK(z + selection_bias); y = output_scale * sum_{n in S} w_n E_n(x).
 /// Only the selected experts run on each token. Immutable after construction and safe to share across
 /// threads; each concurrent caller brings its own Workspace.
-/// \tparam T        weight type of the experts (float, double, bf16)
+/// \tparam T        weight format of the experts (f32, f64, bf16, f16: core/dtype.hpp)
 /// \tparam Backend  backend tag selecting the kernels (CpuScalar is the oracle)
 template <class T, class Backend = CpuScalar>
 class MoeFfn {
@@ -70,21 +79,62 @@ class MoeFfn {
     if (max_tokens > std::numeric_limits<std::ptrdiff_t>::max() / 256 / widest)
       throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens = ", max_tokens,
                                        " is too large: the workspace size would overflow"));
-    return kernel::moe_workspace<A>(max_tokens, d_model(), n_experts(), d_expert(), top_k(), Backend{}).bytes();
+    if constexpr (kFused) {
+      return kernel::MoeForward<Backend>::template workspace<T, A>(max_tokens, d_model(), n_experts(), d_expert(), top_k())
+          .bytes();
+    } else {
+      detail::WorkspaceLayout layout = step_layout(max_tokens);
+      return layout.bytes() + ExpertStep::template workspace<T, A>(max_tokens * top_k(), d_model(), n_experts(), d_expert())
+                                  .bytes();
+    }
   }
 
-  /// Computes y = MoE(x) for every row of x.
+  /// Computes y = MoE(x) for every row of x: the backend's fused forward when it has one, else the five steps
+  /// router_logits, select_experts, group_by_expert, expert_swiglu, combine (docs/design.md §2).
   /// \param x       [n_tokens, d_model] (n_tokens may be 0)
   /// \param y       [n_tokens, d_model] out; must not alias x
-  /// \param ws      scratch of at least workspace_bytes(n_tokens) bytes (backend_error otherwise)
+  /// \param ws      scratch of at least workspace_bytes(n_tokens) bytes in the backend's memory space
+  ///                (backend_error otherwise)
   /// \param record  optional: receives the routing decisions of this call
   void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, RoutingRecord<A>* record = nullptr) const {
     detail::require_shape(x, {x.rows(), d_model()}, "MoeFfn::forward", "x");
     detail::require_shape(y, {x.rows(), d_model()}, "MoeFfn::forward", "y");
+    detail::require_workspace_space<Backend>(ws, "MoeFfn::forward");
     if (ws.bytes() < workspace_bytes(x.rows()))
       throw backend_error(detail::concat("MoeFfn::forward: workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
                                          " tokens (needs ", workspace_bytes(x.rows()), "; use workspace_bytes())"));
-    kernel::moe_forward(experts_, router_, gating_, x, y, ws, record, Backend{});
+    std::ptrdiff_t const n_tokens = x.rows(), n = n_experts(), k = top_k(), n_slots = n_tokens * k;
+    if constexpr (kFused) {
+      // A fused kernel writes the routing straight into the record's storage (views, so a device kernel can too).
+      RoutingView<A> routing;
+      if (record != nullptr) {
+        record->resize(n_tokens, n, k);
+        routing = record->view();
+      }
+      kernel::MoeForward<Backend>::run(experts_.view(), router_.view(), gating_.params(), x, y, ws.span(),
+                                       record != nullptr ? &routing : nullptr);
+    } else {
+      detail::WorkspaceCursor cursor(ws, "MoeFfn::forward");
+      RoutingView<A> routing{matrix_view(cursor.take<A>(static_cast<std::size_t>(n_tokens * n)), n_tokens, n),
+                             matrix_view(cursor.take<std::int32_t>(static_cast<std::size_t>(n_slots)), n_tokens, k),
+                             matrix_view(cursor.take<A>(static_cast<std::size_t>(n_slots)), n_tokens, k),
+                             vector_view(cursor.take<std::int64_t>(static_cast<std::size_t>(n + 1)), n + 1),
+                             vector_view(cursor.take<std::int32_t>(static_cast<std::size_t>(n_slots)), n_slots)};
+      VectorView<std::int32_t> rows = vector_view(cursor.take<std::int32_t>(static_cast<std::size_t>(n_slots)), n_slots);
+      MatrixView<Out> expert_out =
+          matrix_view(cursor.take<Out>(static_cast<std::size_t>(n_slots * d_model())), n_slots, d_model());
+      kernel::RouterLogits<Backend>::run(x, router_.view(), routing.logits);                                  // 1
+      kernel::SelectExperts<Backend>::run(MatrixView<A const>(routing.logits), gating_.params(), routing.ids,
+                                          routing.weights);                                                   // 2
+      kernel::GroupByExpert<Backend>::run(MatrixView<std::int32_t const>(routing.ids), n, routing.offsets,
+                                          routing.slots, rows);                                               // 3
+      ExpertStep::run(experts_.view(), x, k, VectorView<std::int64_t const>(routing.offsets),
+                      VectorView<std::int32_t const>(routing.slots), expert_out, cursor.rest());              // 4
+      kernel::Combine<Backend>::run(MatrixView<A const>(routing.weights), MatrixView<Out const>(expert_out),
+                                    VectorView<std::int32_t const>(rows), y);                                 // 5
+      if (record != nullptr)
+        record->assign(routing.logits, routing.ids, routing.weights, routing.offsets, routing.slots);
+    }
   }
 
   /// Convenience overload that allocates a workspace per call (not for hot loops).
@@ -94,6 +144,25 @@ class MoeFfn {
   }
 
  private:
+  static constexpr bool kFused = kernel::has_op_v<kernel::MoeForward, Backend>;
+  using ExpertStep = kernel::ExpertSwiglu<Backend>;
+  /// What the backend's expert step writes (double for the oracle, float for CpuSimd).
+  using Out = typename ExpertStep::template output_t<T, A>;
+
+  /// The regions forward() carves before the expert step's own scratch (same order).
+  detail::WorkspaceLayout step_layout(std::ptrdiff_t max_tokens) const {
+    auto const t = static_cast<std::size_t>(max_tokens), n = static_cast<std::size_t>(n_experts()),
+               s = static_cast<std::size_t>(max_tokens * top_k()), d = static_cast<std::size_t>(d_model());
+    return detail::WorkspaceLayout()
+        .add(sizeof(A), t * n)              // logits
+        .add(sizeof(std::int32_t), s)       // ids
+        .add(sizeof(A), s)                  // weights
+        .add(sizeof(std::int64_t), n + 1)   // offsets
+        .add(sizeof(std::int32_t), s)       // slots
+        .add(sizeof(std::int32_t), s)       // grouped row of each slot
+        .add(sizeof(Out), s * d);           // expert outputs, grouped order
+  }
+
   ffn::ExpertWeights<T> experts_;
   Router<A> router_;
   Gating gating_;

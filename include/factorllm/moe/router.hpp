@@ -7,10 +7,11 @@
 #include <cstdint>
 #include <utility>
 
+#include "../backend/ops.hpp"
 #include "../backend/scalar/router.hpp"
 #include "../backend/simd/router.hpp"
-#include "../backend/tags.hpp"
 #include "../core/error.hpp"
+#include "../core/kernel_args.hpp"
 #include "../core/tensor.hpp"
 #include "../detail/random.hpp"
 
@@ -55,6 +56,9 @@ class Router {
   std::ptrdiff_t d_model() const noexcept { return w_.extent(1); }
   MatrixView<T const> weight() const noexcept { return w_.cview(); }
   VectorView<T const> bias() const noexcept { return b_.cview(); }
+  /// The kernel-argument view of this router.
+  RouterView<T> view() const noexcept { return RouterView<T>{w_.cview(), b_.cview()}; }
+  operator RouterView<T>() const noexcept { return view(); }  // NOLINT: implicit, like std::string -> string_view
   /// Writable parameters, for router training only (not thread safe while others read).
   Matrix<T>& mutable_weight() noexcept { return w_; }
   Vector<T>& mutable_bias() noexcept { return b_; }
@@ -67,11 +71,11 @@ class Router {
 /// Computes logits [n_tokens, n_experts] = x W_r^T + b_r.
 /// \throws shape_error if x is not [n_tokens, d_model] or logits not [n_tokens, n_experts].
 template <class Backend = CpuScalar, class R, class A>
-void router_logits(Router<R> const& router, MatrixView<A const> x, MatrixView<A> logits, Backend const& b = {}) {
+void router_logits(Router<R> const& router, MatrixView<A const> x, MatrixView<A> logits, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "router_logits: unknown backend tag");
   detail::require_shape(x, {x.rows(), router.d_model()}, "router_logits", "x");
   detail::require_shape(logits, {x.rows(), router.n_experts()}, "router_logits", "logits");
-  kernel::router_logits(x, router.weight(), router.bias(), logits, b);
+  kernel::RouterLogits<Backend>::run(x, router.view(), logits);
 }
 
 }  // namespace moe

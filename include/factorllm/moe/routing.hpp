@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../core/kernel_args.hpp"
 #include "../core/tensor.hpp"
 
 namespace factorllm {
@@ -23,6 +24,13 @@ struct RoutingRecord {
 
   /// Number of tokens routed to expert e.
   std::int64_t load(std::ptrdiff_t e) const { return offsets[e + 1] - offsets[e]; }
+
+  /// The kernel-argument view of this record's storage (writable; converts to RoutingView<A const>).
+  RoutingView<A> view() noexcept { return RoutingView<A>{logits.view(), ids.view(), weights.view(), offsets.view(), slots.view()}; }
+  /// A read-only view.
+  RoutingView<A const> cview() const noexcept {
+    return RoutingView<A const>{logits.cview(), ids.cview(), weights.cview(), offsets.cview(), slots.cview()};
+  }
 
   /// Copies one forward pass's routing (views into its workspace) into this record.
   void assign(MatrixView<A const> logits_in, MatrixView<std::int32_t const> ids_in, MatrixView<A const> weights_in,

@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// TopK expert selection and combine weights (spec 2.3): the public front over kernel::select_experts.
+// TopK expert selection and combine weights (docs/math.md §2.3): the public front of op select_experts.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#include "../backend/ops.hpp"
 #include "../backend/scalar/topk.hpp"
-#include "../backend/tags.hpp"
 #include "../core/tensor_view.hpp"
 #include "gating.hpp"
 
@@ -21,12 +21,12 @@ namespace moe {
 /// \throws value_error / shape_error on an invalid gating or shapes.
 template <class Backend = CpuScalar, class A>
 void select_experts(MatrixView<A const> logits, Gating const& gating, MatrixView<std::int32_t> ids,
-                    MatrixView<A> weights, Backend const& b = {}) {
+                    MatrixView<A> weights, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "select_experts: unknown backend tag");
   gating.validate(logits.cols(), "select_experts");
   detail::require_shape(ids, {logits.rows(), gating.top_k}, "select_experts", "ids");
   detail::require_shape(weights, {logits.rows(), gating.top_k}, "select_experts", "weights");
-  kernel::select_experts(logits, gating, ids, weights, b);
+  kernel::SelectExperts<Backend>::run(logits, gating.params(), ids, weights);
 }
 
 /// Writes the indices of the top_k largest values of each row of `scores` into ids [n_tokens, top_k]

@@ -14,11 +14,15 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../backend/ops.hpp"
 #include "../backend/scalar/moe_backward.hpp"
 #include "../backend/simd/moe_backward.hpp"
-#include "../backend/tags.hpp"
+#include "../backend/traits.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/kernel_args.hpp"
+#include "../core/tensor.hpp"
+#include "../core/type_traits.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/workspace.hpp"
 #include "../ffn/factorize.hpp"
@@ -30,8 +34,27 @@
 namespace factorllm {
 namespace train {
 
-// MoeParamsView, MoeGradsView and MoeActivations are defined in backend/scalar/moe_backward.hpp (both backends
-// take them) and are part of this header's API.
+// The parameter and gradient views are kernel arguments (core/kernel_args.hpp) and part of this API.
+using factorllm::MoeGradsView;
+using factorllm::MoeParamsView;
+
+/// Expert pre-activations of one training forward, kept so the backward does not recompute them:
+/// row r is slot record.slots[r] (the grouped order of moe::RoutingRecord), column i is neuron i of that
+/// slot's expert. Costs 2 * n_tokens * top_k * d_expert values; saves two of the backward's eight GEMMs.
+template <class A>
+struct MoeActivations {
+  Matrix<A> gate_pre;  // [n_tokens * top_k, d_expert]  x W_gate,e^T
+  Matrix<A> up_pre;    // [n_tokens * top_k, d_expert]  x W_up,e^T
+
+  /// Makes both matrices [n_slots, d_expert] (allocating only on change).
+  void resize(std::ptrdiff_t n_slots, std::ptrdiff_t d_expert) {
+    if (gate_pre.extents() != std::array<std::ptrdiff_t, 2>{n_slots, d_expert}) gate_pre = Matrix<A>({n_slots, d_expert});
+    if (up_pre.extents() != std::array<std::ptrdiff_t, 2>{n_slots, d_expert}) up_pre = Matrix<A>({n_slots, d_expert});
+  }
+  /// The kernel-argument views (writable, for the forward; read-only, for the backward).
+  MoeActivationsView<A> view() noexcept { return MoeActivationsView<A>{gate_pre.view(), up_pre.view()}; }
+  MoeActivationsView<A const> cview() const noexcept { return MoeActivationsView<A const>{gate_pre.cview(), up_pre.cview()}; }
+};
 
 /// Views the parameters of owning experts and router (e.g. those of a moe::MoeFfn) for training calls.
 template <class W>
@@ -40,18 +63,9 @@ MoeParamsView<W> params_view(ffn::ExpertWeights<W> const& experts, moe::Router<a
                           router.weight(), router.bias()};
 }
 
-namespace detail_moe_train {
+}  // namespace train
 
-using factorllm::detail::concat;
-using factorllm::detail::require_shape;
-
-/// Keeps a parameter out of template argument deduction (so `nullptr` can be passed for an optional pointer).
-template <class T>
-struct nondeduced {
-  using type = T;
-};
-template <class T>
-using nondeduced_t = typename nondeduced<T>::type;
+namespace detail {
 
 template <class V>
 void require_dense(V const& v, char const* fn, char const* arg) {
@@ -60,10 +74,10 @@ void require_dense(V const& v, char const* fn, char const* arg) {
 }
 
 template <class W>
-void validate_params(MoeParamsView<W> const& p, char const* fn) {
+void validate_moe_params(MoeParamsView<W> const& p, char const* fn) {
   std::ptrdiff_t const n = p.n_experts(), m = p.d_expert(), d = p.d_model();
   if (n < 1 || m < 1 || d < 1)
-    throw shape_error(concat(fn, ": argument 'gate' has shape ", factorllm::detail::shape_string({n, m, d}),
+    throw shape_error(concat(fn, ": argument 'gate' has shape ", shape_string({n, m, d}),
                              ", expected [n_experts >= 1, d_expert >= 1, d_model >= 1]"));
   require_shape(p.up, {n, m, d}, fn, "up");
   require_shape(p.down, {n, d, m}, fn, "down");
@@ -78,7 +92,7 @@ void validate_params(MoeParamsView<W> const& p, char const* fn) {
 /// Checks that `record` has the shapes of a forward over n_tokens tokens with these n_experts and top_k, and
 /// that its groups are internally consistent (so that no index it holds can leave its arrays).
 template <class A>
-void validate_record(moe::RoutingRecord<A> const& record, std::ptrdiff_t n_tokens, std::ptrdiff_t n,
+void validate_routing_record(moe::RoutingRecord<A> const& record, std::ptrdiff_t n_tokens, std::ptrdiff_t n,
                      std::ptrdiff_t k, char const* fn) {
   require_shape(record.logits.cview(), {n_tokens, n}, fn, "record.logits");
   require_shape(record.ids.cview(), {n_tokens, k}, fn, "record.ids");
@@ -111,32 +125,34 @@ void validate_record(moe::RoutingRecord<A> const& record, std::ptrdiff_t n_token
   }
 }
 
-}  // namespace detail_moe_train
+}  // namespace detail
+
+namespace train {
 
 /// Returns the bytes of scratch `moe_forward` needs for calls of up to max_tokens tokens on Backend.
 /// \throws value_error if max_tokens < 0 or top_k < 1; shape_error for inconsistent parameter views.
 template <class Backend = CpuScalar, class W>
 std::size_t moe_forward_workspace_bytes(MoeParamsView<W> const& params, std::ptrdiff_t top_k,
-                                        std::ptrdiff_t max_tokens, Backend const& b = {}) {
+                                        std::ptrdiff_t max_tokens, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "moe_forward_workspace_bytes: unknown backend tag");
-  detail_moe_train::validate_params(params, "moe_forward_workspace_bytes");
+  detail::validate_moe_params(params, "moe_forward_workspace_bytes");
   if (max_tokens < 0 || top_k < 1)
     throw value_error(detail::concat("moe_forward_workspace_bytes: need max_tokens >= 0 and top_k >= 1, got ", max_tokens,
                                      " and ", top_k));
-  return kernel::moe_train_forward_workspace(params, top_k, max_tokens, b).bytes();
+  return kernel::MoeTrainForward<Backend>::workspace(params, top_k, max_tokens).bytes();
 }
 
 /// Returns the bytes of scratch `moe_backward` needs for calls of up to max_tokens tokens on Backend.
 /// \throws value_error if max_tokens < 0 or top_k < 1; shape_error for inconsistent parameter views.
 template <class Backend = CpuScalar, class W>
 std::size_t moe_backward_workspace_bytes(MoeParamsView<W> const& params, std::ptrdiff_t top_k,
-                                         std::ptrdiff_t max_tokens, Backend const& b = {}) {
+                                         std::ptrdiff_t max_tokens, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "moe_backward_workspace_bytes: unknown backend tag");
-  detail_moe_train::validate_params(params, "moe_backward_workspace_bytes");
+  detail::validate_moe_params(params, "moe_backward_workspace_bytes");
   if (max_tokens < 0 || top_k < 1)
     throw value_error(detail::concat("moe_backward_workspace_bytes: need max_tokens >= 0 and top_k >= 1, got ", max_tokens,
                                      " and ", top_k));
-  return kernel::moe_backward_workspace(params, top_k, max_tokens, b).bytes();
+  return kernel::MoeBackward<Backend>::workspace(params, top_k, max_tokens).bytes();
 }
 
 /// Computes y = MoE(x) like moe::MoeFfn::forward (same routing, same combine) but reads the parameters through
@@ -152,11 +168,11 @@ std::size_t moe_backward_workspace_bytes(MoeParamsView<W> const& params, std::pt
 template <class Backend = CpuScalar, class W, class A>
 void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, MatrixView<A const> x, MatrixView<A> y,
                  moe::RoutingRecord<A>& record, Workspace& ws,
-                 detail_moe_train::nondeduced_t<MoeActivations<A>>* saved = nullptr, Backend const& b = {}) {
+                 type_identity_t<MoeActivations<A>>* saved = nullptr, Backend const& b = {}) {
   static_assert(is_backend_v<Backend>, "moe_forward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<W>>, "moe_forward: activations must be activation_t<W>");
   char const* fn = "moe_forward";
-  detail_moe_train::validate_params(params, fn);
+  detail::validate_moe_params(params, fn);
   gating.validate(params.n_experts(), fn);
   detail::require_shape(x, {x.rows(), params.d_model()}, fn, "x");
   detail::require_shape(y, {x.rows(), params.d_model()}, fn, "y");
@@ -164,7 +180,15 @@ void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, Matr
   if (ws.bytes() < need)
     throw backend_error(detail::concat(fn, ": workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
                                        " tokens (needs ", need, "; use moe_forward_workspace_bytes())"));
-  kernel::moe_train_forward(params, gating, x, y, record, saved, ws, b);
+  detail::require_workspace_space<Backend>(ws, fn);
+  record.resize(x.rows(), params.n_experts(), gating.top_k);
+  MoeActivationsView<A> saved_view;
+  if (saved != nullptr) {
+    saved->resize(x.rows() * gating.top_k, params.d_expert());
+    saved_view = saved->view();
+  }
+  kernel::MoeTrainForward<Backend>::run(params, gating.params(), x, y, record.view(), saved != nullptr ? &saved_view : nullptr,
+                                        ws.span());
 }
 
 /// Computes the gradients of a loss L w.r.t. the inputs and parameters of the MoE layer, given dL/dy and the
@@ -184,16 +208,16 @@ void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, Matr
 template <class Backend = CpuScalar, class W, class A>
 void moe_backward(MoeParamsView<W> const& params, moe::Gating const& gating, moe::RoutingRecord<A> const& record,
                   MatrixView<A const> x, MatrixView<A const> dy, MoeGradsView<A> const& grads, Workspace& ws,
-                  detail_moe_train::nondeduced_t<MoeActivations<A>> const* saved = nullptr, Backend const& b = {}) {
+                  type_identity_t<MoeActivations<A>> const* saved = nullptr, Backend const& b = {}) {
   static_assert(is_backend_v<Backend>, "moe_backward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<W>>, "moe_backward: activations must be activation_t<W>");
   char const* fn = "moe_backward";
-  detail_moe_train::validate_params(params, fn);
+  detail::validate_moe_params(params, fn);
   gating.validate(params.n_experts(), fn);
   std::ptrdiff_t const t = x.rows(), n = params.n_experts(), m = params.d_expert(), d = params.d_model(), k = gating.top_k;
   detail::require_shape(x, {t, d}, fn, "x");
   detail::require_shape(dy, {t, d}, fn, "dy");
-  detail_moe_train::validate_record(record, t, n, k, fn);
+  detail::validate_routing_record(record, t, n, k, fn);
   if (saved != nullptr) {
     detail::require_shape(saved->gate_pre.cview(), {t * k, m}, fn, "saved.gate_pre");
     detail::require_shape(saved->up_pre.cview(), {t * k, m}, fn, "saved.up_pre");
@@ -204,16 +228,20 @@ void moe_backward(MoeParamsView<W> const& params, moe::Gating const& gating, moe
   detail::require_shape(grads.down, {n, d, m}, fn, "grads.down");
   detail::require_shape(grads.router_weight, {n, d}, fn, "grads.router_weight");
   detail::require_shape(grads.router_bias, {n}, fn, "grads.router_bias");
-  detail_moe_train::require_dense(grads.gate, fn, "grads.gate");
-  detail_moe_train::require_dense(grads.up, fn, "grads.up");
-  detail_moe_train::require_dense(grads.down, fn, "grads.down");
-  detail_moe_train::require_dense(grads.router_weight, fn, "grads.router_weight");
+  detail::require_dense(grads.gate, fn, "grads.gate");
+  detail::require_dense(grads.up, fn, "grads.up");
+  detail::require_dense(grads.down, fn, "grads.down");
+  detail::require_dense(grads.router_weight, fn, "grads.router_weight");
   if (grads.wants_logits()) detail::require_shape(grads.logits, {t, n}, fn, "grads.logits");
   std::size_t const need = moe_backward_workspace_bytes(params, k, t, b);
   if (ws.bytes() < need)
     throw backend_error(detail::concat(fn, ": workspace of ", ws.bytes(), " bytes is too small for ", t, " tokens (needs ",
                                        need, "; use moe_backward_workspace_bytes())"));
-  kernel::moe_backward(params, gating, record, x, dy, saved, grads, ws, b);
+  detail::require_workspace_space<Backend>(ws, fn);
+  MoeActivationsView<A const> saved_view;
+  if (saved != nullptr) saved_view = saved->cview();
+  kernel::MoeBackward<Backend>::run(params, gating.params(), record.cview(), x, dy, saved != nullptr ? &saved_view : nullptr,
+                                    grads, ws.span());
 }
 
 /// moe_backward for a moe::MoeFfn whose forward recorded `record` (views its experts and router).

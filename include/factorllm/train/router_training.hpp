@@ -31,7 +31,7 @@
 #include "../moe/router.hpp"
 #include "diagnostics.hpp"
 #include "par_loss.hpp"
-#include "par_types.hpp"
+#include "par_loss.hpp"
 
 namespace factorllm {
 namespace train {

@@ -1,9 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Scalar oracle of the MoE layer for training: a forward on parameter views that records what the backward
 // needs, and the backward (dx, every expert's dW, router dW/db through the combine weights), in double.
-//
-// The parameter/gradient view types live here, next to the oracle, because both backends' kernels take them
-// (the simd header includes this one); train/moe_backward.hpp is the public front and re-exports them.
+// The parameter, gradient and activation views are kernel arguments (core/kernel_args.hpp).
 #pragma once
 
 #include <algorithm>
@@ -13,72 +11,17 @@
 #include <limits>
 
 #include "../../core/dtype.hpp"
-#include "../../core/error.hpp"
-#include "../../core/tensor.hpp"
+#include "../../core/kernel_args.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../core/workspace.hpp"
 #include "../../detail/math.hpp"
-#include "../../moe/gating.hpp"
-#include "../../moe/routing.hpp"
-#include "../tags.hpp"
+#include "../ops.hpp"
 #include "combine.hpp"
-#include "dispatch.hpp"
+#include "grouping.hpp"
 #include "router.hpp"
 #include "topk.hpp"
 
 namespace factorllm {
-namespace train {
-
-/// Non-owning views of one MoE layer's trainable parameters, in the stacked layout of ffn::ExpertWeights
-/// and the nn.Linear layout of moe::Router. Training changes the weights every step, so the training
-/// forward/backward read them through views instead of owning copies. Every view must be dense row-major.
-/// \tparam W  weight type of the experts (float, double, bf16); the router uses the activation type.
-template <class W>
-struct MoeParamsView {
-  using A = activation_t<W>;
-  TensorView<W const, 3> gate;        // [n_experts, d_expert, d_model]
-  TensorView<W const, 3> up;          // [n_experts, d_expert, d_model]
-  TensorView<W const, 3> down;        // [n_experts, d_model, d_expert]
-  MatrixView<A const> router_weight;  // [n_experts, d_model]
-  VectorView<A const> router_bias;    // [n_experts]
-
-  std::ptrdiff_t n_experts() const noexcept { return gate.extent(0); }
-  std::ptrdiff_t d_expert() const noexcept { return gate.extent(1); }
-  std::ptrdiff_t d_model() const noexcept { return gate.extent(2); }
-};
-
-/// Views the backward writes its gradients into (overwritten, never accumulated). All dense row-major.
-/// \tparam A  activation type (float, or double with double weights); gradients of bf16 weights are float.
-template <class A>
-struct MoeGradsView {
-  MatrixView<A> x;                // [n_tokens, d_model]             dL/dx (experts + router paths)
-  TensorView<A, 3> gate;          // [n_experts, d_expert, d_model]  dL/dW_gate (zero for an expert with no token)
-  TensorView<A, 3> up;            // [n_experts, d_expert, d_model]  dL/dW_up
-  TensorView<A, 3> down;          // [n_experts, d_model, d_expert]  dL/dW_down
-  MatrixView<A> router_weight;    // [n_experts, d_model]            dL/dW_r
-  VectorView<A> router_bias;      // [n_experts]                     dL/db_r
-  MatrixView<A> logits;           // optional [n_tokens, n_experts]  dL/dz; leave default-constructed to skip
-
-  /// True when the caller asked for dL/dz (a view with columns).
-  bool wants_logits() const noexcept { return logits.extent(1) != 0; }
-};
-
-/// Expert pre-activations of one training forward, kept so the backward does not recompute them:
-/// row r is slot record.slots[r] (the grouped order of moe::RoutingRecord), column i is neuron i of that
-/// slot's expert. Costs 2 * n_tokens * top_k * d_expert values; saves two of the backward's eight GEMMs.
-template <class A>
-struct MoeActivations {
-  Matrix<A> gate_pre;  // [n_tokens * top_k, d_expert]  x W_gate,e^T
-  Matrix<A> up_pre;    // [n_tokens * top_k, d_expert]  x W_up,e^T
-
-  /// Makes both matrices [n_slots, d_expert] (allocating only on change).
-  void resize(std::ptrdiff_t n_slots, std::ptrdiff_t d_expert) {
-    if (gate_pre.extents() != std::array<std::ptrdiff_t, 2>{n_slots, d_expert}) gate_pre = Matrix<A>({n_slots, d_expert});
-    if (up_pre.extents() != std::array<std::ptrdiff_t, 2>{n_slots, d_expert}) up_pre = Matrix<A>({n_slots, d_expert});
-  }
-};
-
-}  // namespace train
 
 namespace detail {
 
@@ -107,8 +50,8 @@ namespace kernel {
 /// The selection bias only moves the (piecewise constant) choice of S, so it has no gradient.
 template <class Z>
 void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, std::ptrdiff_t k, double const* dw,
-                         moe::Gating const& gating, double* dz) {
-  using moe::CombineMode;
+                         GatingParams const& gating, double* dz) {
+
   double const s = gating.output_scale;
   for (std::ptrdiff_t i = 0; i < n; ++i) dz[i] = 0.0;
   switch (gating.mode) {
@@ -162,9 +105,19 @@ void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, 
 }
 
 /// Scratch of the scalar training forward: one double output row per slot, and hidden/pre-activation rows.
+template <>
+struct MoeTrainForward<CpuScalar> {
+  static constexpr bool implemented = true;
+  template <class W>
+  static detail::WorkspaceLayout workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
+  template <class W, class A>
+  static void run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x, MatrixView<A> y,
+                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws);
+};
+
 template <class W>
-detail::WorkspaceLayout moe_train_forward_workspace(train::MoeParamsView<W> const& p, std::ptrdiff_t top_k,
-                                                    std::ptrdiff_t max_tokens, CpuScalar const&) {
+detail::WorkspaceLayout MoeTrainForward<CpuScalar>::workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k,
+                                                              std::ptrdiff_t max_tokens) {
   auto const s = static_cast<std::size_t>(max_tokens * top_k), d = static_cast<std::size_t>(p.d_model()),
              m = static_cast<std::size_t>(p.d_expert());
   return detail::WorkspaceLayout()
@@ -172,12 +125,13 @@ detail::WorkspaceLayout moe_train_forward_workspace(train::MoeParamsView<W> cons
       .add(sizeof(double), 3 * m);  // gate/up pre-activations and hidden of one slot
 }
 
-/// Scalar training forward (validated by train::moe_forward): routing into `record` (logits, ids, weights,
-/// groups), each expert on its own tokens in double, combine in j order; pre-activations into `saved` if given.
+/// Scalar training forward (validated by train::moe_forward, which sizes `record` and `saved`): routing into
+/// `record` (logits, ids, weights, groups), each expert on its own tokens in double, combine in j order;
+/// pre-activations into `saved` if given.
 template <class W, class A>
-void moe_train_forward(train::MoeParamsView<W> const& p, moe::Gating const& gating, MatrixView<A const> x,
-                       MatrixView<A> y, moe::RoutingRecord<A>& record, train::MoeActivations<A>* saved, Workspace& ws,
-                       CpuScalar const& b) {
+void MoeTrainForward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x,
+                                     MatrixView<A> y, RoutingView<A> record, MoeActivationsView<A> const* saved,
+                                     WorkspaceSpan ws) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert();
   detail::WorkspaceCursor cursor(ws, "moe_forward (train, cpu_scalar)");
   MatrixView<double> slot_out = matrix_view(cursor.take<double>(static_cast<std::size_t>(n_tokens * k * d)), n_tokens * k, d);
@@ -185,14 +139,13 @@ void moe_train_forward(train::MoeParamsView<W> const& p, moe::Gating const& gati
   double* pre_u = pre_g + m;
   double* hidden = pre_u + m;
 
-  record.resize(n_tokens, n, k);
-  router_logits(x, p.router_weight, p.router_bias, record.logits.view(), b);                       // step 1
-  select_experts(record.logits.cview(), gating, record.ids.view(), record.weights.view(), b);      // step 2
-  group_by_expert(record.ids.cview(), n, record.offsets.view(), record.slots.view(), b);           // step 3
-  if (saved != nullptr) saved->resize(n_tokens * k, m);
+  RouterLogits<CpuScalar>::run(x, p.router(), record.logits);                                                 // 1
+  SelectExperts<CpuScalar>::run(MatrixView<A const>(record.logits), gating, record.ids, record.weights);       // 2
+  GroupByExpert<CpuScalar>::run(MatrixView<std::int32_t const>(record.ids), n, record.offsets, record.slots,
+                                VectorView<std::int32_t>());                                                  // 3
   for (std::ptrdiff_t e = 0; e < n; ++e) {                                                           // step 4
-    for (std::int64_t r = record.offsets[e]; r < record.offsets[e + 1]; ++r) {
-      std::ptrdiff_t const s = record.slots[r], t = s / k;
+    for (std::int64_t r = record.offsets(e); r < record.offsets(e + 1); ++r) {
+      std::ptrdiff_t const s = record.slots(r), t = s / k;
       A const* xr = x.row(t);
       for (std::ptrdiff_t i = 0; i < m; ++i) {
         double sg = 0, su = 0;
@@ -216,14 +169,26 @@ void moe_train_forward(train::MoeParamsView<W> const& p, moe::Gating const& gati
       }
     }
   }
-  combine(record.weights.cview(), MatrixView<double const>(slot_out), y, b);                     // step 5
+  Combine<CpuScalar>::run(MatrixView<A const>(record.weights), MatrixView<double const>(slot_out),
+                          VectorView<std::int32_t const>(), y);                                                // 5
 }
 
 /// Scratch of the scalar backward: double accumulators for dx, one expert's three gradients, per-slot
 /// dL/dw, per-token dL/dz, and one slot's hidden rows.
+template <>
+struct MoeBackward<CpuScalar> {
+  static constexpr bool implemented = true;
+  template <class W>
+  static detail::WorkspaceLayout workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
+  template <class W, class A>
+  static void run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
+                  MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
+                  MoeGradsView<A> const& grads, WorkspaceSpan ws);
+};
+
 template <class W>
-detail::WorkspaceLayout moe_backward_workspace(train::MoeParamsView<W> const& p, std::ptrdiff_t top_k,
-                                               std::ptrdiff_t max_tokens, CpuScalar const&) {
+detail::WorkspaceLayout MoeBackward<CpuScalar>::workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k,
+                                                          std::ptrdiff_t max_tokens) {
   auto const t = static_cast<std::size_t>(max_tokens), k = static_cast<std::size_t>(top_k),
              n = static_cast<std::size_t>(p.n_experts()), d = static_cast<std::size_t>(p.d_model()),
              m = static_cast<std::size_t>(p.d_expert());
@@ -244,9 +209,9 @@ detail::WorkspaceLayout moe_backward_workspace(train::MoeParamsView<W> const& p,
 /// then dz_t = VJP of the combine weights (combine_weights_vjp), dW_r = sum_t dz_t x_t^T, db_r = sum_t dz_t,
 /// dx_t += W_r^T dz_t. Everything accumulates in double in a fixed order (experts, then slots in group order).
 template <class W, class A>
-void moe_backward(train::MoeParamsView<W> const& p, moe::Gating const& gating, moe::RoutingRecord<A> const& record,
-                  MatrixView<A const> x, MatrixView<A const> dy, train::MoeActivations<A> const* saved,
-                  train::MoeGradsView<A> const& grads, Workspace& ws, CpuScalar const&) {
+void MoeBackward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
+                                 MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
+                                 MoeGradsView<A> const& grads, WorkspaceSpan ws) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert();
   detail::WorkspaceCursor cursor(ws, "moe_backward (cpu_scalar)");
   double* dx = cursor.take<double>(static_cast<std::size_t>(n_tokens * d));
@@ -267,8 +232,8 @@ void moe_backward(train::MoeParamsView<W> const& p, moe::Gating const& gating, m
 
   for (std::ptrdiff_t e = 0; e < n; ++e) {
     std::fill(dwg, dwg + 3 * m * d, 0.0);
-    for (std::int64_t r = record.offsets[e]; r < record.offsets[e + 1]; ++r) {
-      std::ptrdiff_t const s = record.slots[r], t = s / k, j = s % k;
+    for (std::int64_t r = record.offsets(e); r < record.offsets(e + 1); ++r) {
+      std::ptrdiff_t const s = record.slots(r), t = s / k, j = s % k;
       A const* xr = x.row(t);
       A const* dyr = dy.row(t);
       double const w = to_double(record.weights(t, j));
@@ -322,7 +287,7 @@ void moe_backward(train::MoeParamsView<W> const& p, moe::Gating const& gating, m
   std::fill(dwr, dwr + n * (d + 1), 0.0);
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     double* dzt = dz + t * n;
-    combine_weights_vjp(record.logits.cview().row(t), n, record.ids.cview().row(t), k, dw + t * k, gating, dzt);
+    combine_weights_vjp(record.logits.row(t), n, record.ids.row(t), k, dw + t * k, gating, dzt);
     A const* xr = x.row(t);
     for (std::ptrdiff_t e = 0; e < n; ++e) {
       if (grads.wants_logits()) grads.logits(t, e) = static_cast<A>(dzt[e]);

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Scalar oracle of the PAR loss, the balance term and their router gradients (spec 3.2), in double.
+// Scalar oracle of the PAR loss, the balance term and their router gradients (docs/math.md §3.2), in double.
 #pragma once
 
 #include <algorithm>
@@ -7,18 +7,17 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../../core/kernel_args.hpp"
+#include "../../core/type_traits.hpp"
 #include "../../core/workspace.hpp"
-#include "../../ffn/factorize.hpp"
-#include "../../moe/router.hpp"
-#include "../../train/par_types.hpp"
-#include "../tags.hpp"
+#include "../ops.hpp"
 #include "swiglu.hpp"
 #include "topk.hpp"
 
 namespace factorllm {
 namespace detail {
 
-/// The router half of the PAR and balance losses (spec 3.2 step 1, steps 6-7 and "Balance"), in double: per token,
+/// The router half of the PAR and balance losses (docs/math.md §3.2 step 1, steps 6-7 and "Balance"), in double: per token,
 /// p = softmax(W_r x + b_r), the router's TopK, KL(clip(p) || clip(q)) for given pseudo-labels, the balance mass,
 /// and both losses' gradients w.r.t. W_r and b_r accumulated over tokens. Shared by the scalar oracle
 /// (kernel::par_loss, which finds the labels from the experts' MSEs) and train::par_loss_from_labels (labels given).
@@ -37,7 +36,7 @@ class ParRouterAccumulator {
 
   ParRouterAccumulator(WorkspaceCursor& cursor, std::ptrdiff_t n_tokens, std::ptrdiff_t d_model,
                        std::ptrdiff_t n_experts, std::ptrdiff_t top_k, double clip)
-      : n_(n_experts), d_(d_model), k_(top_k), q_(train::par_target_q(n_experts, top_k)), lo_(clip), hi_(1.0 - clip),
+      : n_(n_experts), d_(d_model), k_(top_k), q_(par_target_q(n_experts, top_k)), lo_(clip), hi_(1.0 - clip),
         inv_t_(1.0 / static_cast<double>(n_tokens)), inv_nt_(inv_t_ / static_cast<double>(n_experts)) {
     z_ = cursor.take<double>(static_cast<std::size_t>(4 * n_));
     p_ = z_ + n_;
@@ -52,13 +51,13 @@ class ParRouterAccumulator {
     std::fill(acc, acc + 2 * n_ * (d_ + 1), 0.0);
   }
 
-  /// z = W_r x + b_r and p = softmax(z) for one token (spec 3.2 step 1); returns p [n_experts].
+  /// z = W_r x + b_r and p = softmax(z) for one token (docs/math.md §3.2 step 1); returns p [n_experts].
   template <class A>
-  double const* route(moe::Router<A> const& router, A const* xr) {
+  double const* route(type_identity_t<RouterView<A>> router, A const* xr) {
     double zmax = -INFINITY;
     for (std::ptrdiff_t e = 0; e < n_; ++e) {
-      double acc_z = to_double(router.bias()(e));
-      A const* wr = router.weight().row(e);
+      double acc_z = to_double(router.bias(e));
+      A const* wr = router.weight.row(e);
       for (std::ptrdiff_t c = 0; c < d_; ++c) acc_z += to_double(wr[c]) * to_double(xr[c]);
       z_[e] = acc_z;
       zmax = std::fmax(zmax, acc_z);
@@ -72,7 +71,7 @@ class ParRouterAccumulator {
   /// After route(): records token t's labels and router TopK in `out`, and adds its KL, balance mass and
   /// gradients (x row xr) to the sums.
   template <class A>
-  void add_token(std::ptrdiff_t t, A const* xr, std::int32_t const* label_ids, train::ParLossResult<A>& out) {
+  void add_token(std::ptrdiff_t t, A const* xr, std::int32_t const* label_ids, type_identity_t<ParLossOutView<A>> const& out) {
     kernel::topk_indices([&](std::ptrdiff_t e) { return z_[e]; }, n_, k_, router_ids_);
     bool same_set = true;
     for (std::ptrdiff_t j = 0; j < k_; ++j) {
@@ -93,7 +92,7 @@ class ParRouterAccumulator {
     }
     par_sum_ += kl;
     for (std::ptrdiff_t e = 0; e < n_; ++e) dz_par_[e] = p_[e] * (dz_par_[e] - pg) * inv_t_;
-    // Balance term: mean_{t,n} of mask * p with mask = TopK(p) = TopK(z) (spec 3.2 "Balance").
+    // Balance term: mean_{t,n} of mask * p with mask = TopK(p) = TopK(z) (docs/math.md §3.2 "Balance").
     double sel_mass = 0;
     for (std::ptrdiff_t j = 0; j < k_; ++j) sel_mass += p_[router_ids_[j]];
     bal_sum_ += sel_mass;
@@ -114,11 +113,12 @@ class ParRouterAccumulator {
 
   /// Writes the losses (means over tokens), the label accuracy and the gradients into `out`.
   template <class A>
-  void finish(train::ParLossConfig const& config, train::ParLossResult<A>& out) const {
-    out.par_loss = par_sum_ * inv_t_;
-    out.balance_loss = bal_sum_ * inv_nt_;
-    out.total_loss = config.par_weight * out.par_loss + config.balance_weight * out.balance_loss;
-    out.label_accuracy = static_cast<double>(matches_) * inv_t_;
+  ParLossValues finish(ParLossConfig const& config, type_identity_t<ParLossOutView<A>> const& out) const {
+    ParLossValues values;
+    values.par_loss = par_sum_ * inv_t_;
+    values.balance_loss = bal_sum_ * inv_nt_;
+    values.total_loss = config.par_weight * values.par_loss + config.balance_weight * values.balance_loss;
+    values.label_accuracy = static_cast<double>(matches_) * inv_t_;
     for (std::ptrdiff_t e = 0; e < n_; ++e) {
       out.grad_bias_par(e) = static_cast<A>(db_par_[e]);
       out.grad_bias_balance(e) = static_cast<A>(db_bal_[e]);
@@ -130,13 +130,14 @@ class ParRouterAccumulator {
         out.grad_weight(e, c) = static_cast<A>(config.par_weight * gp + config.balance_weight * gb);
       }
     }
+    return values;
   }
 
  private:
   double clip(double v) const noexcept { return std::min(std::max(v, lo_), hi_); }
 
   std::ptrdiff_t n_, d_, k_;
-  train::ParTarget q_;  // spec 3.2 step 6 (q table)
+  ParTarget q_;  // spec 3.2 step 6 (q table)
   double lo_, hi_, inv_t_, inv_nt_;
   double *z_ = nullptr, *p_ = nullptr, *dz_par_ = nullptr, *dz_bal_ = nullptr;
   double *dw_par_ = nullptr, *db_par_ = nullptr, *dw_bal_ = nullptr, *db_bal_ = nullptr;
@@ -149,62 +150,70 @@ class ParRouterAccumulator {
 
 namespace kernel {
 
-/// Scratch of the scalar PAR loss: teacher/expert rows, per-token router vectors, gradient accumulators.
-inline detail::WorkspaceLayout par_loss_workspace(std::ptrdiff_t d_model, std::ptrdiff_t d_ff, std::ptrdiff_t n_experts,
-                                                  std::ptrdiff_t top_k, CpuScalar const&) {
-  auto const d = static_cast<std::size_t>(d_model), n = static_cast<std::size_t>(n_experts),
-             k = static_cast<std::size_t>(top_k);
-  detail::WorkspaceLayout layout;
-  layout.add(sizeof(double), static_cast<std::size_t>(d_ff))  // hidden row (dense teacher, the largest)
-      .add(sizeof(double), d)                                   // teacher f
-      .add(sizeof(double), d)                                   // expert output e_n
-      .add(sizeof(double), n)                                   // mse
-      .add(sizeof(std::int32_t), k);                            // pseudo-label ids
-  return detail::ParRouterAccumulator::add_scratch(layout, d_model, n_experts, top_k);
-}
-
-/// PAR + balance losses over all rows of x and their gradients w.r.t. W_r and b_r (spec 3.2):
+/// PAR + balance losses over all rows of x and their gradients w.r.t. W_r and b_r (docs/math.md §3.2):
 ///   p = softmax(z), f = F(x), e_n = E_n(x), delta_n = mean_d (e_n - f / s)^2 with s = floor(N/K),
 ///   y = multi-hot(K smallest delta), q = softmax(y), L_PA = mean_t KL(clip(p) || clip(q)),
 ///   L_bal = mean_{t,n} 1[n in TopK(p)] p_n.
 /// The gradient is exact for the clipped loss: d/dp_n of p_hat log(p_hat / q_hat) is
 /// (log p_hat - log q_hat + 1) where the clip passes (torch.clamp's rule: min <= p <= max) and 0 where it
 /// saturates; then dz = p * (g - <p, g>) (softmax Jacobian).
-template <class W, class A>
-void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
-              moe::Router<A> const& router, std::ptrdiff_t top_k, train::ParLossConfig const& config,
-              train::ParLossResult<A>& out, Workspace& ws, CpuScalar const&) {
-  std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model(), k = top_k;
-  detail::WorkspaceCursor cursor(ws, "par_loss");
-  double* hidden = cursor.take<double>(static_cast<std::size_t>(dense.d_ff()));
-  double* f = cursor.take<double>(static_cast<std::size_t>(d));
-  double* e_out = cursor.take<double>(static_cast<std::size_t>(d));
-  double* mse = cursor.take<double>(static_cast<std::size_t>(n));
-  std::int32_t* label_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
-  detail::ParRouterAccumulator router_terms(cursor, n_tokens, d, n, k, config.clip);
-  double const s = moe::Gating::code_ref_scale(n, k);  // MSE target f / floor(N/K): spec 3.2 step 4, quirk Q5
+template <>
+struct ParLoss<CpuScalar> {
+  static constexpr bool implemented = true;
 
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
-    A const* xr = x.row(t);
-    router_terms.route(router, xr);  // step 1
-    // Teacher f = F(x) and per-expert MSE to f / s (steps 2-4).
-    swiglu_row(dense.gate, dense.up, dense.down, xr, hidden, f);
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      swiglu_row(experts.gate(e), experts.up(e), experts.down(e), xr, hidden, e_out);
-      double se = 0;
-      for (std::ptrdiff_t c = 0; c < d; ++c) {
-        double const diff = e_out[c] - f[c] / s;
-        se += diff * diff;
-      }
-      mse[e] = se / static_cast<double>(d);
-      out.mse_to_target(t, e) = static_cast<A>(mse[e]);
-    }
-    // Pseudo-label: the K experts with the smallest MSE, lower index first on ties (step 5).
-    topk_indices([&](std::ptrdiff_t e) { return -mse[e]; }, n, k, label_ids);
-    router_terms.add_token(t, xr, label_ids, out);  // steps 6-7 and the balance term
+  /// Teacher/expert rows, per-token router vectors, gradient accumulators (independent of n_tokens).
+  template <class W, class A>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t d_model, std::ptrdiff_t d_ff, std::ptrdiff_t n_experts,
+                                           std::ptrdiff_t top_k) {
+    auto const d = static_cast<std::size_t>(d_model), n = static_cast<std::size_t>(n_experts),
+               k = static_cast<std::size_t>(top_k);
+    detail::WorkspaceLayout layout;
+    layout.add(sizeof(double), static_cast<std::size_t>(d_ff))  // hidden row (dense teacher, the largest)
+        .add(sizeof(double), d)                                   // teacher f
+        .add(sizeof(double), d)                                   // expert output e_n
+        .add(sizeof(double), n)                                   // mse
+        .add(sizeof(std::int32_t), k);                            // pseudo-label ids
+    return detail::ParRouterAccumulator::add_scratch(layout, d_model, n_experts, top_k);
   }
-  router_terms.finish(config, out);
-}
+
+  /// \param dense_gate, dense_up, dense_down  the teacher [d_ff, d_model], [d_ff, d_model], [d_model, d_ff]
+  template <class W, class A>
+  static ParLossValues run(MatrixView<A const> x, MatrixView<W const> dense_gate, MatrixView<W const> dense_up,
+                           MatrixView<W const> dense_down, ExpertWeightsView<W> const& experts, RouterView<A> router,
+                           std::ptrdiff_t top_k, ParLossConfig const& config, ParLossOutView<A> const& out,
+                           WorkspaceSpan ws) {
+    std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model(), k = top_k;
+    detail::WorkspaceCursor cursor(ws, "par_loss");
+    double* hidden = cursor.take<double>(static_cast<std::size_t>(dense_gate.rows()));
+    double* f = cursor.take<double>(static_cast<std::size_t>(d));
+    double* e_out = cursor.take<double>(static_cast<std::size_t>(d));
+    double* mse = cursor.take<double>(static_cast<std::size_t>(n));
+    std::int32_t* label_ids = cursor.take<std::int32_t>(static_cast<std::size_t>(k));
+    detail::ParRouterAccumulator router_terms(cursor, n_tokens, d, n, k, config.clip);
+    double const s = GatingParams::code_ref_scale(n, k);  // MSE target f / floor(N/K): docs/math.md §3.2 step 4, quirk Q5
+
+    for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
+      A const* xr = x.row(t);
+      router_terms.route<A>(router, xr);  // step 1
+      // Teacher f = F(x) and per-expert MSE to f / s (steps 2-4).
+      swiglu_row(dense_gate, dense_up, dense_down, xr, hidden, f);
+      for (std::ptrdiff_t e = 0; e < n; ++e) {
+        swiglu_row(experts.gate_of(e), experts.up_of(e), experts.down_of(e), xr, hidden, e_out);
+        double se = 0;
+        for (std::ptrdiff_t c = 0; c < d; ++c) {
+          double const diff = e_out[c] - f[c] / s;
+          se += diff * diff;
+        }
+        mse[e] = se / static_cast<double>(d);
+        out.mse_to_target(t, e) = static_cast<A>(mse[e]);
+      }
+      // Pseudo-label: the K experts with the smallest MSE, lower index first on ties (step 5).
+      topk_indices([&](std::ptrdiff_t e) { return -mse[e]; }, n, k, label_ids);
+      router_terms.add_token<A>(t, xr, label_ids, out);  // steps 6-7 and the balance term
+    }
+    return router_terms.finish<A>(config, out);
+  }
+};
 
 }  // namespace kernel
 }  // namespace factorllm

@@ -1,25 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
-// Scalar oracle for a SwiGLU block: y = W_down (SiLU(W_gate x) * (W_up x)), double accumulation (spec 1.1).
+// Scalar oracle for SwiGLU blocks: y = W_down (SiLU(W_gate x) * (W_up x)), double accumulation (docs/math.md §1.1):
+// the dense FFN (op swiglu) and every expert on its grouped rows (op expert_swiglu).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "../../core/dtype.hpp"
+#include "../../core/kernel_args.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../core/workspace.hpp"
 #include "../../detail/math.hpp"
-#include "../tags.hpp"
+#include "../ops.hpp"
 
 namespace factorllm {
 namespace kernel {
-
-/// Scratch layout of the scalar SwiGLU: one row of hidden activations and one output row, in double.
-inline detail::WorkspaceLayout swiglu_workspace(std::ptrdiff_t /*n_tokens*/, std::ptrdiff_t d_model,
-                                                std::ptrdiff_t d_hidden, CpuScalar const&) {
-  return detail::WorkspaceLayout()
-      .add(sizeof(double), static_cast<std::size_t>(d_hidden))
-      .add(sizeof(double), static_cast<std::size_t>(d_model));
-}
 
 /// Computes one token's SwiGLU block output into `out` (double), using `hidden` (d_hidden doubles) as scratch.
 /// Shapes: gate, up [d_hidden, d_model]; down [d_model, d_hidden]; x [d_model]; out [d_model].
@@ -46,20 +41,58 @@ void swiglu_row(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W c
   }
 }
 
-/// Scalar SwiGLU over all rows of x (the oracle for dense FFNs and single experts). y must not alias x.
-template <class W, class A>
-void swiglu(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<A const> x,
-            MatrixView<A> y, Workspace& ws, CpuScalar const&) {
-  std::ptrdiff_t const d_model = gate.cols();
-  detail::WorkspaceCursor cursor(ws, "swiglu");
-  double* hidden = cursor.take<double>(static_cast<std::size_t>(gate.rows()));
-  double* out = cursor.take<double>(static_cast<std::size_t>(d_model));
-  for (std::ptrdiff_t t = 0; t < x.rows(); ++t) {
-    swiglu_row(gate, up, down, x.row(t), hidden, out);
-    A* yr = y.row(t);
-    for (std::ptrdiff_t o = 0; o < d_model; ++o) yr[o] = static_cast<A>(out[o]);
+/// Dense SwiGLU over all rows of x (the oracle for dense FFNs and single experts). y must not alias x.
+template <>
+struct Swiglu<CpuScalar> {
+  static constexpr bool implemented = true;
+  /// One row of hidden activations and one output row, in double.
+  template <class W, class A>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t /*n_tokens*/, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden) {
+    return detail::WorkspaceLayout()
+        .add(sizeof(double), static_cast<std::size_t>(d_hidden))
+        .add(sizeof(double), static_cast<std::size_t>(d_model));
   }
-}
+  template <class W, class A>
+  static void run(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<A const> x,
+                  MatrixView<A> y, WorkspaceSpan ws) {
+    std::ptrdiff_t const d_model = gate.cols();
+    detail::WorkspaceCursor cursor(ws, "swiglu");
+    double* hidden = cursor.take<double>(static_cast<std::size_t>(gate.rows()));
+    double* out = cursor.take<double>(static_cast<std::size_t>(d_model));
+    for (std::ptrdiff_t t = 0; t < x.rows(); ++t) {
+      swiglu_row(gate, up, down, x.row(t), hidden, out);
+      A* yr = y.row(t);
+      for (std::ptrdiff_t o = 0; o < d_model; ++o) yr[o] = static_cast<A>(out[o]);
+    }
+  }
+};
+
+/// Every expert on its own grouped rows: grouped row r (slot s = slots[r], token s / top_k, routed to the
+/// expert e with offsets[e] <= r < offsets[e+1]) gets expert_out[r] = E_e(x[s / top_k]), in double.
+template <>
+struct ExpertSwiglu<CpuScalar> {
+  static constexpr bool implemented = true;
+  /// The oracle keeps expert outputs in double until the combine.
+  template <class W, class A>
+  using output_t = double;
+  /// One expert's hidden row, in double.
+  template <class W, class A>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t /*n_slots*/, std::ptrdiff_t /*d_model*/,
+                                           std::ptrdiff_t /*n_experts*/, std::ptrdiff_t d_expert) {
+    return detail::WorkspaceLayout().add(sizeof(double), static_cast<std::size_t>(d_expert));
+  }
+  template <class W, class A>
+  static void run(ExpertWeightsView<W> const& experts, MatrixView<A const> x, std::ptrdiff_t top_k,
+                  VectorView<std::int64_t const> offsets, VectorView<std::int32_t const> slots,
+                  MatrixView<double> expert_out, WorkspaceSpan ws) {
+    detail::WorkspaceCursor cursor(ws, "expert_swiglu (cpu_scalar)");
+    double* hidden = cursor.take<double>(static_cast<std::size_t>(experts.d_expert()));
+    for (std::ptrdiff_t e = 0; e < experts.n_experts(); ++e)  // only chosen experts run
+      for (std::int64_t r = offsets(e); r < offsets(e + 1); ++r)
+        swiglu_row(experts.gate_of(e), experts.up_of(e), experts.down_of(e), x.row(slots(r) / top_k), hidden,
+                   expert_out.row(r));
+  }
+};
 
 }  // namespace kernel
 }  // namespace factorllm

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Scalar oracle for TopK selection and the combine weights of every gating mode (spec 2.3).
+// Scalar oracle for TopK selection and the combine weights of every gating mode (docs/math.md §2.3).
 #pragma once
 
 #include <cmath>
@@ -7,10 +7,10 @@
 #include <cstdint>
 #include <limits>
 
+#include "../../core/kernel_args.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../detail/math.hpp"
-#include "../../moe/gating.hpp"
-#include "../tags.hpp"
+#include "../ops.hpp"
 
 namespace factorllm {
 namespace kernel {
@@ -39,19 +39,26 @@ void topk_indices(Score const& score, std::ptrdiff_t n, std::ptrdiff_t k, std::i
 
 /// TopK over rows of logits (plus the optional selection bias) and the combine weights of `gating`
 /// (table in moe/gating.hpp). Shapes: logits [n_tokens, n_experts]; ids, weights [n_tokens, top_k].
+template <>
+struct SelectExperts<CpuScalar> {
+  static constexpr bool implemented = true;
+  template <class A>
+  static void run(MatrixView<A const> logits, GatingParams const& gating, MatrixView<std::int32_t> ids,
+                  MatrixView<A> weights);
+};
+
 template <class A>
-void select_experts(MatrixView<A const> logits, moe::Gating const& gating, MatrixView<std::int32_t> ids,
-                    MatrixView<A> weights, CpuScalar const&) {
-  using moe::CombineMode;
+void SelectExperts<CpuScalar>::run(MatrixView<A const> logits, GatingParams const& gating, MatrixView<std::int32_t> ids,
+                                   MatrixView<A> weights) {
   std::ptrdiff_t const n = logits.cols(), k = gating.top_k;
-  bool const has_bias = !gating.selection_bias.empty();
+  bool const has_bias = gating.has_selection_bias();
   for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) {
     A const* z = logits.row(t);
     std::int32_t* id = ids.row(t);
     A* w = weights.row(t);
     auto logit = [&](std::ptrdiff_t i) { return static_cast<double>(z[i]); };
-    // Selection scores: logits plus the selection-only bias (spec 2.3).
-    topk_indices([&](std::ptrdiff_t i) { return logit(i) + (has_bias ? gating.selection_bias[static_cast<std::size_t>(i)] : 0.0); },
+    // Selection scores: logits plus the selection-only bias (docs/math.md §2.3).
+    topk_indices([&](std::ptrdiff_t i) { return logit(i) + (has_bias ? static_cast<double>(gating.selection_bias[i]) : 0.0); },
                  n, k, id);
     bool any_nan = false;
     double max_all = -std::numeric_limits<double>::infinity(), max_sel = max_all;
@@ -65,7 +72,7 @@ void select_experts(MatrixView<A const> logits, moe::Gating const& gating, Matri
     auto raw_weight = [&](std::ptrdiff_t j) -> double {
       double const zj = logit(id[j]);
       switch (gating.mode) {
-        case CombineMode::code_ref: return moe::Gating::code_ref_scale(n, k);
+        case CombineMode::code_ref: return GatingParams::code_ref_scale(n, k);
         case CombineMode::softmax_topk:
         case CombineMode::softmax_topk_renorm: return std::exp(zj - max_all) / all_sum;
         case CombineMode::topk_softmax: return std::exp(zj - max_sel);

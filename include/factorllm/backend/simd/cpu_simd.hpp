@@ -15,7 +15,9 @@
 #include <cmath>
 #include <type_traits>
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the bf16 widening loads below; every other ISA takes the portable path
+#endif
 
 #include <xsimd/xsimd.hpp>
 
@@ -25,6 +27,7 @@
 
 #include "../../core/dtype.hpp"
 #include "../tags.hpp"
+#include "cpu_features.hpp"
 
 namespace factorllm {
 
@@ -35,11 +38,12 @@ namespace factorllm {
 /// may have any row stride.
 template <class Arch = xsimd::default_arch>
 struct CpuSimd : CpuScalar {
+  using backend_self = CpuSimd;
+  using fallback = CpuScalar;
   using arch = Arch;
   static constexpr char const* name() noexcept { return "cpu_simd"; }
-  static constexpr bool is_device = false;
-  /// True when the running CPU supports Arch.
-  static bool available() noexcept { return Arch::version() <= xsimd::available_architectures().best; }
+  /// True when the running CPU supports Arch (the same check as the ISA module loader: cpu_features.hpp).
+  static bool available() noexcept { return detail::cpu_supports_arch<Arch>(); }
 };
 
 /// The CPU backend host code should use by default: the SIMD backend for the best ISA compiled in.
@@ -99,13 +103,13 @@ inline xsimd::batch<float, Arch> load_weights(W const* p) noexcept {
     return batch::load_unaligned(p);
   } else {
     static_assert(std::is_same_v<W, bf16>, "CpuSimd: weights must be float or bf16");
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(__i386__))
     if constexpr (batch::size == 16) {
       __m256i const h = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(p));
       return batch(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
     }
 #endif
-#if defined(__AVX2__)
+#if defined(__AVX2__) && (defined(__x86_64__) || defined(__i386__))
     if constexpr (batch::size == 8) {
       __m128i const h = _mm_loadu_si128(reinterpret_cast<__m128i const*>(p));
       return batch(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));

@@ -22,13 +22,14 @@
 
 #include <Eigen/Core>
 
+#include "../../core/kernel_args.hpp"
 #include "../../core/workspace.hpp"
-#include "../../moe/gating.hpp"
-#include "../../moe/routing.hpp"
-#include "../scalar/dispatch.hpp"
+#include "../ops.hpp"
+#include "../scalar/grouping.hpp"
 #include "../scalar/moe_backward.hpp"
 #include "../scalar/topk.hpp"
 #include "cpu_simd.hpp"
+#include "swiglu.hpp"
 
 namespace factorllm {
 namespace detail {
@@ -38,23 +39,18 @@ namespace detail {
 /// 70 GFLOP/s, 256 gives 75 (Eigen's packing amortized over wider panels), 512 no more while halving the tasks.
 inline constexpr std::ptrdiff_t kTrainBlock = 256;
 
-namespace train_simd {
-using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using CMap = Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>>;
-using Map = Eigen::Map<RowMajor, 0, Eigen::OuterStride<>>;
-/// Views rows x cols floats at p with row stride ld as a row-major Eigen matrix.
-inline CMap cmap(float const* p, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t ld) {
-  return CMap(p, rows, cols, Eigen::OuterStride<>(ld));
+/// Views rows x cols floats at p with row stride ld as a row-major Eigen matrix (read-only / writable).
+inline ConstMapF cmap_f(float const* p, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t ld) {
+  return ConstMapF(p, rows, cols, Eigen::OuterStride<>(ld));
 }
-inline Map map(float* p, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t ld) {
-  return Map(p, rows, cols, Eigen::OuterStride<>(ld));
+inline MapF map_f(float* p, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t ld) {
+  return MapF(p, rows, cols, Eigen::OuterStride<>(ld));
 }
 /// Stable sigmoid in float (exp of a non-positive argument only).
 inline float sigmoid_f(float a) noexcept {
   float const e = std::exp(-std::fabs(a));
   return a >= 0 ? 1.f / (1.f + e) : e / (1.f + e);
 }
-}  // namespace train_simd
 
 /// Maps a global task index to (expert, block) given per-expert task starts [n_experts + 1].
 inline void task_to_block(std::ptrdiff_t const* starts, std::ptrdiff_t n_experts, std::ptrdiff_t task,
@@ -83,8 +79,27 @@ namespace kernel {
 
 /// Scratch of the CpuSimd training forward for up to max_tokens tokens (S = max_tokens * top_k slots).
 template <class Arch>
-detail::WorkspaceLayout moe_train_forward_workspace(train::MoeParamsView<float> const& p, std::ptrdiff_t top_k,
-                                                    std::ptrdiff_t max_tokens, CpuSimd<Arch> const&) {
+struct MoeTrainForward<CpuSimd<Arch>> {
+  static constexpr bool implemented = true;
+  /// Other weight formats (double, bf16) run the oracle.
+  template <class W>
+  static detail::WorkspaceLayout workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens) {
+    return MoeTrainForward<CpuScalar>::workspace(p, top_k, max_tokens);
+  }
+  template <class W, class A>
+  static void run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x, MatrixView<A> y,
+                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws) {
+    MoeTrainForward<CpuScalar>::run(p, gating, x, y, record, saved, ws);
+  }
+  static detail::WorkspaceLayout workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
+  static void run(MoeParamsView<float> const& p, GatingParams const& gating, MatrixView<float const> x,
+                  MatrixView<float> y, RoutingView<float> record, MoeActivationsView<float> const* saved,
+                  WorkspaceSpan ws);
+};
+
+template <class Arch>
+detail::WorkspaceLayout MoeTrainForward<CpuSimd<Arch>>::workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k,
+                                                                  std::ptrdiff_t max_tokens) {
   auto const s = static_cast<std::size_t>(max_tokens * top_k), n = static_cast<std::size_t>(p.n_experts()),
              d = static_cast<std::size_t>(p.d_model()), m = static_cast<std::size_t>(p.d_expert());
   return detail::WorkspaceLayout()
@@ -100,10 +115,9 @@ detail::WorkspaceLayout moe_train_forward_workspace(train::MoeParamsView<float> 
 /// grouping), then per expert: phase 1 [a | b] = X_e [W_g | W_u]^T, h = SiLU(a) b; phase 2 O_e = h W_d^T; then
 /// y_t = sum_j w_tj o_{t,j} in j order.
 template <class Arch>
-void moe_train_forward(train::MoeParamsView<float> const& p, moe::Gating const& gating, MatrixView<float const> x,
-                       MatrixView<float> y, moe::RoutingRecord<float>& record, train::MoeActivations<float>* saved,
-                       Workspace& ws, CpuSimd<Arch> const&) {
-  namespace ts = detail::train_simd;
+void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams const& gating,
+                                         MatrixView<float const> x, MatrixView<float> y, RoutingView<float> record,
+                                         MoeActivationsView<float> const* saved, WorkspaceSpan ws) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert(),
                        n_slots = n_tokens * k;
   detail::WorkspaceCursor cursor(ws, "moe_forward (train, cpu_simd)");
@@ -113,24 +127,23 @@ void moe_train_forward(train::MoeParamsView<float> const& p, moe::Gating const& 
   float* hid = cursor.take<float>(static_cast<std::size_t>(n_slots * m));
   float* out = cursor.take<float>(static_cast<std::size_t>(n_slots * d));
   std::ptrdiff_t* starts = cursor.take<std::ptrdiff_t>(static_cast<std::size_t>(n + 1));
-  if (saved != nullptr) saved->resize(n_slots, m);
   float* pre_g = saved != nullptr ? saved->gate_pre.data() : pre;
   float* pre_u = saved != nullptr ? saved->up_pre.data() : pre + n_slots * m;
 
-  record.resize(n_tokens, n, k);
-  MatrixView<float> logits = record.logits.view();
+  MatrixView<float> logits = record.logits;
   // Step 1, z = x W_r^T + b_r: one task (N is small); run inside a region so Eigen stays serial.
   detail::run_serial_eigen_tasks(n_tokens > 0 ? 1 : 0, [&](std::ptrdiff_t) {
-    ts::map(logits.data(), n_tokens, n, n).noalias() =
-        ts::cmap(x.data(), n_tokens, d, x.row_stride()) * ts::cmap(p.router_weight.data(), n, d, d).transpose();
+    detail::map_f(logits.data(), n_tokens, n, n).noalias() =
+        detail::cmap_f(x.data(), n_tokens, d, x.row_stride()) * detail::cmap_f(p.router_weight.data(), n, d, d).transpose();
     for (std::ptrdiff_t t = 0; t < n_tokens; ++t)
       for (std::ptrdiff_t e = 0; e < n; ++e) logits(t, e) += p.router_bias(e);
   });
-  select_experts(record.logits.cview(), gating, record.ids.view(), record.weights.view(), CpuScalar{});  // step 2
-  group_by_expert(record.ids.cview(), n, record.offsets.view(), record.slots.view(), CpuScalar{});     // step 3
+  SelectExperts<CpuScalar>::run(MatrixView<float const>(logits), gating, record.ids, record.weights);  // step 2
+  GroupByExpert<CpuScalar>::run(MatrixView<std::int32_t const>(record.ids), n, record.offsets, record.slots,
+                                VectorView<std::int32_t>());                                       // step 3
   std::int64_t const* offsets = record.offsets.data();
   for (std::ptrdiff_t r = 0; r < n_slots; ++r) {  // gather each expert's rows
-    std::int32_t const s = record.slots[r];
+    std::int32_t const s = record.slots(r);
     row_of_slot[s] = static_cast<std::int32_t>(r);
     std::copy(x.row(s / k), x.row(s / k) + d, xg + r * d);
   }
@@ -141,9 +154,9 @@ void moe_train_forward(train::MoeParamsView<float> const& p, moe::Gating const& 
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, i0 = blk * detail::kTrainBlock,
                          bw = std::min(m, i0 + detail::kTrainBlock) - i0;
-    auto const xe = ts::cmap(xg + r0 * d, c, d, d);
-    ts::map(pre_g + r0 * m + i0, c, bw, m).noalias() = xe * ts::cmap(p.gate.data() + (e * m + i0) * d, bw, d, d).transpose();
-    ts::map(pre_u + r0 * m + i0, c, bw, m).noalias() = xe * ts::cmap(p.up.data() + (e * m + i0) * d, bw, d, d).transpose();
+    auto const xe = detail::cmap_f(xg + r0 * d, c, d, d);
+    detail::map_f(pre_g + r0 * m + i0, c, bw, m).noalias() = xe * detail::cmap_f(p.gate.data() + (e * m + i0) * d, bw, d, d).transpose();
+    detail::map_f(pre_u + r0 * m + i0, c, bw, m).noalias() = xe * detail::cmap_f(p.up.data() + (e * m + i0) * d, bw, d, d).transpose();
     for (std::ptrdiff_t rr = 0; rr < c; ++rr) {
       float const* ga = pre_g + (r0 + rr) * m;
       float const* ub = pre_u + (r0 + rr) * m;
@@ -158,8 +171,8 @@ void moe_train_forward(train::MoeParamsView<float> const& p, moe::Gating const& 
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, o0 = blk * detail::kTrainBlock,
                          bw = std::min(d, o0 + detail::kTrainBlock) - o0;
-    ts::map(out + r0 * d + o0, c, bw, d).noalias() =
-        ts::cmap(hid + r0 * m, c, m, m) * ts::cmap(p.down.data() + (e * d + o0) * m, bw, m, m).transpose();
+    detail::map_f(out + r0 * d + o0, c, bw, d).noalias() =
+        detail::cmap_f(hid + r0 * m, c, m, m) * detail::cmap_f(p.down.data() + (e * d + o0) * m, bw, m, m).transpose();
   });
   // Step 5: y_t = sum_j w_tj o_{t,j}, j in order (one writer per row).
 #if defined(_OPENMP)
@@ -182,8 +195,28 @@ void moe_train_forward(train::MoeParamsView<float> const& p, moe::Gating const& 
 /// Scratch of the CpuSimd backward for up to max_tokens tokens (S = max_tokens * top_k slots,
 /// nb = ceil(d_expert / kTrainBlock)).
 template <class Arch>
-detail::WorkspaceLayout moe_backward_workspace(train::MoeParamsView<float> const& p, std::ptrdiff_t top_k,
-                                               std::ptrdiff_t max_tokens, CpuSimd<Arch> const&) {
+struct MoeBackward<CpuSimd<Arch>> {
+  static constexpr bool implemented = true;
+  /// Other weight formats (double, bf16) run the oracle.
+  template <class W>
+  static detail::WorkspaceLayout workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens) {
+    return MoeBackward<CpuScalar>::workspace(p, top_k, max_tokens);
+  }
+  template <class W, class A>
+  static void run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
+                  MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
+                  MoeGradsView<A> const& grads, WorkspaceSpan ws) {
+    MoeBackward<CpuScalar>::run(p, gating, record, x, dy, saved, grads, ws);
+  }
+  static detail::WorkspaceLayout workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
+  static void run(MoeParamsView<float> const& p, GatingParams const& gating, RoutingView<float const> record,
+                  MatrixView<float const> x, MatrixView<float const> dy, MoeActivationsView<float const> const* saved,
+                  MoeGradsView<float> const& grads, WorkspaceSpan ws);
+};
+
+template <class Arch>
+detail::WorkspaceLayout MoeBackward<CpuSimd<Arch>>::workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k,
+                                                              std::ptrdiff_t max_tokens) {
   auto const t = static_cast<std::size_t>(max_tokens), s = static_cast<std::size_t>(max_tokens * top_k),
              n = static_cast<std::size_t>(p.n_experts()), d = static_cast<std::size_t>(p.d_model()),
              m = static_cast<std::size_t>(p.d_expert()),
@@ -209,10 +242,10 @@ detail::WorkspaceLayout moe_backward_workspace(train::MoeParamsView<float> const
 ///   phase 3, per token:  dL/dw (block partials in order), dz (combine_weights_vjp, double), dx_t = sum_j dX + W_r^T dz
 ///   phase 4, per block of kTrainBlock input columns:  dW_r[:, blk] = dZ^T X[:, blk];  db_r = column sums of dZ (double).
 template <class Arch>
-void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gating, moe::RoutingRecord<float> const& record,
-                  MatrixView<float const> x, MatrixView<float const> dy, train::MoeActivations<float> const* saved,
-                  train::MoeGradsView<float> const& grads, Workspace& ws, CpuSimd<Arch> const&) {
-  namespace ts = detail::train_simd;
+void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams const& gating,
+                                     RoutingView<float const> record, MatrixView<float const> x,
+                                     MatrixView<float const> dy, MoeActivationsView<float const> const* saved,
+                                     MoeGradsView<float> const& grads, WorkspaceSpan ws) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert(),
                        n_slots = n_tokens * k, nb = (m + detail::kTrainBlock - 1) / detail::kTrainBlock;
   detail::WorkspaceCursor cursor(ws, "moe_backward (cpu_simd)");
@@ -233,7 +266,7 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
 #pragma omp parallel for schedule(static)
 #endif
   for (std::ptrdiff_t r = 0; r < n_slots; ++r) {  // gather x and dy rows in group order
-    std::int32_t const s = record.slots[r];
+    std::int32_t const s = record.slots(r);
     row_of_slot[s] = static_cast<std::int32_t>(r);
     std::copy(x.row(s / k), x.row(s / k) + d, xg + r * d);
     std::copy(dy.row(s / k), dy.row(s / k) + d, gy + r * d);
@@ -246,30 +279,30 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, i0 = blk * detail::kTrainBlock,
                          bw = std::min(m, i0 + detail::kTrainBlock) - i0;
-    auto dwg = ts::map(grads.gate.data() + (e * m + i0) * d, bw, d, d);
-    auto dwu = ts::map(grads.up.data() + (e * m + i0) * d, bw, d, d);
-    auto dwd = ts::map(grads.down.data() + e * d * m + i0, d, bw, m);
+    auto dwg = detail::map_f(grads.gate.data() + (e * m + i0) * d, bw, d, d);
+    auto dwu = detail::map_f(grads.up.data() + (e * m + i0) * d, bw, d, d);
+    auto dwd = detail::map_f(grads.down.data() + e * d * m + i0, d, bw, m);
     if (c == 0) {  // an expert no token chose: its gradient is exactly zero
       dwg.setZero();
       dwu.setZero();
       dwd.setZero();
       return;
     }
-    auto const xe = ts::cmap(xg + r0 * d, c, d, d);
-    auto const ge = ts::cmap(gy + r0 * d, c, d, d);
+    auto const xe = detail::cmap_f(xg + r0 * d, c, d, d);
+    auto const ge = detail::cmap_f(gy + r0 * d, c, d, d);
     float const* src_a = bufa;
     float const* src_b = bufb;
     if (saved != nullptr) {
       src_a = saved->gate_pre.data();
       src_b = saved->up_pre.data();
     } else {
-      ts::map(bufa + r0 * m + i0, c, bw, m).noalias() = xe * ts::cmap(p.gate.data() + (e * m + i0) * d, bw, d, d).transpose();
-      ts::map(bufb + r0 * m + i0, c, bw, m).noalias() = xe * ts::cmap(p.up.data() + (e * m + i0) * d, bw, d, d).transpose();
+      detail::map_f(bufa + r0 * m + i0, c, bw, m).noalias() = xe * detail::cmap_f(p.gate.data() + (e * m + i0) * d, bw, d, d).transpose();
+      detail::map_f(bufb + r0 * m + i0, c, bw, m).noalias() = xe * detail::cmap_f(p.up.data() + (e * m + i0) * d, bw, d, d).transpose();
     }
-    ts::map(bufg + r0 * m + i0, c, bw, m).noalias() = ge * ts::cmap(p.down.data() + e * d * m + i0, d, bw, m);
+    detail::map_f(bufg + r0 * m + i0, c, bw, m).noalias() = ge * detail::cmap_f(p.down.data() + e * d * m + i0, d, bw, m);
     for (std::ptrdiff_t rr = 0; rr < c; ++rr) {
-      std::ptrdiff_t const row = r0 + rr, s = record.slots[row];
-      float const w = record.weights[s];  // weights is [n_tokens, top_k] dense: element s = t * k + j
+      std::ptrdiff_t const row = r0 + rr, s = record.slots(row);
+      float const w = record.weights(s / k, s % k);
       float const* ar = src_a + row * m;
       float const* br = src_b + row * m;
       float* dar = bufa + row * m;
@@ -278,7 +311,7 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
       float partial = 0.f;  // dL/dw over this block, summed in neuron order
       for (std::ptrdiff_t i = i0; i < i0 + bw; ++i) {
         float const a = ar[i], b = br[i], g = gr[i];
-        float const sg = ts::sigmoid_f(a);
+        float const sg = detail::sigmoid_f(a);
         float const silu = a * sg;
         float const h = silu * b;
         partial += g * h;
@@ -289,9 +322,9 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
       }
       dw_part[row * nb + blk] = partial;
     }
-    auto const da = ts::cmap(bufa + r0 * m + i0, c, bw, m);
-    auto const db = ts::cmap(bufb + r0 * m + i0, c, bw, m);
-    auto const hw = ts::cmap(bufg + r0 * m + i0, c, bw, m);
+    auto const da = detail::cmap_f(bufa + r0 * m + i0, c, bw, m);
+    auto const db = detail::cmap_f(bufb + r0 * m + i0, c, bw, m);
+    auto const hw = detail::cmap_f(bufg + r0 * m + i0, c, bw, m);
     dwg.noalias() = da.transpose() * xe;
     dwu.noalias() = db.transpose() * xe;
     dwd.noalias() = ge.transpose() * hw;
@@ -304,13 +337,13 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, o0 = blk * detail::kTrainBlock,
                          bw = std::min(d, o0 + detail::kTrainBlock) - o0;
-    auto dxe = ts::map(gy + r0 * d + o0, c, bw, d);
-    dxe.noalias() = ts::cmap(bufa + r0 * m, c, m, m) * ts::cmap(p.gate.data() + e * m * d + o0, m, bw, d);
-    dxe.noalias() += ts::cmap(bufb + r0 * m, c, m, m) * ts::cmap(p.up.data() + e * m * d + o0, m, bw, d);
+    auto dxe = detail::map_f(gy + r0 * d + o0, c, bw, d);
+    dxe.noalias() = detail::cmap_f(bufa + r0 * m, c, m, m) * detail::cmap_f(p.gate.data() + e * m * d + o0, m, bw, d);
+    dxe.noalias() += detail::cmap_f(bufb + r0 * m, c, m, m) * detail::cmap_f(p.up.data() + e * m * d + o0, m, bw, d);
   });
 
   // Phase 3: per token, dL/dw -> dz (router path), dx = sum_j dX_{t,j} + W_r^T dz. One writer per token.
-  bool const router_grad = gating.mode != moe::CombineMode::code_ref;
+  bool const router_grad = gating.mode != CombineMode::code_ref;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static)
 #endif
@@ -326,7 +359,7 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
         for (std::ptrdiff_t b = 0; b < nb; ++b) acc += static_cast<double>(dw_part[row * nb + b]);
         dwt[j] = acc;
       }
-      combine_weights_vjp(record.logits.cview().row(t), n, record.ids.cview().row(t), k, dwt, gating, dzt);
+      combine_weights_vjp(record.logits.row(t), n, record.ids.row(t), k, dwt, gating, dzt);
       for (std::ptrdiff_t e = 0; e < n; ++e) dzr[e] = static_cast<float>(dzt[e]);
     } else {
       for (std::ptrdiff_t e = 0; e < n; ++e) dzr[e] = 0.f;
@@ -350,12 +383,12 @@ void moe_backward(train::MoeParamsView<float> const& p, moe::Gating const& gatin
   std::ptrdiff_t const n_col_tasks = (d + detail::kTrainBlock - 1) / detail::kTrainBlock;
   detail::run_serial_eigen_tasks(n_col_tasks, [&](std::ptrdiff_t blk) {
     std::ptrdiff_t const c0 = blk * detail::kTrainBlock, bw = std::min(d, c0 + detail::kTrainBlock) - c0;
-    auto dwr = ts::map(grads.router_weight.data() + c0, n, bw, d);
+    auto dwr = detail::map_f(grads.router_weight.data() + c0, n, bw, d);
     if (n_tokens == 0) {
       dwr.setZero();
       return;
     }
-    dwr.noalias() = ts::cmap(dz, n_tokens, n, n).transpose() * ts::cmap(x.data() + c0, n_tokens, bw, x.row_stride());
+    dwr.noalias() = detail::cmap_f(dz, n_tokens, n, n).transpose() * detail::cmap_f(x.data() + c0, n_tokens, bw, x.row_stride());
   });
   for (std::ptrdiff_t e = 0; e < n; ++e) {
     double acc = 0;

@@ -8,7 +8,10 @@
 
 #include <Eigen/Core>
 
+#include "../../core/kernel_args.hpp"
 #include "../../core/tensor_view.hpp"
+#include "../ops.hpp"
+#include "../scalar/router.hpp"
 #include "cpu_simd.hpp"
 #include "swiglu.hpp"
 
@@ -19,8 +22,20 @@ namespace kernel {
 /// of 64 (one Eigen GEMM each, Eigen held serial: its own threading would change the blocking, and so the
 /// summation order, with the thread count); a few tokens (decode) take the streaming multi-dot instead.
 template <class Arch>
-void router_logits(MatrixView<float const> x, MatrixView<float const> w, VectorView<float const> bias,
-                   MatrixView<float> logits, CpuSimd<Arch> const&) {
+struct RouterLogits<CpuSimd<Arch>> {
+  static constexpr bool implemented = true;
+  /// Other activation/router types (double) run the oracle.
+  template <class R, class A>
+  static void run(MatrixView<A const> x, RouterView<R> router, MatrixView<A> logits) {
+    RouterLogits<CpuScalar>::run(x, router, logits);
+  }
+  static void run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits);
+};
+
+template <class Arch>
+void RouterLogits<CpuSimd<Arch>>::run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits) {
+  MatrixView<float const> const w = router.weight;
+  VectorView<float const> const bias = router.bias;
   using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   std::ptrdiff_t const n_tokens = x.rows(), n_experts = w.rows(), d = x.cols();
   if (n_tokens <= detail::kMultiDotRows && x.row_stride() == d) {

@@ -18,8 +18,11 @@
 
 #include <Eigen/Core>
 
+#include "../../core/kernel_args.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../../core/workspace.hpp"
+#include "../ops.hpp"
+#include "../scalar/swiglu.hpp"
 #include "cpu_simd.hpp"
 
 namespace factorllm {
@@ -175,42 +178,125 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
 
 namespace kernel {
 
-/// Scratch of the CpuSimd SwiGLU: gate/up activations for every row plus one panel per thread.
-template <class Arch>
-detail::WorkspaceLayout swiglu_workspace(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden,
-                                         CpuSimd<Arch> const&) {
-  auto const t = static_cast<std::size_t>(n_tokens), m = static_cast<std::size_t>(d_hidden),
-             d = static_cast<std::size_t>(d_model);
-  return detail::WorkspaceLayout()
-      .add(sizeof(float), t * m)  // h_gate
-      .add(sizeof(float), t * m)  // h_up
-      .add(sizeof(float), t * d)  // packed input (views may be strided)
-      .add(sizeof(float), t * d)  // packed output
-      .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
-                              static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
-      .add(sizeof(std::ptrdiff_t), 2);
-}
+/// True for the weight formats and activations the CpuSimd SwiGLU kernels handle (others run the oracle).
+template <class W, class A>
+inline constexpr bool simd_swiglu_supports_v =
+    std::is_same_v<A, float> && (std::is_same_v<W, float> || std::is_same_v<W, bf16>);
 
-/// CpuSimd dense SwiGLU (float activations; float or bf16 weights).
-template <class W, class Arch>
-void swiglu(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<float const> x,
-            MatrixView<float> y, Workspace& ws, CpuSimd<Arch> const&) {
-  std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), m = gate.rows();
-  if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous())
-    throw backend_error("swiglu (cpu_simd): weight views must be dense row-major (use Tensor copies or CpuScalar)");
-  detail::WorkspaceCursor cursor(ws, "swiglu (cpu_simd)");
-  float* hg = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
-  float* hu = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
-  float* xin = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
-  float* out = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
-  std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
-  float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
-  auto* starts = cursor.take<std::ptrdiff_t>(2);
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
-  detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
-  detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts);
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
-}
+/// CpuSimd dense SwiGLU (float activations; float or bf16 weights, dense row-major).
+template <class Arch>
+struct Swiglu<CpuSimd<Arch>> {
+  static constexpr bool implemented = true;
+  /// Gate/up activations for every row, packed input and output, one panel per thread.
+  template <class W, class A>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden) {
+    if constexpr (!simd_swiglu_supports_v<W, A>) {
+      return Swiglu<CpuScalar>::workspace<W, A>(n_tokens, d_model, d_hidden);
+    } else {
+      auto const t = static_cast<std::size_t>(n_tokens), m = static_cast<std::size_t>(d_hidden),
+                 d = static_cast<std::size_t>(d_model);
+      return detail::WorkspaceLayout()
+          .add(sizeof(float), t * m)  // h_gate
+          .add(sizeof(float), t * m)  // h_up
+          .add(sizeof(float), t * d)  // packed input (views may be strided)
+          .add(sizeof(float), t * d)  // packed output
+          .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
+                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
+          .add(sizeof(std::ptrdiff_t), 2);
+    }
+  }
+
+  template <class W, class A>
+  static void run(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<A const> x,
+                  MatrixView<A> y, WorkspaceSpan ws) {
+    if constexpr (!simd_swiglu_supports_v<W, A>) {
+      Swiglu<CpuScalar>::run(gate, up, down, x, y, ws);
+    } else {
+      std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), m = gate.rows();
+      if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous())
+        throw backend_error("swiglu (cpu_simd): weight views must be dense row-major (use Tensor copies or CpuScalar)");
+      detail::WorkspaceCursor cursor(ws, "swiglu (cpu_simd)");
+      float* hg = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
+      float* hu = cursor.take<float>(static_cast<std::size_t>(n_tokens * m));
+      float* xin = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
+      float* out = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
+      std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
+      float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
+      auto* starts = cursor.take<std::ptrdiff_t>(2);
+      for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
+      detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
+      detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts);
+      for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
+    }
+  }
+};
+
+/// CpuSimd experts on their grouped rows (float activations; float or bf16 weights, dense row-major): the
+/// token rows are gathered in grouped order, then one SwiGLU job per expert runs on its rows only (streaming
+/// kernel for few rows, Eigen GEMMs for many), writing expert_out in grouped order. No allocation; bitwise
+/// identical for any thread count.
+template <class Arch>
+struct ExpertSwiglu<CpuSimd<Arch>> {
+  static constexpr bool implemented = true;
+  template <class W, class A>
+  using output_t = std::conditional_t<simd_swiglu_supports_v<W, A>, float,
+                                      typename ExpertSwiglu<CpuScalar>::template output_t<W, A>>;
+
+  /// Gathered inputs, gate/up activations, jobs and task starts, one panel per thread.
+  template <class W, class A>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t n_slots, std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
+                                           std::ptrdiff_t d_expert) {
+    if constexpr (!simd_swiglu_supports_v<W, A>) {
+      return ExpertSwiglu<CpuScalar>::workspace<W, A>(n_slots, d_model, n_experts, d_expert);
+    } else {
+      auto const s = static_cast<std::size_t>(n_slots), n = static_cast<std::size_t>(n_experts),
+                 d = static_cast<std::size_t>(d_model), m = static_cast<std::size_t>(d_expert);
+      return detail::WorkspaceLayout()
+          .add(sizeof(float), s * d)                 // gathered inputs
+          .add(sizeof(float), s * m)                 // h_gate
+          .add(sizeof(float), s * m)                 // h_up
+          .add(sizeof(detail::SwigluJob<W>), n)      // jobs
+          .add(sizeof(std::ptrdiff_t), n + 1)        // task starts
+          .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
+                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)));
+    }
+  }
+
+  template <class W, class A, class O>
+  static void run(ExpertWeightsView<W> const& experts, MatrixView<A const> x, std::ptrdiff_t top_k,
+                  VectorView<std::int64_t const> offsets, VectorView<std::int32_t const> slots, MatrixView<O> expert_out,
+                  WorkspaceSpan ws) {
+    if constexpr (!simd_swiglu_supports_v<W, A>) {
+      ExpertSwiglu<CpuScalar>::run(experts, x, top_k, offsets, slots, expert_out, ws);
+    } else {
+      static_assert(std::is_same_v<O, float>, "expert_swiglu (cpu_simd): expert_out must be float");
+      if (!experts.is_contiguous())
+        throw backend_error("expert_swiglu (cpu_simd): weight views must be dense row-major (use Tensor copies or CpuScalar)");
+      std::ptrdiff_t const n = experts.n_experts(), d = experts.d_model(), m = experts.d_expert(),
+                           n_slots = slots.extent(0);
+      detail::WorkspaceCursor cursor(ws, "expert_swiglu (cpu_simd)");
+      float* xg = cursor.take<float>(static_cast<std::size_t>(n_slots * d));
+      float* hg = cursor.take<float>(static_cast<std::size_t>(n_slots * m));
+      float* hu = cursor.take<float>(static_cast<std::size_t>(n_slots * m));
+      auto* jobs = cursor.take<detail::SwigluJob<W>>(static_cast<std::size_t>(n));
+      std::ptrdiff_t* starts = cursor.take<std::ptrdiff_t>(static_cast<std::size_t>(n + 1));
+      std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
+      float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
+      for (std::ptrdiff_t r = 0; r < n_slots; ++r) {  // gather in grouped order
+        float const* src = x.row(slots(r) / top_k);
+        std::copy(src, src + d, xg + r * d);
+      }
+      float* out = expert_out.data();  // dense [n_slots, d_model] (the front's region)
+      for (std::ptrdiff_t e = 0; e < n; ++e) {
+        std::ptrdiff_t const r0 = offsets(e), c = offsets(e + 1) - r0;
+        jobs[e] = detail::SwigluJob<W>{experts.gate.data() + e * m * d, experts.up.data() + e * m * d,
+                                       experts.down.data() + e * d * m, m, xg + r0 * d, c, hg + r0 * m, hu + r0 * m,
+                                       out + r0 * d};
+      }
+      detail::run_swiglu_jobs<Arch>(jobs, n, d, panels, panel_floats, starts);
+    }
+  }
+};
 
 }  // namespace kernel
 }  // namespace factorllm

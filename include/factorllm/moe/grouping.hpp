@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// Token-to-expert grouping (DESIGN.md step 3): counts, offsets and the slot list of each expert.
+// Token-to-expert grouping (docs/design.md §2, step 3): counts, offsets and the slot list of each expert.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 
-#include "../backend/scalar/dispatch.hpp"
-#include "../backend/tags.hpp"
+#include "../backend/ops.hpp"
+#include "../backend/scalar/grouping.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor_view.hpp"
 
@@ -23,7 +23,7 @@ namespace moe {
 ///         mis-shaped outputs.
 template <class Backend = CpuScalar>
 void group_by_expert(MatrixView<std::int32_t const> ids, std::ptrdiff_t n_experts, VectorView<std::int64_t> offsets,
-                     VectorView<std::int32_t> slots, Backend const& b = {}) {
+                     VectorView<std::int32_t> slots, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "group_by_expert: unknown backend tag");
   // Expert ids are int32: a larger n_experts is meaningless (and n_experts + 1 below must not overflow).
   if (n_experts < 1 || n_experts > std::numeric_limits<std::int32_t>::max())
@@ -35,7 +35,7 @@ void group_by_expert(MatrixView<std::int32_t const> ids, std::ptrdiff_t n_expert
       if (ids(t, j) < 0 || ids(t, j) >= n_experts)
         throw value_error(detail::concat("group_by_expert: argument 'ids' entry (", t, ", ", j, ") = ", ids(t, j),
                                          " is outside [0, ", n_experts, ")"));
-  kernel::group_by_expert(ids, n_experts, offsets, slots, b);
+  kernel::GroupByExpert<Backend>::run(ids, n_experts, offsets, slots, VectorView<std::int32_t>());
 }
 
 }  // namespace moe
