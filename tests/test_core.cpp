@@ -115,6 +115,32 @@ TEST_CASE("Workspace cursor refuses to overrun", "[core][workspace]") {
   CHECK_THROWS_AS(c2.take<double>(100), backend_error);
 }
 
+TEST_CASE("Workspace wraps caller-owned memory of either memory space", "[core][workspace]") {
+  alignas(64) static std::byte buffer[4 * kAlignment];
+  Workspace ws = Workspace::wrap(buffer, sizeof buffer);
+  CHECK(ws.data() == buffer);
+  CHECK(ws.bytes() == sizeof buffer);
+  CHECK(ws.space() == MemorySpace::host);
+  CHECK_FALSE(ws.owns_memory());
+  WorkspaceSpan const span = ws.span();
+  CHECK(span.data == buffer);
+  CHECK(span.bytes == sizeof buffer);
+  detail::WorkspaceCursor cursor(span, "test");
+  CHECK(reinterpret_cast<std::byte*>(cursor.take<float>(3)) == buffer);
+  CHECK(cursor.rest().data == buffer + kAlignment);  // regions are 64-byte aligned
+  CHECK(cursor.rest().bytes == 3 * kAlignment);
+  CHECK_NOTHROW(ws.reserve(sizeof buffer));  // already large enough
+  CHECK_THROWS_WITH(ws.reserve(sizeof buffer + 1), Catch::Contains("cannot grow"));
+  CHECK(Workspace::wrap(buffer, 64, MemorySpace::device).space() == MemorySpace::device);
+  CHECK_THROWS_WITH(Workspace::wrap(nullptr, 64), Catch::Contains("argument 'data' is null"));
+  CHECK_THROWS_WITH(Workspace::wrap(buffer + 1, 64), Catch::Contains("64-byte aligned"));
+  CHECK_NOTHROW(Workspace::wrap(nullptr, 0));
+  Workspace owned(100);
+  CHECK(owned.owns_memory());
+  owned.reserve(1000);
+  CHECK(owned.bytes() == 1000);
+}
+
 TEST_CASE("errors derive from factorllm::error", "[core][errors]") {
   CHECK_THROWS_AS(throw shape_error("x"), error);
   CHECK_THROWS_AS(throw value_error("x"), error);
