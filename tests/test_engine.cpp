@@ -22,6 +22,7 @@
 
 #include "../examples/common/calibration.hpp"
 #include "../examples/common/llama2c_engine.hpp"
+#include "reference/shared_data.hpp"
 
 namespace {
 
@@ -55,7 +56,7 @@ Model const* model() {
     auto tok = fl::io::Llama2cTokenizer::load(kTokenizerPath, ckpt.config().vocab_size);
     return Model{std::move(ckpt), std::move(tok)};
   }();
-  if (!loaded) WARN("engine test skipped: " << kModelPath << " or " << kTokenizerPath << " not found");
+  if (!loaded) fixture::have_shared_data({kModelPath, kTokenizerPath});
   return loaded ? &*loaded : nullptr;
 }
 

@@ -27,6 +27,7 @@
 
 #include "../examples/common/llama2c_engine.hpp"
 #include "reference/llama_reference.hpp"
+#include "reference/shared_data.hpp"
 
 namespace {
 
@@ -42,11 +43,7 @@ using Layers = std::vector<fl::moe::MoeFfn<float, fl::CpuScalar>>;
 std::string const kModelPath = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
 std::string const kTokenizerPath = std::string(FACTORLLM_SHARED_DIR) + "/models/tok512.bin";
 
-bool have_model() {
-  if (std::ifstream(kModelPath).good() && std::ifstream(kTokenizerPath).good()) return true;
-  WARN("test skipped: " << kModelPath << " or " << kTokenizerPath << " not found");
-  return false;
-}
+bool have_model() { return fixture::have_shared_data({kModelPath, kTokenizerPath}); }
 
 /// Appends little-endian values, for hand-made files.
 struct Raw {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "reference/fixtures.hpp"
+#include "reference/shared_data.hpp"
 
 using namespace factorllm;
 using json = nlohmann::json;
@@ -131,7 +132,7 @@ void check_case(json const& c, double tol) {
 TEST_CASE("golden vectors: double weights (tolerance 1e-10 relative)", "[golden]") {
   auto const golden = load_golden();
   if (golden.is_null()) {
-    WARN("skipped: " << fixture::shared_path("testdata/factorllm_golden.json") << " not found");
+    fixture::have_shared_data({fixture::shared_path("testdata/factorllm_golden.json")});
     return;
   }
   REQUIRE(golden.at("cases").size() == 6);
@@ -143,7 +144,7 @@ TEST_CASE("golden vectors: float weights (tolerance 2e-5 relative)", "[golden]")
   // amplified by the layer's condition; 2e-5 bounds it with margin on these small cases.
   auto const golden = load_golden();
   if (golden.is_null()) {
-    WARN("skipped: golden file not found");
+    fixture::have_shared_data({fixture::shared_path("testdata/factorllm_golden.json")});
     return;
   }
   for (auto const& c : golden.at("cases")) check_case<float>(c, 2e-5);

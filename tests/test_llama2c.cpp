@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "reference/shared_data.hpp"
+
 namespace {
 
 using factorllm::format_error;
@@ -33,14 +35,7 @@ using Bytes = std::vector<unsigned char>;
 std::string const kModelPath = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
 std::string const kTokenizerPath = std::string(FACTORLLM_SHARED_DIR) + "/models/tok512.bin";
 
-bool file_exists(std::string const& path) { return std::ifstream(path, std::ios::binary).good(); }
-
-// Catch2 v2 has no SKIP: say why and let the caller return.
-bool have_file(std::string const& path) {
-  if (file_exists(path)) return true;
-  WARN("llama2c test skipped: " << path << " not found");
-  return false;
-}
+bool have_file(std::string const& path) { return fixture::have_shared_data({path}); }
 
 /// Reads one little-endian float32 at `byte_offset` with plain stdio (independent of the library's reader).
 float fread_float(std::string const& path, long byte_offset) {

@@ -13,6 +13,7 @@
 
 #include "reference/fixtures.hpp"
 #include "reference/reference.hpp"
+#include "reference/shared_data.hpp"
 
 using namespace factorllm;
 using ffn::ExpertPartition;
@@ -120,10 +121,7 @@ TEMPLATE_TEST_CASE("K = N with code_ref equals the dense FFN for every partition
 
 TEST_CASE("K = N with code_ref equals dense on every layer of the real model", "[moe][exact][real]") {
   std::string const path = fixture::shared_path("models/stories260K.bin");
-  if (!std::ifstream(path).good()) {
-    WARN("skipped: real model not found at " << path);
-    return;
-  }
+  if (!fixture::have_shared_data({path})) return;
   auto const ckpt = io::Llama2cCheckpoint::load(path);
   auto const& cfg = ckpt.config();
   std::ptrdiff_t const d = cfg.dim, n_tokens = 32;

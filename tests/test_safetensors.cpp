@@ -31,6 +31,7 @@
 
 #include "../examples/common/llama2c_engine.hpp"
 #include "reference/llama_reference.hpp"
+#include "reference/shared_data.hpp"
 
 namespace {
 
@@ -43,11 +44,7 @@ using Bytes = std::vector<unsigned char>;
 
 std::string const kModelPath = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
 
-bool have_model() {
-  if (std::ifstream(kModelPath).good()) return true;
-  WARN("test skipped: " << kModelPath << " not found");
-  return false;
-}
+bool have_model() { return fixture::have_shared_data({kModelPath}); }
 
 std::string temp_path(std::string const& name) {
   return (std::filesystem::temp_directory_path() / ("factorllm_test_st_" + name)).string();

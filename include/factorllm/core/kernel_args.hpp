@@ -125,8 +125,8 @@ struct RoutingView {
 
   /// Converts a writable view to a read-only one.
   template <class B = A, class = std::enable_if_t<!std::is_const_v<B>>>
-  operator RoutingView<A const>() const noexcept {  // NOLINT: implicit like TensorView's const conversion
-    return RoutingView<A const>{logits, ids, weights, offsets, slots};
+  operator RoutingView<B const>() const noexcept {  // NOLINT: implicit like TensorView's const conversion
+    return RoutingView<B const>{logits, ids, weights, offsets, slots};
   }
 };
 
