@@ -35,7 +35,9 @@
 #include "train/recovery.hpp"
 #include "train/router_training.hpp"
 
+#include "io/factorized_checkpoint.hpp"
 #include "io/gguf.hpp"
 #include "io/llama2c.hpp"
+#include "io/mixtral_export.hpp"
 #include "io/moe_export.hpp"
 #include "io/safetensors.hpp"
