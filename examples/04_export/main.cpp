@@ -52,6 +52,7 @@
 #include "factorllm/ffn/clustering.hpp"
 #include "factorllm/io/factorized_checkpoint.hpp"
 #include "factorllm/io/gguf.hpp"
+#include "factorllm/io/gguf_llama_export.hpp"
 #include "factorllm/io/mixtral_export.hpp"
 #include "factorllm/train/recovery.hpp"
 #include "factorllm/train/router_training.hpp"
