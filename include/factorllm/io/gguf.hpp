@@ -23,6 +23,7 @@
 #include "../core/tensor_view.hpp"
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
+#include "detail/tensor_values.hpp"
 
 namespace factorllm {
 namespace io {
@@ -516,9 +517,7 @@ class GgufWriter {
   template <class T, int Rank>
   void add_tensor(std::string const& name, GgmlType type, TensorView<T, Rank> const& view) {
     std::vector<std::int64_t> const shape(view.extents().begin(), view.extents().end());
-    std::vector<float> values;
-    values.reserve(static_cast<std::size_t>(view.size()));
-    append(view, 0, 0, values);
+    std::vector<float> const values = detail::row_major_floats(view);
     add_tensor(name, type, shape, values.data());
   }
 
@@ -616,14 +615,6 @@ class GgufWriter {
       case GgufValueType::array: break;
     }
   }
-  template <class T, int Rank>
-  static void append(TensorView<T, Rank> const& v, int dim, std::ptrdiff_t off, std::vector<float>& out) {
-    for (std::ptrdiff_t i = 0; i < v.extent(dim); ++i) {
-      if (dim == Rank - 1) out.push_back(static_cast<float>(to_double(v.data()[off + i])));
-      else append(v, dim + 1, off + i * v.stride(dim), out);
-    }
-  }
-
   std::uint32_t alignment_;
   std::vector<std::pair<std::string, GgufValue>> kvs_;
   std::vector<Entry> tensors_;

@@ -28,6 +28,7 @@
 #include "../core/tensor_view.hpp"
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
+#include "detail/tensor_values.hpp"
 
 namespace factorllm {
 namespace io {
@@ -465,9 +466,7 @@ class SafetensorsWriter {
   template <class T, int Rank>
   void add(std::string const& name, SafetensorsDtype dtype, TensorView<T, Rank> const& view) {
     std::vector<std::int64_t> shape(view.extents().begin(), view.extents().end());
-    std::vector<float> values;
-    values.reserve(static_cast<std::size_t>(view.size()));
-    append_elements(view, 0, 0, values);
+    std::vector<float> const values = detail::row_major_floats(view);
     add(name, dtype, shape, values.data());
   }
 
@@ -529,14 +528,6 @@ class SafetensorsWriter {
                                          " is too large"));
     }
     return static_cast<std::size_t>(n);
-  }
-
-  template <class T, int Rank>
-  static void append_elements(TensorView<T, Rank> const& v, int dim, std::ptrdiff_t off, std::vector<float>& out) {
-    for (std::ptrdiff_t i = 0; i < v.extent(dim); ++i) {
-      if (dim == Rank - 1) out.push_back(static_cast<float>(to_double(v.data()[off + i])));
-      else append_elements(v, dim + 1, off + i * v.stride(dim), out);
-    }
   }
 
   std::map<std::string, std::string> metadata_;
