@@ -1,33 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tests of io/gguf.hpp: GGUF v3 writer/reader round trips and byte layout, malformed files (every one must throw
-// format_error, never crash), the llama2.c -> llama.cpp "llama" export (keys, vocabulary, tensors, MoE layout,
-// refusals), and a forward pass that reads only the exported GGUF tensors with ggml's semantics and must match our
-// engine.
+// Tests of io/gguf.hpp: GGUF v3 writer/reader round trips and byte layout, and malformed files (every one must throw
+// format_error, never crash).
 #include <catch2/catch.hpp>
 
 #include <factorllm/core/error.hpp>
-#include <factorllm/ffn/factorize.hpp>
-#include <factorllm/ffn/permutation.hpp>
+#include <factorllm/core/tensor_view.hpp>
 #include <factorllm/io/gguf.hpp>
-#include <factorllm/io/llama2c.hpp>
-#include <factorllm/moe/gating.hpp>
-#include <factorllm/moe/moe_ffn.hpp>
-#include <factorllm/moe/router.hpp>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <functional>
-#include <memory>
 #include <string>
 #include <vector>
-
-#include "../examples/common/llama2c_engine.hpp"
-#include "reference/llama_reference.hpp"
-#include "reference/shared_data.hpp"
 
 namespace {
 
@@ -38,12 +21,6 @@ using io::GgufFile;
 using io::GgufValueType;
 using io::GgufWriter;
 using Bytes = std::vector<unsigned char>;
-using Layers = std::vector<fl::moe::MoeFfn<float, fl::CpuScalar>>;
-
-std::string const kModelPath = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
-std::string const kTokenizerPath = std::string(FACTORLLM_SHARED_DIR) + "/models/tok512.bin";
-
-bool have_model() { return fixture::have_shared_data({kModelPath, kTokenizerPath}); }
 
 /// Appends little-endian values, for hand-made files.
 struct Raw {
@@ -96,23 +73,6 @@ void require_format_error(Bytes const& bytes, std::string const& fragment) {
     INFO("message: " << e.what());
     CHECK(std::string(e.what()).find(fragment) != std::string::npos);
   }
-}
-
-fl::moe::Gating gating(fl::moe::CombineMode mode, std::ptrdiff_t k) {
-  fl::moe::Gating g;
-  g.mode = mode;
-  g.top_k = k;
-  return g;
-}
-
-/// stories260K's FFNs as N-expert MoE layers with random bias-free routers (strong enough to route per token).
-Layers stories_moe(io::Llama2cCheckpoint const& ck, std::ptrdiff_t n, fl::moe::Gating const& g) {
-  Layers layers;
-  for (int l = 0; l < ck.config().n_layers; ++l) {
-    auto ex = fl::ffn::factorize(ck.ffn(l), fl::ffn::ExpertPartition::random(ck.config().hidden_dim, n, 11 + l));
-    layers.emplace_back(std::move(ex), fl::moe::Router<float>::random(ck.config().dim, n, 200 + l, 1.0), g);
-  }
-  return layers;
 }
 
 }  // namespace
@@ -333,280 +293,4 @@ TEST_CASE("gguf: every truncation and every single-byte corruption is refused cl
   CHECK_THROWS_AS(GgufFile::parse(good.data(), 23), fl::format_error);
   CHECK_THROWS_AS(GgufFile::load((std::filesystem::temp_directory_path() / "factorllm_no_such.gguf").string()),
                   fl::format_error);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// llama2.c -> llama.cpp export
-// ---------------------------------------------------------------------------------------------------------------
-
-TEST_CASE("gguf export: the llama2.c tokenizer becomes a sentencepiece vocabulary", "[io][gguf][export]") {
-  if (!have_model()) return;
-  auto const tok = io::Llama2cTokenizer::load(kTokenizerPath, 512);
-  auto const v = io::llama_vocab_from_llama2c(tok);
-  REQUIRE(v.tokens.size() == 512);
-  CHECK(v.tokens[0] == "<unk>");
-  CHECK(v.types[0] == 2);
-  CHECK(v.tokens[1] == "<s>");
-  CHECK(v.types[1] == 3);
-  CHECK(v.tokens[2] == "</s>");
-  CHECK(v.types[2] == 3);
-  for (int b = 0; b < 256; ++b) CHECK(v.types[static_cast<std::size_t>(3 + b)] == 6);
-  CHECK(v.tokens[13] == "<0x0A>");
-  CHECK(v.tokens[259] == "\xE2\x96\x81t");  // " t": the space is U+2581 again
-  CHECK(v.types[259] == 1);
-  for (int id = 0; id < 512; ++id) CHECK(v.scores[static_cast<std::size_t>(id)] == tok.score(id));
-}
-
-TEST_CASE("gguf export: dense llama2.c model as llama-architecture GGUF", "[io][gguf][export]") {
-  if (!have_model()) return;
-  auto const ck = io::Llama2cCheckpoint::load(kModelPath);
-  auto const tok = io::Llama2cTokenizer::load(kTokenizerPath, 512);
-  for (auto const type : {GgmlType::f32, GgmlType::f16}) {
-    INFO("weights " << io::to_string(type));
-    io::GgufExportOptions opts;
-    opts.weight_type = type;
-    Bytes const bytes = io::llama_gguf(ck, tok, opts).serialize();
-    auto const f = GgufFile::parse(bytes.data(), bytes.size());
-    CHECK(f.get_string("general.architecture") == "llama");
-    CHECK(f.get_int("general.alignment") == 32);
-    CHECK(f.get_int("general.file_type") == (type == GgmlType::f32 ? 0 : 1));
-    CHECK(f.get_int("llama.context_length") == 512);
-    CHECK(f.get_int("llama.embedding_length") == 64);
-    CHECK(f.get_int("llama.block_count") == 5);
-    CHECK(f.get_int("llama.feed_forward_length") == 172);
-    CHECK(f.get_int("llama.attention.head_count") == 8);
-    CHECK(f.get_int("llama.attention.head_count_kv") == 4);
-    CHECK(f.get_int("llama.rope.dimension_count") == 8);
-    CHECK(f.get_float("llama.attention.layer_norm_rms_epsilon") == 1e-5f);
-    CHECK(f.find("llama.expert_count") == nullptr);
-    CHECK(f.get_string("tokenizer.ggml.model") == "llama");
-    CHECK(f.kv("tokenizer.ggml.tokens").array_strings.size() == 512);
-    CHECK(f.kv("tokenizer.ggml.token_type").ints()[3] == 6);
-    CHECK(f.get_int("tokenizer.ggml.bos_token_id") == 1);
-    CHECK(f.get_int("tokenizer.ggml.eos_token_id") == 2);
-    CHECK(f.get_int("tokenizer.ggml.unknown_token_id") == 0);
-    CHECK(f.tensors().size() == 2 + 5 * 9);  // token_embd, output_norm (tied output), 9 per layer
-    CHECK(f.find_tensor("output.weight") == nullptr);
-    CHECK(f.tensor("token_embd.weight").ne == std::vector<std::int64_t>{64, 512});
-    CHECK(f.tensor("token_embd.weight").type == type);
-    CHECK(f.tensor("blk.0.attn_k.weight").ne == std::vector<std::int64_t>{64, 32});
-    CHECK(f.tensor("blk.4.ffn_gate.weight").ne == std::vector<std::int64_t>{64, 172});
-    CHECK(f.tensor("blk.4.ffn_down.weight").ne == std::vector<std::int64_t>{172, 64});
-    CHECK(f.tensor("blk.4.ffn_norm.weight").type == GgmlType::f32);  // norms stay F32
-    auto const q = f.to_float("blk.3.attn_q.weight");
-    auto const wq = ck.wq(3);
-    for (std::ptrdiff_t i = 0; i < wq.size(); ++i) {
-      float const want = type == GgmlType::f32 ? wq.data()[i]
-                                               : io::detail::half_to_float(io::detail::float_to_half(wq.data()[i]));
-      REQUIRE(q[static_cast<std::size_t>(i)] == want);  // copied without reordering (ggml's rope is llama2.c's)
-    }
-    auto const up = f.to_float("blk.2.ffn_up.weight");
-    if (type == GgmlType::f32) CHECK(std::equal(up.begin(), up.end(), ck.w3(2).data()));
-    auto const n = f.to_float("blk.1.attn_norm.weight");
-    CHECK(std::equal(n.begin(), n.end(), ck.rms_att(1).data()));
-  }
-}
-
-TEST_CASE("gguf export: MoE layers as llama.cpp's stacked expert tensors", "[io][gguf][export]") {
-  if (!have_model()) return;
-  auto const ck = io::Llama2cCheckpoint::load(kModelPath);
-  auto const tok = io::Llama2cTokenizer::load(kTokenizerPath, 512);
-  auto const layers = stories_moe(ck, 4, gating(fl::moe::CombineMode::softmax_topk_renorm, 2));
-  Bytes const bytes = io::llama_moe_gguf(ck, tok, layers).serialize();
-  auto const f = GgufFile::parse(bytes.data(), bytes.size());
-  CHECK(f.get_int("llama.expert_count") == 4);
-  CHECK(f.get_int("llama.expert_used_count") == 2);
-  CHECK(f.get_int("llama.feed_forward_length") == 43);  // per expert
-  CHECK(f.tensors().size() == 2 + 5 * 10);
-  for (int l = 0; l < 5; ++l) {
-    std::string const p = "blk." + std::to_string(l) + ".";
-    CHECK(f.find_tensor(p + "ffn_gate.weight") == nullptr);
-    CHECK(f.tensor(p + "ffn_gate_inp.weight").ne == std::vector<std::int64_t>{64, 4});
-    CHECK(f.tensor(p + "ffn_gate_exps.weight").ne == std::vector<std::int64_t>{64, 43, 4});
-    CHECK(f.tensor(p + "ffn_up_exps.weight").ne == std::vector<std::int64_t>{64, 43, 4});
-    CHECK(f.tensor(p + "ffn_down_exps.weight").ne == std::vector<std::int64_t>{43, 64, 4});
-    auto const& a = layers[static_cast<std::size_t>(l)];
-    auto const gate = f.to_float(p + "ffn_gate_exps.weight");
-    auto const up = f.to_float(p + "ffn_up_exps.weight");
-    auto const down = f.to_float(p + "ffn_down_exps.weight");
-    auto const router = f.to_float(p + "ffn_gate_inp.weight");
-    CHECK(std::equal(gate.begin(), gate.end(), a.experts().gate_tensor().data()));
-    CHECK(std::equal(up.begin(), up.end(), a.experts().up_tensor().data()));
-    CHECK(std::equal(down.begin(), down.end(), a.experts().down_tensor().data()));
-    CHECK(std::equal(router.begin(), router.end(), a.router().weight().data()));
-  }
-  io::GgufExportOptions f16;
-  f16.weight_type = GgmlType::f16;
-  Bytes const bytes16 = io::llama_moe_gguf(ck, tok, layers, f16).serialize();
-  auto const g = GgufFile::parse(bytes16.data(), bytes16.size());
-  CHECK(g.tensor("blk.0.ffn_gate_exps.weight").type == GgmlType::f16);
-  CHECK(g.tensor("blk.0.ffn_gate_inp.weight").type == GgmlType::f32);  // routers stay F32
-}
-
-TEST_CASE("gguf export: refuses gating llama.cpp cannot express, with a clear message", "[io][gguf][export]") {
-  if (!have_model()) return;
-  using fl::moe::CombineMode;
-  auto const ck = io::Llama2cCheckpoint::load(kModelPath);
-  auto const tok = io::Llama2cTokenizer::load(kTokenizerPath, 512);
-  auto refused = [&](Layers const& layers, std::string const& fragment) {
-    INFO("expecting '" << fragment << "'");
-    try {
-      (void)io::llama_moe_gguf(ck, tok, layers);
-      FAIL("no exception");
-    } catch (fl::value_error const& e) {
-      INFO(e.what());
-      CHECK(std::string(e.what()).find(fragment) != std::string::npos);
-      CHECK(std::string(e.what()).find("GGUF") != std::string::npos);
-    }
-  };
-  refused(stories_moe(ck, 4, gating(CombineMode::code_ref, 2)), "combine mode code_ref");
-  refused(stories_moe(ck, 4, gating(CombineMode::softmax_topk, 1)), "combine mode softmax_topk");
-  refused(stories_moe(ck, 4, gating(CombineMode::sigmoid_topk, 2)), "combine mode sigmoid_topk");
-  auto g = gating(CombineMode::topk_softmax, 2);
-  g.selection_bias = {0.f, 0.f, 0.f, -1.f};
-  refused(stories_moe(ck, 4, g), "selection_bias[3]");
-  g = gating(CombineMode::topk_softmax, 2);
-  g.output_scale = 0.5f;
-  refused(stories_moe(ck, 4, g), "output_scale");
-  {
-    auto layers = stories_moe(ck, 4, gating(CombineMode::softmax_topk_renorm, 2));
-    auto const& a = layers[0];
-    fl::moe::Router<float> biased(fl::Matrix<float>(a.router().weight()), fl::Vector<float>({4}));
-    biased.mutable_bias()[0] = -0.5f;
-    layers[0] = fl::moe::MoeFfn<float, fl::CpuScalar>(a.experts(), std::move(biased), a.gating());
-    refused(layers, "router bias[0]");
-    layers[0] = stories_moe(ck, 4, gating(CombineMode::softmax_topk_renorm, 3))[0];
-    CHECK_THROWS_WITH(io::llama_moe_gguf(ck, tok, layers), Catch::Contains("one N and one K"));
-  }
-  CHECK_NOTHROW(io::llama_moe_gguf(ck, tok, stories_moe(ck, 4, gating(CombineMode::softmax_topk, 4))));
-  io::GgufExportOptions bad;
-  bad.weight_type = GgmlType::i32;
-  CHECK_THROWS_AS(io::llama_gguf(ck, tok, bad), fl::value_error);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// A forward pass over the GGUF tensors with ggml's semantics
-// ---------------------------------------------------------------------------------------------------------------
-
-namespace {
-
-using ref::RowMajorF;
-
-/// llama.cpp's llama-architecture forward (llm_build_llama) over the GGUF file only: every tensor is read by name
-/// with ggml's dimension order (ne[0] = row length, so a weight with ne {in, out} is an [out, in] row-major matrix
-/// applied as x W^T), RoPE in ggml's "normal" mode (adjacent pairs (2j, 2j+1) of each head, theta = base^(-2j/n_rot)),
-/// and, for MoE, build_moe_ffn's softmax gating -> TopK -> renormalized weights over ffn_*_exps.
-RowMajorF ggml_llama_forward(GgufFile const& f, std::vector<int> const& tokens) {
-  int const d = static_cast<int>(f.get_int("llama.embedding_length"));
-  int const n_layers = static_cast<int>(f.get_int("llama.block_count"));
-  int const n_heads = static_cast<int>(f.get_int("llama.attention.head_count"));
-  int const n_kv = static_cast<int>(f.get_int("llama.attention.head_count_kv"));
-  int const n_rot = static_cast<int>(f.get_int("llama.rope.dimension_count"));
-  float const eps = static_cast<float>(f.get_float("llama.attention.layer_norm_rms_epsilon"));
-  double const base = f.get_float("llama.rope.freq_base");
-  int const n_exp = f.find("llama.expert_count") ? static_cast<int>(f.get_int("llama.expert_count")) : 0;
-  int const n_used = n_exp ? static_cast<int>(f.get_int("llama.expert_used_count")) : 0;
-  int const hs = d / n_heads, T = static_cast<int>(tokens.size());
-  // Matrix view of a 2-D tensor, or of slice e of a 3-D one: rows = ne[1], cols = ne[0].
-  auto mat = [&](std::string const& name, int e = 0) {
-    auto const& t = f.tensor(name);
-    std::vector<float> const v = f.to_float(name);
-    Eigen::Index const cols = t.ne[0], rows = t.ne.size() > 1 ? t.ne[1] : 1;
-    return RowMajorF(Eigen::Map<RowMajorF const>(v.data() + static_cast<std::size_t>(e) * rows * cols, rows, cols));
-  };
-  auto rms = [&](RowMajorF const& x, RowMajorF const& w) {
-    RowMajorF o(x.rows(), x.cols());
-    for (Eigen::Index t = 0; t < x.rows(); ++t) {
-      float const inv = 1.0f / std::sqrt(x.row(t).squaredNorm() / static_cast<float>(x.cols()) + eps);
-      for (Eigen::Index i = 0; i < x.cols(); ++i) o(t, i) = w(0, i) * (x(t, i) * inv);
-    }
-    return o;
-  };
-  auto rope = [&](RowMajorF& x, int heads) {
-    for (int t = 0; t < T; ++t)
-      for (int h = 0; h < heads; ++h)
-        for (int j = 0; j < n_rot / 2; ++j) {
-          double const a = t * std::pow(base, -2.0 * j / n_rot);
-          float const c = static_cast<float>(std::cos(a)), s = static_cast<float>(std::sin(a));
-          float& x0 = x(t, h * hs + 2 * j);
-          float& x1 = x(t, h * hs + 2 * j + 1);
-          float const v0 = x0, v1 = x1;
-          x0 = v0 * c - v1 * s;
-          x1 = v0 * s + v1 * c;
-        }
-  };
-  auto swiglu = [](RowMajorF const& x, RowMajorF const& gate, RowMajorF const& up, RowMajorF const& down) {
-    RowMajorF const g = x * gate.transpose(), u = x * up.transpose();
-    RowMajorF a(g.rows(), g.cols());
-    for (Eigen::Index i = 0; i < a.size(); ++i) a.data()[i] = g.data()[i] / (1.0f + std::exp(-g.data()[i])) * u.data()[i];
-    return RowMajorF(a * down.transpose());
-  };
-  RowMajorF const emb = mat("token_embd.weight");
-  RowMajorF x(T, d);
-  for (int t = 0; t < T; ++t) x.row(t) = emb.row(tokens[static_cast<std::size_t>(t)]);
-  for (int l = 0; l < n_layers; ++l) {
-    std::string const p = "blk." + std::to_string(l) + ".";
-    RowMajorF const h = rms(x, mat(p + "attn_norm.weight"));
-    RowMajorF q = h * mat(p + "attn_q.weight").transpose();
-    RowMajorF k = h * mat(p + "attn_k.weight").transpose();
-    RowMajorF const v = h * mat(p + "attn_v.weight").transpose();
-    rope(q, n_heads);
-    rope(k, n_kv);
-    RowMajorF const att = ref::causal_gqa_attention(q, k, v, n_heads, n_kv, hs);
-    x += att * mat(p + "attn_output.weight").transpose();
-    RowMajorF const hn = rms(x, mat(p + "ffn_norm.weight"));
-    if (n_exp == 0) {
-      x += swiglu(hn, mat(p + "ffn_gate.weight"), mat(p + "ffn_up.weight"), mat(p + "ffn_down.weight"));
-      continue;
-    }
-    RowMajorF const logits = hn * mat(p + "ffn_gate_inp.weight").transpose();  // [T, n_expert]
-    for (int t = 0; t < T; ++t) {
-      RowMajorF const xt = hn.row(t);
-      for (auto const& [e, w] : ref::softmax_topk_renorm(logits.row(t), n_used)) {
-        RowMajorF const o = swiglu(xt, mat(p + "ffn_gate_exps.weight", e), mat(p + "ffn_up_exps.weight", e),
-                                   mat(p + "ffn_down_exps.weight", e));
-        x.row(t) += static_cast<float>(w) * o;
-      }
-    }
-  }
-  RowMajorF const out = rms(x, mat("output_norm.weight"));
-  RowMajorF const head = f.find_tensor("output.weight") ? mat("output.weight") : emb;
-  return out * head.transpose();
-}
-
-double max_abs_diff(RowMajorF const& a, fl::MatrixView<float const> b) {
-  double m = 0;
-  for (Eigen::Index t = 0; t < a.rows(); ++t)
-    for (Eigen::Index v = 0; v < a.cols(); ++v) m = std::max(m, std::abs(static_cast<double>(a(t, v)) - b(t, v)));
-  return m;
-}
-
-}  // namespace
-
-TEST_CASE("gguf export: a ggml-semantics forward over the exported file matches our engine", "[io][gguf][export]") {
-  if (!have_model()) return;
-  auto const ck = io::Llama2cCheckpoint::load(kModelPath);
-  auto const tok = io::Llama2cTokenizer::load(kTokenizerPath, 512);
-  std::vector<int> const tokens{1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426};
-  // Float32 in both with different summation orders: logits agree to ~1e-5; any layout error moves them by O(1).
-  constexpr double kTol = 2e-3;
-
-  factorllm_examples::Llama2cEngine engine(ck);
-  Bytes const dense = io::llama_gguf(ck, tok).serialize();
-  RowMajorF const gd = ggml_llama_forward(GgufFile::parse(dense.data(), dense.size()), tokens);
-  double const dense_diff = max_abs_diff(gd, engine.forward_sequence(tokens));
-  INFO("dense: max |logit difference| = " << dense_diff);
-  CHECK(dense_diff < kTol);
-
-  auto const layers = stories_moe(ck, 4, gating(fl::moe::CombineMode::softmax_topk_renorm, 2));
-  for (int l = 0; l < ck.config().n_layers; ++l) {
-    auto const& a = layers[static_cast<std::size_t>(l)];
-    engine.set_ffn(l, std::make_unique<factorllm_examples::MoeFfnLayer>(
-                          fl::moe::MoeFfn<float, fl::CpuSimd<>>(a.experts(), a.router(), a.gating()), 32));
-  }
-  Bytes const moe = io::llama_moe_gguf(ck, tok, layers).serialize();
-  RowMajorF const gm = ggml_llama_forward(GgufFile::parse(moe.data(), moe.size()), tokens);
-  double const moe_diff = max_abs_diff(gm, engine.forward_sequence(tokens));
-  INFO("MoE: max |logit difference| = " << moe_diff);
-  CHECK(moe_diff < kTol);
 }

@@ -10,7 +10,7 @@
 //   --experts N   routed experts per layer (default 4; must divide hidden_dim = 172)
 //   --top-k K     experts per token (default 2)
 //   --router R    lsq (default): bias-free least-squares router (below); par: train::train_router (PAR + balance,
-//                 spec 3.2) with train_bias = false, from train::router_from_partition
+//                 docs/math.md §3.2) with train_bias = false, from train::router_from_partition
 //   --steps S     greedy tokens generated from BOS for the reference (default 128)
 //   --calib N     calibration sequences for the conversion (default 64), --length L tokens each (default 128)
 //   --forced T    length of the teacher-forced sequence, BOS included (default 96)
@@ -18,7 +18,7 @@
 // usage or input.
 //
 // The conversion (per layer, bottom-up on the inputs the converted lower layers produce):
-//   1. partition the neurons by co-activation (ffn::cluster_activations) and factorize (spec 1.2);
+//   1. partition the neurons by co-activation (ffn::cluster_activations) and factorize (docs/math.md §1.2);
 //   2. a bias-free router (llama.cpp and Mixtral have no router bias): by default fitted by least squares to the
 //      log-norm of each expert's output (lsq_router); --router par trains one with train::train_router and
 //      train_bias = false instead. On stories260K N=4 K=2 the lsq router keeps more of the dense model under this
@@ -50,8 +50,10 @@
 
 #include "factorllm/factorllm.hpp"
 #include "factorllm/ffn/clustering.hpp"
+#include "factorllm/io/factorized_checkpoint.hpp"
 #include "factorllm/io/gguf.hpp"
-#include "factorllm/io/safetensors.hpp"
+#include "factorllm/io/gguf_llama_export.hpp"
+#include "factorllm/io/mixtral_export.hpp"
 #include "factorllm/train/recovery.hpp"
 #include "factorllm/train/router_training.hpp"
 

@@ -34,7 +34,10 @@
 #include "train/recovery.hpp"
 #include "train/router_training.hpp"
 
+#include "io/factorized_checkpoint.hpp"
 #include "io/gguf.hpp"
+#include "io/gguf_llama_export.hpp"
 #include "io/llama2c.hpp"
+#include "io/mixtral_export.hpp"
 #include "io/moe_export.hpp"
 #include "io/safetensors.hpp"

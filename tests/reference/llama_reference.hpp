@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Pieces shared by the tests' independent reference forwards of exported models (tests/test_gguf.cpp: llama.cpp's
-// semantics over a GGUF file; tests/test_safetensors.cpp: Hugging Face Mixtral over safetensors). Plain float
-// Eigen loops, written from the frameworks' definitions, independent of the library's engine.
+// Pieces shared by the tests' independent reference forwards of exported models (tests/test_gguf_export.cpp:
+// llama.cpp's semantics over a GGUF file; tests/test_mixtral_export.cpp: Hugging Face Mixtral over safetensors).
+// Plain float Eigen loops, written from the frameworks' definitions, independent of the library's engine.
 #pragma once
 
 #include <algorithm>

@@ -96,7 +96,7 @@ struct f16 {
     std::uint32_t u;
     std::memcpy(&u, &value, sizeof u);
     std::uint32_t const sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
-    if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));  // quiet NaN
+    if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN: the canonical quiet NaN
     if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504: infinity
     if (abs >= 0x38800000u) {
       // Normal half: drop 13 mantissa bits with round-to-nearest-even; a carry correctly bumps the exponent.

@@ -8,9 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
-#include <ios>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -21,97 +19,11 @@
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "../ffn/swiglu.hpp"
+#include "detail/bytes.hpp"
+#include "detail/file.hpp"
 
 namespace factorllm {
 namespace io {
-namespace detail {
-
-using ::factorllm::detail::concat;
-
-/// True on a little-endian host (the files are little-endian; a big-endian host swaps bytes).
-inline bool host_is_little_endian() noexcept {
-  std::uint32_t const one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  return first == 1;
-}
-
-/// Reads a little-endian 32-bit word from 4 bytes (no alignment needed).
-inline std::uint32_t load_le_u32(unsigned char const* p) noexcept {
-  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
-         (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
-}
-
-/// Reads a little-endian int32 (two's complement, bit-copied so no implementation-defined conversion).
-inline std::int32_t load_le_i32(unsigned char const* p) noexcept {
-  std::uint32_t const u = load_le_u32(p);
-  std::int32_t v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-/// Reads a little-endian IEEE-754 float32.
-inline float load_le_f32(unsigned char const* p) noexcept {
-  std::uint32_t const u = load_le_u32(p);
-  float v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-
-/// Converts `n` floats just copied raw from a little-endian file to host order (a no-op on little-endian hosts).
-inline void floats_from_le(float* p, std::size_t n) noexcept {
-  if (host_is_little_endian()) return;
-  for (std::size_t i = 0; i < n; ++i) {
-    unsigned char b[4];
-    std::memcpy(b, p + i, 4);
-    p[i] = load_le_f32(b);
-  }
-}
-
-/// Returns a * b for non-negative operands, or -1 when the product does not fit in int64.
-inline std::int64_t mul_nonneg(std::int64_t a, std::int64_t b) noexcept {
-  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) return -1;
-  return a * b;
-}
-
-/// Returns a + b for non-negative operands, or -1 when the sum does not fit in int64.
-inline std::int64_t add_nonneg(std::int64_t a, std::int64_t b) noexcept {
-  if (b > std::numeric_limits<std::int64_t>::max() - a) return -1;
-  return a + b;
-}
-
-/// Opens the regular file `path` in binary mode and returns its size in bytes; throws format_error naming `what`
-/// and the path. Directories, FIFOs and devices are refused: their reported sizes mean nothing.
-inline std::uint64_t open_and_measure(std::ifstream& in, std::string const& path, char const* what) {
-  std::error_code ec;
-  auto const status = std::filesystem::status(path, ec);
-  if (!ec && std::filesystem::exists(status) && !std::filesystem::is_regular_file(status))
-    throw format_error(concat(what, " '", path, "': not a regular file"));
-  in.open(path, std::ios::binary);
-  if (!in) throw format_error(concat(what, " '", path, "': cannot open the file for reading"));
-  in.seekg(0, std::ios::end);
-  std::streamoff const end = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (!in || end < 0) throw format_error(concat(what, " '", path, "': cannot determine the file size"));
-  return static_cast<std::uint64_t>(end);
-}
-
-/// Reads exactly `bytes` bytes into `dst`, in chunks that fit std::streamsize; throws format_error on a short read.
-inline void read_exact(std::ifstream& in, void* dst, std::uint64_t bytes, std::string const& path, char const* what) {
-  char* out = static_cast<char*>(dst);
-  constexpr std::uint64_t kChunk = std::uint64_t{1} << 26;
-  while (bytes > 0) {
-    std::uint64_t const n = std::min(bytes, kChunk);
-    in.read(out, static_cast<std::streamsize>(n));
-    if (static_cast<std::uint64_t>(in.gcount()) != n)
-      throw format_error(concat(what, " '", path, "': read failed or the file shrank while it was being read"));
-    out += n;
-    bytes -= n;
-  }
-}
-
-}  // namespace detail
-
 /// Hyper-parameters from a llama2.c checkpoint header (all strictly positive once validated).
 struct Llama2cConfig {
   std::int32_t dim = 0;          // d_model
@@ -230,7 +142,7 @@ class Llama2cCheckpoint {
   }
 
   /// Returns layer l's FFN as the library's dense SwiGLU view: gate = w1, up = w3, down = w2
-  /// (llama2.c computes w2 (silu(w1 x) * (w3 x)), which is spec 1.1's F(x)).
+  /// (llama2.c computes w2 (silu(w1 x) * (w3 x)), which is docs/math.md §1.1's F(x)).
   /// \throws value_error unless 0 <= l < n_layers.
   ::factorllm::ffn::DenseFfnView<float> ffn(int l) const { return {w1(l), w3(l), w2(l)}; }
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Checks shared by the model exports (Mixtral safetensors, llama.cpp GGUF): which MoE layers the target's gating can
-// express, and whether the layers fit the checkpoint they replace the FFNs of.
+// Checks shared by the model exports (io/mixtral_export.hpp, io/gguf_llama_export.hpp): which MoE layers the target's
+// gating can express, and whether the layers fit the checkpoint they replace the FFNs of.
 #pragma once
 
 #include <cstddef>
@@ -11,6 +11,7 @@
 #include "../core/error.hpp"
 #include "../moe/gating.hpp"
 #include "../moe/moe_ffn.hpp"
+#include "detail/bytes.hpp"
 #include "llama2c.hpp"
 
 namespace factorllm {

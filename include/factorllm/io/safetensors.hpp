@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Hugging Face safetensors read/write (untrusted input), factorized-model save/load, and Mixtral-layout export.
+// Hugging Face safetensors reader (untrusted input) and writer.
 //
 // File layout (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length n, then n bytes
 // of UTF-8 JSON {"__metadata__": {str: str}, "<name>": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]},
@@ -9,18 +9,14 @@
 
 #include <algorithm>
 #include <array>
-#include <charconv>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <set>
 #include <string>
-#include <system_error>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,14 +26,9 @@
 #include "../core/error.hpp"
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
-#include "../ffn/factorize.hpp"
-#include "../ffn/permutation.hpp"
-#include "../moe/gating.hpp"
-#include "../moe/moe_ffn.hpp"
-#include "../moe/router.hpp"
 #include "detail/bytes.hpp"
-#include "llama2c.hpp"
-#include "moe_export.hpp"
+#include "detail/file.hpp"
+#include "detail/tensor_values.hpp"
 
 namespace factorllm {
 namespace io {
@@ -119,8 +110,6 @@ struct SafetensorsTensorInfo {
 };
 
 namespace detail {
-using ::factorllm::detail::concat;
-
 /// Formats a shape for messages: [a, b, c].
 inline std::string shape_text(std::vector<std::int64_t> const& shape) {
   std::string s = "[";
@@ -153,13 +142,6 @@ inline int json_nesting_depth(unsigned char const* p, std::size_t n) noexcept {
     }
   }
   return deepest;
-}
-
-/// Formats a float so that parsing it back gives the same bits (shortest round-trip form, locale independent).
-inline std::string float_text(float v) {
-  char buf[64];
-  auto const r = std::to_chars(buf, buf + sizeof buf, v);
-  return std::string(buf, r.ptr);
 }
 }  // namespace detail
 
@@ -484,9 +466,7 @@ class SafetensorsWriter {
   template <class T, int Rank>
   void add(std::string const& name, SafetensorsDtype dtype, TensorView<T, Rank> const& view) {
     std::vector<std::int64_t> shape(view.extents().begin(), view.extents().end());
-    std::vector<float> values;
-    values.reserve(static_cast<std::size_t>(view.size()));
-    append_elements(view, 0, 0, values);
+    std::vector<float> const values = detail::row_major_floats(view);
     add(name, dtype, shape, values.data());
   }
 
@@ -550,327 +530,9 @@ class SafetensorsWriter {
     return static_cast<std::size_t>(n);
   }
 
-  template <class T, int Rank>
-  static void append_elements(TensorView<T, Rank> const& v, int dim, std::ptrdiff_t off, std::vector<float>& out) {
-    for (std::ptrdiff_t i = 0; i < v.extent(dim); ++i) {
-      if (dim == Rank - 1) out.push_back(static_cast<float>(to_double(v.data()[off + i])));
-      else append_elements(v, dim + 1, off + i * v.stride(dim), out);
-    }
-  }
-
   std::map<std::string, std::string> metadata_;
   std::vector<Entry> entries_;
 };
-
-// ---------------------------------------------------------------------------------------------------------------
-// Factorized models: every layer's permutation, experts, router and gating in one safetensors file.
-// ---------------------------------------------------------------------------------------------------------------
-
-/// Value of the __metadata__ key "format" in factorized-model files.
-inline constexpr char const* kFactorizedFormat = "factorllm.moe";
-/// Value of the __metadata__ key "format_version" this reader understands.
-inline constexpr char const* kFactorizedFormatVersion = "1";
-
-/// Options of save_factorized / factorized_tensors.
-struct FactorizedSaveOptions {
-  /// Storage type of the expert tensors (F32, F16 or BF16); routers and selection biases are always F32, because
-  /// rounding them can change which experts are chosen.
-  SafetensorsDtype expert_dtype = SafetensorsDtype::f32;
-  /// Extra __metadata__ entries (must not use the reserved keys "format", "format_version", "n_layers", "layers.*").
-  std::map<std::string, std::string> metadata;
-};
-
-/// Returns the tensor name prefix of layer l in factorized-model files: "layers.{l}.ffn.".
-inline std::string factorized_prefix(std::size_t l) { return "layers." + std::to_string(l) + ".ffn."; }
-
-/// Builds the safetensors file of a factorized model, one MoE layer per decoder layer. Tensor names (prefix
-/// layers.{l}.ffn.): permutation I32 [d_ff]; experts.gate [N, d_expert, d_model]; experts.up [same];
-/// experts.down [N, d_model, d_expert]; router.weight F32 [N, d_model]; router.bias F32 [N];
-/// gating.selection_bias F32 [N] (only when the gating has one). __metadata__: format, format_version, n_layers,
-/// and per layer layers.{l}.n_experts, .top_k, .combine_mode, .output_scale, .sigmoid_renormalize.
-/// \throws value_error for an empty layer list, bad options or reserved metadata keys.
-template <class T, class Backend>
-SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend>> const& layers,
-                                     FactorizedSaveOptions const& options = {}) {
-  if (layers.empty()) throw value_error("factorized_tensors: no layers");
-  SafetensorsDtype const ed = options.expert_dtype;
-  if (ed != SafetensorsDtype::f32 && ed != SafetensorsDtype::f16 && ed != SafetensorsDtype::bf16)
-    throw value_error(detail::concat("factorized_tensors: expert_dtype ", to_string(ed), " is not F32, F16 or BF16"));
-  SafetensorsWriter w;
-  for (auto const& [key, value] : options.metadata) {
-    if (key == "format" || key == "format_version" || key == "n_layers" || key.rfind("layers.", 0) == 0)
-      throw value_error("factorized_tensors: metadata key '" + key + "' is reserved");
-    w.set_metadata(key, value);
-  }
-  w.set_metadata("format", kFactorizedFormat);
-  w.set_metadata("format_version", kFactorizedFormatVersion);
-  w.set_metadata("n_layers", std::to_string(layers.size()));
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    auto const& layer = layers[l];
-    std::string const p = factorized_prefix(l), m = "layers." + std::to_string(l) + ".";
-    auto const& ex = layer.experts();
-    auto const& perm = ex.partition().permutation();
-    std::vector<std::int64_t> const perm64(perm.begin(), perm.end());
-    w.add_int(p + "permutation", SafetensorsDtype::i32, {static_cast<std::int64_t>(perm.size())}, perm64.data());
-    w.add(p + "experts.gate", ed, ex.gate_tensor().cview());
-    w.add(p + "experts.up", ed, ex.up_tensor().cview());
-    w.add(p + "experts.down", ed, ex.down_tensor().cview());
-    w.add(p + "router.weight", SafetensorsDtype::f32, layer.router().weight());
-    w.add(p + "router.bias", SafetensorsDtype::f32, layer.router().bias());
-    auto const& g = layer.gating();
-    if (!g.selection_bias.empty())
-      w.add(p + "gating.selection_bias", SafetensorsDtype::f32, {static_cast<std::int64_t>(g.selection_bias.size())},
-            g.selection_bias.data());
-    w.set_metadata(m + "n_experts", std::to_string(layer.n_experts()));
-    w.set_metadata(m + "top_k", std::to_string(g.top_k));
-    w.set_metadata(m + "combine_mode", moe::to_string(g.mode));
-    w.set_metadata(m + "output_scale", detail::float_text(g.output_scale));
-    w.set_metadata(m + "sigmoid_renormalize", g.sigmoid_renormalize ? "true" : "false");
-  }
-  return w;
-}
-
-/// Saves a factorized model (see factorized_tensors for the layout) to `path`.
-/// \throws value_error as factorized_tensors; format_error when the file cannot be written.
-template <class T, class Backend>
-void save_factorized(std::string const& path, std::vector<moe::MoeFfn<T, Backend>> const& layers,
-                     FactorizedSaveOptions const& options = {}) {
-  factorized_tensors(layers, options).save(path);
-}
-
-namespace detail {
-/// Parses a decimal integer metadata value in [lo, hi], or throws format_error naming the key.
-inline std::int64_t metadata_int(SafetensorsFile const& f, std::string const& key, std::int64_t lo, std::int64_t hi) {
-  auto const it = f.metadata().find(key);
-  if (it == f.metadata().end()) throw format_error(concat(f.source(), ": __metadata__ lacks '", key, "'"));
-  std::string const& s = it->second;
-  std::int64_t v = 0;
-  auto const r = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (r.ec != std::errc() || r.ptr != s.data() + s.size() || v < lo || v > hi)
-    throw format_error(concat(f.source(), ": __metadata__ '", key, "' is '", s, "', expected an integer in [", lo, ", ",
-                              hi, "]"));
-  return v;
-}
-inline std::string const& metadata_string(SafetensorsFile const& f, std::string const& key) {
-  auto const it = f.metadata().find(key);
-  if (it == f.metadata().end()) throw format_error(concat(f.source(), ": __metadata__ lacks '", key, "'"));
-  return it->second;
-}
-}  // namespace detail
-
-/// Rebuilds the MoE layers of a factorized-model file (written by save_factorized). Experts come back as float.
-/// Every layer is fully validated (metadata, tensor names, shapes, dtypes, permutation, gating) before the next is
-/// read; the result is returned only once every layer is built, so a failure leaves nothing behind.
-/// \throws format_error naming the file and the problem.
-template <class Backend = CpuScalar>
-std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& f) {
-  if (detail::metadata_string(f, "format") != kFactorizedFormat)
-    throw format_error(detail::concat(f.source(), ": __metadata__ 'format' is '", detail::metadata_string(f, "format"),
-                                      "', expected '", kFactorizedFormat, "'"));
-  if (detail::metadata_string(f, "format_version") != kFactorizedFormatVersion)
-    throw format_error(detail::concat(f.source(), ": format_version '", detail::metadata_string(f, "format_version"),
-                                      "' is not supported (this reader knows ", kFactorizedFormatVersion, ")"));
-  // Every layer has its own tensors, so the tensor count bounds n_layers before anything is reserved.
-  auto const n_layers =
-      detail::metadata_int(f, "n_layers", 1, std::max<std::int64_t>(1, static_cast<std::int64_t>(f.tensors().size())));
-  std::vector<moe::MoeFfn<float, Backend>> layers;
-  layers.reserve(static_cast<std::size_t>(n_layers));
-  for (std::int64_t l = 0; l < n_layers; ++l) {
-    std::string const p = factorized_prefix(static_cast<std::size_t>(l)), m = "layers." + std::to_string(l) + ".";
-    auto const& perm_info = f.info(p + "permutation");
-    if (perm_info.shape.size() != 1)
-      throw format_error(detail::concat(f.source(), ": tensor '", p, "permutation' has shape ",
-                                        detail::shape_text(perm_info.shape), ", expected [d_ff]"));
-    std::int64_t const d_ff = perm_info.shape[0];
-    std::int64_t const n = detail::metadata_int(f, m + "n_experts", 1, std::max<std::int64_t>(d_ff, 1));
-    if (d_ff < 1 || d_ff % n != 0 || d_ff > std::numeric_limits<std::int32_t>::max())
-      throw format_error(detail::concat(f.source(), ": layer ", l, " has d_ff ", d_ff, ", which ", n,
-                                        " experts cannot split equally"));
-    std::int64_t const k = detail::metadata_int(f, m + "top_k", 1, n);
-    std::int64_t const d_expert = d_ff / n;
-    auto const& gate_info = f.info(p + "experts.gate");
-    if (gate_info.shape.size() != 3)
-      throw format_error(detail::concat(f.source(), ": tensor '", p, "experts.gate' has shape ",
-                                        detail::shape_text(gate_info.shape), ", expected [N, d_expert, d_model]"));
-    std::int64_t const d = gate_info.shape[2];
-    if (d < 1) throw format_error(detail::concat(f.source(), ": layer ", l, " has d_model ", d));
-    try {
-      std::vector<std::int64_t> const perm64 = f.to_int64(p + "permutation");
-      std::vector<std::int32_t> perm(perm64.size());
-      for (std::size_t i = 0; i < perm64.size(); ++i) {
-        if (perm64[i] < 0 || perm64[i] >= d_ff)
-          throw format_error(detail::concat(f.source(), ": tensor '", p, "permutation' entry ", i, " = ", perm64[i],
-                                            " is outside [0, ", d_ff, ")"));
-        perm[i] = static_cast<std::int32_t>(perm64[i]);
-      }
-      auto partition = ffn::ExpertPartition::from_permutation(std::move(perm), n);
-      auto gate = f.read_float<3>(p + "experts.gate", {n, d_expert, d});
-      auto up = f.read_float<3>(p + "experts.up", {n, d_expert, d});
-      auto down = f.read_float<3>(p + "experts.down", {n, d, d_expert});
-      auto rw = f.read_float<2>(p + "router.weight", {n, d});
-      auto rb = f.read_float<1>(p + "router.bias", {n});
-      moe::Gating g;
-      g.mode = moe::combine_mode_from_string(detail::metadata_string(f, m + "combine_mode"));
-      g.top_k = k;
-      std::string const& sr = detail::metadata_string(f, m + "sigmoid_renormalize");
-      if (sr != "true" && sr != "false")
-        throw format_error(detail::concat(f.source(), ": __metadata__ '", m, "sigmoid_renormalize' is '", sr,
-                                          "', expected true or false"));
-      g.sigmoid_renormalize = sr == "true";
-      std::string const& os = detail::metadata_string(f, m + "output_scale");
-      auto const r = std::from_chars(os.data(), os.data() + os.size(), g.output_scale);
-      if (r.ec != std::errc() || r.ptr != os.data() + os.size() || !std::isfinite(g.output_scale))
-        throw format_error(detail::concat(f.source(), ": __metadata__ '", m, "output_scale' is '", os,
-                                          "', expected a finite number"));
-      if (f.find(p + "gating.selection_bias") != nullptr) {
-        f.require_shape(p + "gating.selection_bias", {n});
-        g.selection_bias = f.to_float(p + "gating.selection_bias");
-      }
-      ffn::ExpertWeights<float> experts(std::move(gate), std::move(up), std::move(down), std::move(partition));
-      layers.emplace_back(std::move(experts), moe::Router<float>(std::move(rw), std::move(rb)), std::move(g));
-    } catch (format_error const&) {
-      throw;
-    } catch (error const& e) {
-      // A constructor refused what the file holds (a permutation that is not one, an unknown mode, a NaN bias):
-      // for the caller that is a malformed file.
-      throw format_error(detail::concat(f.source(), ": layer ", l, ": ", e.what()));
-    }
-  }
-  return layers;
-}
-
-/// Loads a factorized-model file from disk (see the overload above). \throws format_error.
-template <class Backend = CpuScalar>
-std::vector<moe::MoeFfn<float, Backend>> load_factorized(std::string const& path) {
-  return load_factorized<Backend>(SafetensorsFile::load(path));
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Mixtral-layout export (Hugging Face MixtralForCausalLM).
-// ---------------------------------------------------------------------------------------------------------------
-
-/// Options of the Mixtral export.
-struct MixtralExportOptions {
-  /// Storage type of every tensor (F32, F16 or BF16); config.json's torch_dtype says the same.
-  SafetensorsDtype dtype = SafetensorsDtype::f32;
-};
-
-namespace detail {
-/// Reorders the rows of a q or k projection from llama2.c/Meta's interleaved RoPE layout (pairs (2j, 2j+1) of each
-/// head) to Hugging Face's half-split layout (pairs (j, j + head_size/2)) — the inverse of the "permute" that
-/// llama.cpp's convert_hf_to_gguf.py applies to HF q/k weights.
-inline std::vector<float> interleaved_to_half_split(MatrixView<float const> w, std::ptrdiff_t n_heads) {
-  std::ptrdiff_t const rows = w.rows(), cols = w.cols(), hs = rows / n_heads;
-  std::vector<float> out(static_cast<std::size_t>(rows * cols));
-  for (std::ptrdiff_t h = 0; h < n_heads; ++h)
-    for (std::ptrdiff_t half = 0; half < 2; ++half)
-      for (std::ptrdiff_t j = 0; j < hs / 2; ++j) {
-        std::ptrdiff_t const dst = h * hs + half * (hs / 2) + j, src = h * hs + 2 * j + half;
-        std::copy(w.row(src), w.row(src) + cols, out.data() + dst * cols);
-      }
-  return out;
-}
-
-}  // namespace detail
-
-/// Builds the tensors of a Hugging Face MixtralForCausalLM checkpoint: model.embed_tokens.weight, per layer
-/// model.layers.{i}.input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (q and k rows reordered to HF's
-/// half-split RoPE layout), post_attention_layernorm.weight, block_sparse_moe.gate.weight [N, dim],
-/// block_sparse_moe.experts.{e}.w1.weight [d_expert, dim] (gate), .w2.weight [dim, d_expert] (down),
-/// .w3.weight [d_expert, dim] (up); model.norm.weight; lm_head.weight only when the classifier is not shared.
-/// \throws value_error when a layer's gating cannot be expressed (check_softmax_topk_renorm_expressible), the layers
-///         do not fit the checkpoint, or N, K differ between layers (check_moe_layers_fit).
-template <class T, class Backend>
-SafetensorsWriter mixtral_tensors(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
-                                  MixtralExportOptions const& options = {}) {
-  check_moe_layers_fit(ckpt, layers, "mixtral_tensors");
-  check_softmax_topk_renorm_expressible(layers, "Mixtral");
-  SafetensorsDtype const dt = options.dtype;
-  if (dt != SafetensorsDtype::f32 && dt != SafetensorsDtype::f16 && dt != SafetensorsDtype::bf16)
-    throw value_error(detail::concat("mixtral_tensors: dtype ", to_string(dt), " is not F32, F16 or BF16"));
-  auto const& c = ckpt.config();
-  SafetensorsWriter w;
-  w.set_metadata("format", "pt");  // transformers expects "pt" for PyTorch checkpoints
-  w.add("model.embed_tokens.weight", dt, ckpt.token_embedding());
-  for (int l = 0; l < c.n_layers; ++l) {
-    std::string const p = "model.layers." + std::to_string(l) + ".";
-    w.add(p + "input_layernorm.weight", dt, ckpt.rms_att(l));
-    std::vector<float> const q = detail::interleaved_to_half_split(ckpt.wq(l), c.n_heads);
-    std::vector<float> const k = detail::interleaved_to_half_split(ckpt.wk(l), c.n_kv_heads);
-    w.add(p + "self_attn.q_proj.weight", dt, {c.dim, c.dim}, q.data());
-    w.add(p + "self_attn.k_proj.weight", dt, {ckpt.config().kv_dim(), c.dim}, k.data());
-    w.add(p + "self_attn.v_proj.weight", dt, ckpt.wv(l));
-    w.add(p + "self_attn.o_proj.weight", dt, ckpt.wo(l));
-    w.add(p + "post_attention_layernorm.weight", dt, ckpt.rms_ffn(l));
-    auto const& layer = layers[static_cast<std::size_t>(l)];
-    w.add(p + "block_sparse_moe.gate.weight", dt, layer.router().weight());
-    for (std::ptrdiff_t e = 0; e < layer.n_experts(); ++e) {
-      std::string const ep = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
-      w.add(ep + "w1.weight", dt, layer.experts().gate(e));
-      w.add(ep + "w2.weight", dt, layer.experts().down(e));
-      w.add(ep + "w3.weight", dt, layer.experts().up(e));
-    }
-  }
-  w.add("model.norm.weight", dt, ckpt.rms_final());
-  if (!c.shared_classifier) w.add("lm_head.weight", dt, ckpt.classifier());
-  return w;
-}
-
-/// Returns the config.json of the Mixtral export (HF MixtralConfig fields). \throws value_error as mixtral_tensors.
-template <class T, class Backend>
-nlohmann::json mixtral_config(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
-                              MixtralExportOptions const& options = {}) {
-  check_moe_layers_fit(ckpt, layers, "mixtral_config");
-  check_softmax_topk_renorm_expressible(layers, "Mixtral");
-  auto const& c = ckpt.config();
-  char const* const torch_dtype = options.dtype == SafetensorsDtype::f16    ? "float16"
-                                  : options.dtype == SafetensorsDtype::bf16 ? "bfloat16"
-                                                                            : "float32";
-  return nlohmann::json{
-      {"architectures", {"MixtralForCausalLM"}},
-      {"model_type", "mixtral"},
-      {"hidden_size", c.dim},
-      {"intermediate_size", layers[0].d_expert()},  // Mixtral's intermediate_size is per expert
-      {"num_hidden_layers", c.n_layers},
-      {"num_attention_heads", c.n_heads},
-      {"num_key_value_heads", c.n_kv_heads},
-      {"head_dim", c.head_size()},
-      {"hidden_act", "silu"},
-      {"max_position_embeddings", c.seq_len},
-      {"rms_norm_eps", 1e-5},
-      {"rope_theta", 10000.0},
-      {"num_local_experts", layers[0].n_experts()},
-      {"num_experts_per_tok", layers[0].top_k()},
-      {"router_aux_loss_coef", 0.02},
-      {"router_jitter_noise", 0.0},
-      {"output_router_logits", false},
-      {"vocab_size", c.vocab_size},
-      {"tie_word_embeddings", c.shared_classifier},
-      {"bos_token_id", Llama2cTokenizer::kBos},
-      {"eos_token_id", Llama2cTokenizer::kEos},
-      {"sliding_window", nullptr},
-      {"attention_dropout", 0.0},
-      {"initializer_range", 0.02},
-      {"use_cache", true},
-      {"torch_dtype", torch_dtype},
-  };
-}
-
-/// Writes `dir`/model.safetensors and `dir`/config.json (creating `dir`): a llama2.c checkpoint whose FFNs are
-/// replaced by `layers`, in the layout transformers' MixtralForCausalLM loads.
-/// \throws value_error as mixtral_tensors; format_error when the files cannot be written.
-template <class T, class Backend>
-void export_mixtral(std::string const& dir, Llama2cCheckpoint const& ckpt,
-                    std::vector<moe::MoeFfn<T, Backend>> const& layers, MixtralExportOptions const& options = {}) {
-  SafetensorsWriter const w = mixtral_tensors(ckpt, layers, options);
-  std::string const config = mixtral_config(ckpt, layers, options).dump(2) + "\n";
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) throw format_error(detail::concat("export_mixtral: cannot create the folder '", dir, "': ", ec.message()));
-  w.save((std::filesystem::path(dir) / "model.safetensors").string());
-  detail::write_file_atomically((std::filesystem::path(dir) / "config.json").string(),
-                                reinterpret_cast<unsigned char const*>(config.data()), config.size(), "config.json");
-}
 
 }  // namespace io
 }  // namespace factorllm

@@ -1,32 +1,59 @@
 // SPDX-License-Identifier: Apache-2.0
-// Internal byte-level helpers of the file formats (safetensors, GGUF): little-endian words, IEEE half, a bounds-
-// checked reader, and a writer that replaces its target file only once every byte has been written.
+// Internal byte-level helpers of the file formats (llama2.c, safetensors, GGUF): little-endian words, IEEE half,
+// overflow-checked sizes, a little-endian writer and a bounds-checked reader of untrusted bytes.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <limits>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
 #include "../../core/dtype.hpp"
 #include "../../core/error.hpp"
-#include "../llama2c.hpp"
 
 namespace factorllm {
 namespace io {
 namespace detail {
 
+// The io headers build their messages with detail::concat; inside namespace io that name resolves here.
+using ::factorllm::detail::concat;
+
+/// True on a little-endian host (the files are little-endian; a big-endian host swaps bytes).
+inline bool host_is_little_endian() noexcept {
+  std::uint32_t const one = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &one, 1);
+  return first == 1;
+}
+
 /// Reads a little-endian 16-bit word.
 inline std::uint16_t load_le_u16(unsigned char const* p) noexcept {
   return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+}
+
+/// Reads a little-endian 32-bit word from 4 bytes (no alignment needed).
+inline std::uint32_t load_le_u32(unsigned char const* p) noexcept {
+  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+         (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+}
+
+/// Reads a little-endian int32 (two's complement, bit-copied so no implementation-defined conversion).
+inline std::int32_t load_le_i32(unsigned char const* p) noexcept {
+  std::uint32_t const u = load_le_u32(p);
+  std::int32_t v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+/// Reads a little-endian IEEE-754 float32.
+inline float load_le_f32(unsigned char const* p) noexcept {
+  std::uint32_t const u = load_le_u32(p);
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
 }
 
 /// Reads a little-endian 64-bit word.
@@ -42,56 +69,33 @@ inline double load_le_f64(unsigned char const* p) noexcept {
   return v;
 }
 
-/// Converts IEEE-754 binary16 bits to the float they represent (exact: every half is a float).
-inline float half_to_float(std::uint16_t h) noexcept {
-  std::uint32_t const sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  std::uint32_t const exp = (h >> 10) & 0x1fu;
-  std::uint32_t mant = h & 0x3ffu;
-  std::uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);  // infinity or NaN (payload kept)
-  } else if (exp != 0) {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;  // signed zero
-  } else {
-    // Subnormal half: shift the mantissa up until its leading 1 becomes the implicit bit.
-    int e = -1;
-    do {
-      mant <<= 1;
-      ++e;
-    } while ((mant & 0x400u) == 0);
-    bits = sign | (static_cast<std::uint32_t>(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+/// Converts `n` floats just copied raw from a little-endian file to host order (a no-op on little-endian hosts).
+inline void floats_from_le(float* p, std::size_t n) noexcept {
+  if (host_is_little_endian()) return;
+  for (std::size_t i = 0; i < n; ++i) {
+    unsigned char b[4];
+    std::memcpy(b, p + i, 4);
+    p[i] = load_le_f32(b);
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
 }
 
+/// Converts IEEE-754 binary16 bits to the float they represent (exact): the f16 format of core/dtype.hpp.
+inline float half_to_float(std::uint16_t h) noexcept { return f16::from_bits(h).to_float(); }
+
 /// Converts a float to IEEE-754 binary16 bits, rounding to nearest with ties to even (as numpy and ggml do);
-/// values beyond the half range become infinity, NaN stays a quiet NaN.
-inline std::uint16_t float_to_half(float value) noexcept {
-  std::uint32_t u;
-  std::memcpy(&u, &value, sizeof u);
-  std::uint16_t const sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
-  std::uint32_t const abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
-  if (abs >= 0x47800000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65536: overflow to infinity
-  if (abs < 0x38800000u) {
-    // Result is a half subnormal (or zero): value / 2^-24 rounded to an integer, ties to even.
-    if (abs < 0x33000000u) return sign;  // below half the smallest subnormal: rounds to zero
-    std::uint32_t const e = abs >> 23;
-    std::uint32_t const m = (abs & 0x7fffffu) | 0x800000u;
-    std::uint32_t const shift = 126 - e;  // in [14, 24]: m * 2^(e-150) / 2^-24 = m >> (126 - e)
-    std::uint32_t const q = m >> shift;
-    std::uint32_t const rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    std::uint32_t const r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
-    return static_cast<std::uint16_t>(sign | r);
-  }
-  // Normal: rebias the exponent and round 13 mantissa bits away; a carry may roll into the exponent (correct).
-  std::uint32_t const lsb = (abs >> 13) & 1u;
-  std::uint32_t const rounded = abs + 0xfffu + lsb;
-  return static_cast<std::uint16_t>(sign | (((rounded >> 13) - ((127u - 15u) << 10)) & 0xffffu));
+/// values beyond the half range become infinity, NaN becomes the quiet NaN 0x7e00 (with the sign).
+inline std::uint16_t float_to_half(float value) noexcept { return f16(value).bits; }
+
+/// Returns a * b for non-negative operands, or -1 when the product does not fit in int64.
+inline std::int64_t mul_nonneg(std::int64_t a, std::int64_t b) noexcept {
+  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) return -1;
+  return a * b;
+}
+
+/// Returns a + b for non-negative operands, or -1 when the sum does not fit in int64.
+inline std::int64_t add_nonneg(std::int64_t a, std::int64_t b) noexcept {
+  if (b > std::numeric_limits<std::int64_t>::max() - a) return -1;
+  return a + b;
 }
 
 /// Appends little-endian values to a byte buffer (the files are little-endian whatever the host).
@@ -179,48 +183,6 @@ class ByteCursor {
   std::size_t at_ = 0;
   std::string source_;
 };
-
-/// Writes `bytes` to `path` through a temporary file in the same folder that is renamed over `path` only after a
-/// complete write, so a failed save never leaves a truncated file behind (and never clobbers the old one).
-/// \throws format_error naming the path when the file cannot be written or renamed.
-inline void write_file_atomically(std::string const& path, unsigned char const* bytes, std::size_t n,
-                                  char const* what) {
-  std::string const tmp = path + ".partial";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw format_error(::factorllm::detail::concat(what, " '", path, "': cannot open '", tmp, "' for writing"));
-    constexpr std::size_t kChunk = std::size_t{1} << 26;
-    for (std::size_t at = 0; at < n && out; at += kChunk)
-      out.write(reinterpret_cast<char const*>(bytes + at), static_cast<std::streamsize>(std::min(kChunk, n - at)));
-    out.flush();
-    if (!out) {
-      out.close();
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw format_error(::factorllm::detail::concat(what, " '", path, "': write failed (disk full?)"));
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw format_error(::factorllm::detail::concat(what, " '", path, "': cannot move the written file into place: ",
-                                                   ec.message()));
-  }
-}
-
-/// Reads a whole regular file; the buffer is sized by the file itself, never by a field inside it.
-inline std::vector<unsigned char> read_whole_file(std::string const& path, char const* what) {
-  std::ifstream in;
-  std::uint64_t const bytes = open_and_measure(in, path, what);
-  if (bytes > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))
-    throw format_error(::factorllm::detail::concat(what, " '", path, "': ", bytes,
-                                                   " bytes, more than this platform can address"));
-  std::vector<unsigned char> buffer(static_cast<std::size_t>(bytes));
-  read_exact(in, buffer.data(), bytes, path, what);
-  return buffer;
-}
 
 }  // namespace detail
 }  // namespace io

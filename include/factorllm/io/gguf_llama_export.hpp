@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: Apache-2.0
+// Export of a llama2.c model, dense or factorized into a MoE, as a llama.cpp "llama"-architecture GGUF file with its
+// tokenizer.
+#pragma once
+
+#include <cctype>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../moe/moe_ffn.hpp"
+#include "detail/bytes.hpp"
+#include "gguf.hpp"
+#include "llama2c.hpp"
+#include "moe_export.hpp"
+
+namespace factorllm {
+namespace io {
+
+/// sentencepiece token types as llama.cpp stores them in tokenizer.ggml.token_type.
+enum class GgufTokenType : std::int32_t { normal = 1, unknown = 2, control = 3, user_defined = 4, unused = 5, byte = 6 };
+
+/// The llama2.c tokenizer as llama.cpp's sentencepiece ("llama") vocabulary.
+struct GgufVocab {
+  std::vector<std::string> tokens;  // [vocab]
+  std::vector<float> scores;        // [vocab]
+  std::vector<std::int32_t> types;  // [vocab] GgufTokenType values
+};
+
+/// Converts a llama2.c tokenizer to sentencepiece conventions: spaces become U+2581 "▁" (llama2.c's export had
+/// replaced them), BOS/EOS ("\n<s>\n", "\n</s>\n" in llama2.c files) become the control tokens "<s>" / "</s>",
+/// id 0 "<unk>" is the unknown token, "<0xHH>" pieces are byte tokens (type 6), everything else is normal.
+/// Scores are kept (llama.cpp merges the highest-scoring pair first, as llama2.c does).
+/// \throws value_error when two tokens end up with the same text (llama.cpp maps text to one id).
+inline GgufVocab llama_vocab_from_llama2c(Llama2cTokenizer const& tok) {
+  GgufVocab v;
+  int const n = tok.vocab_size();
+  std::map<std::string, int> seen;
+  for (int id = 0; id < n; ++id) {
+    std::string const& piece = tok.piece(id);
+    std::string text;
+    GgufTokenType type = GgufTokenType::normal;
+    bool const is_byte = piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece[5] == '>' &&
+                         std::isxdigit(static_cast<unsigned char>(piece[3])) &&
+                         std::isxdigit(static_cast<unsigned char>(piece[4]));
+    if (id == Llama2cTokenizer::kBos) {
+      text = piece == "\n<s>\n" ? "<s>" : piece;
+      type = GgufTokenType::control;
+    } else if (id == Llama2cTokenizer::kEos) {
+      text = piece == "\n</s>\n" ? "</s>" : piece;
+      type = GgufTokenType::control;
+    } else if (id == 0 && piece == "<unk>") {
+      text = piece;
+      type = GgufTokenType::unknown;
+    } else if (is_byte) {
+      text = piece;
+      type = GgufTokenType::byte;
+    } else {
+      for (char const c : piece) {
+        if (c == ' ') text += "\xE2\x96\x81";  // U+2581, sentencepiece's visible space
+        else text += c;
+      }
+    }
+    auto const [it, fresh] = seen.emplace(text, id);
+    if (!fresh)
+      throw value_error(detail::concat("llama_vocab_from_llama2c: tokens ", it->second, " and ", id,
+                                       " both have the text '", text, "'"));
+    v.tokens.push_back(std::move(text));
+    v.scores.push_back(tok.score(id));
+    v.types.push_back(static_cast<std::int32_t>(type));
+  }
+  return v;
+}
+
+/// Options of the GGUF export.
+struct GgufExportOptions {
+  /// Type of the 2-D and 3-D weights (F32, F16 or BF16). Norm weights and routers stay F32, as llama.cpp's own
+  /// converter keeps them: rounding a router can change which experts are chosen.
+  GgmlType weight_type = GgmlType::f32;
+  /// general.name
+  std::string name = "factorllm";
+};
+
+namespace detail {
+template <class T, class Backend>
+GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
+                           std::vector<moe::MoeFfn<T, Backend>> const* moe, GgufExportOptions const& o) {
+  auto const& c = ckpt.config();
+  if (o.weight_type != GgmlType::f32 && o.weight_type != GgmlType::f16 && o.weight_type != GgmlType::bf16)
+    throw value_error(concat("llama GGUF export: weight_type ", to_string(o.weight_type), " is not F32, F16 or BF16"));
+  if (tok.vocab_size() != c.vocab_size)
+    throw value_error(concat("llama GGUF export: the tokenizer has ", tok.vocab_size(), " tokens, the checkpoint ",
+                             c.vocab_size));
+  std::ptrdiff_t n_expert = 0, n_used = 0, d_ff = c.hidden_dim;
+  if (moe != nullptr) {
+    check_moe_layers_fit(ckpt, *moe, "llama GGUF export");
+    check_softmax_topk_renorm_expressible(*moe, "GGUF (llama.cpp)");
+    n_expert = (*moe)[0].n_experts();
+    n_used = (*moe)[0].top_k();
+    d_ff = (*moe)[0].d_expert();  // llama.cpp reads feed_forward_length as the PER-EXPERT size for MoE tensors
+  }
+  GgufVocab const vocab = llama_vocab_from_llama2c(tok);
+
+  GgufWriter w;
+  w.set_string("general.architecture", "llama");
+  w.set_string("general.name", o.name);
+  w.set_u32("general.file_type", o.weight_type == GgmlType::f32 ? 0u : o.weight_type == GgmlType::f16 ? 1u : 32u);
+  w.set_u32("llama.context_length", static_cast<std::uint32_t>(c.seq_len));
+  w.set_u32("llama.embedding_length", static_cast<std::uint32_t>(c.dim));
+  w.set_u32("llama.block_count", static_cast<std::uint32_t>(c.n_layers));
+  w.set_u32("llama.feed_forward_length", static_cast<std::uint32_t>(d_ff));
+  w.set_u32("llama.attention.head_count", static_cast<std::uint32_t>(c.n_heads));
+  w.set_u32("llama.attention.head_count_kv", static_cast<std::uint32_t>(c.n_kv_heads));
+  w.set_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);  // llama2.c's rmsnorm epsilon
+  w.set_f32("llama.rope.freq_base", 10000.0f);
+  w.set_u32("llama.rope.dimension_count", static_cast<std::uint32_t>(c.head_size()));
+  w.set_u32("llama.vocab_size", static_cast<std::uint32_t>(c.vocab_size));
+  if (moe != nullptr) {
+    w.set_u32("llama.expert_count", static_cast<std::uint32_t>(n_expert));
+    w.set_u32("llama.expert_used_count", static_cast<std::uint32_t>(n_used));
+  }
+  w.set_string("tokenizer.ggml.model", "llama");
+  w.set_string_array("tokenizer.ggml.tokens", vocab.tokens);
+  w.set_f32_array("tokenizer.ggml.scores", vocab.scores);
+  w.set_i32_array("tokenizer.ggml.token_type", vocab.types);
+  w.set_u32("tokenizer.ggml.bos_token_id", static_cast<std::uint32_t>(Llama2cTokenizer::kBos));
+  w.set_u32("tokenizer.ggml.eos_token_id", static_cast<std::uint32_t>(Llama2cTokenizer::kEos));
+  if (!vocab.types.empty() && vocab.types[0] == static_cast<std::int32_t>(GgufTokenType::unknown))
+    w.set_u32("tokenizer.ggml.unknown_token_id", 0u);
+  w.set_bool("tokenizer.ggml.add_bos_token", true);
+  w.set_bool("tokenizer.ggml.add_eos_token", false);
+
+  GgmlType const wt = o.weight_type;
+  // llama2.c's q/k rows are in the interleaved RoPE layout (pairs (2j, 2j+1) of each head), which is ggml's
+  // "normal" rope mode used by the llama architecture: no reordering (llama.cpp's converter only permutes
+  // Hugging Face checkpoints, whose rows are half-split).
+  w.add_tensor("token_embd.weight", wt, ckpt.token_embedding());
+  for (int l = 0; l < c.n_layers; ++l) {
+    std::string const p = "blk." + std::to_string(l) + ".";
+    w.add_tensor(p + "attn_norm.weight", GgmlType::f32, ckpt.rms_att(l));
+    w.add_tensor(p + "attn_q.weight", wt, ckpt.wq(l));
+    w.add_tensor(p + "attn_k.weight", wt, ckpt.wk(l));
+    w.add_tensor(p + "attn_v.weight", wt, ckpt.wv(l));
+    w.add_tensor(p + "attn_output.weight", wt, ckpt.wo(l));
+    w.add_tensor(p + "ffn_norm.weight", GgmlType::f32, ckpt.rms_ffn(l));
+    if (moe == nullptr) {
+      w.add_tensor(p + "ffn_gate.weight", wt, ckpt.w1(l));
+      w.add_tensor(p + "ffn_up.weight", wt, ckpt.w3(l));
+      w.add_tensor(p + "ffn_down.weight", wt, ckpt.w2(l));
+    } else {
+      auto const& layer = (*moe)[static_cast<std::size_t>(l)];
+      // ExpertWeights is stacked expert-major, exactly llama.cpp's [n_expert][n_ff][n_embd] (ne = {n_embd, n_ff,
+      // n_expert}) for gate/up and [n_expert][n_embd][n_ff] for down: the export is a copy.
+      w.add_tensor(p + "ffn_gate_inp.weight", GgmlType::f32, layer.router().weight());  // [N, dim]: ne {dim, N}
+      w.add_tensor(p + "ffn_gate_exps.weight", wt, layer.experts().gate_tensor().cview());
+      w.add_tensor(p + "ffn_up_exps.weight", wt, layer.experts().up_tensor().cview());
+      w.add_tensor(p + "ffn_down_exps.weight", wt, layer.experts().down_tensor().cview());
+    }
+  }
+  w.add_tensor("output_norm.weight", GgmlType::f32, ckpt.rms_final());
+  // A shared classifier is left out: llama.cpp then uses token_embd as the output projection.
+  if (!c.shared_classifier) w.add_tensor("output.weight", wt, ckpt.classifier());
+  return w;
+}
+}  // namespace detail
+
+/// Returns the GGUF file (as a writer, not yet serialized) of a dense llama2.c model in llama.cpp's "llama"
+/// architecture: hyper-parameters, the tokenizer (llama_vocab_from_llama2c) and every weight.
+/// \throws value_error when the tokenizer does not match the checkpoint or options are invalid.
+inline GgufWriter llama_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
+                             GgufExportOptions const& options = {}) {
+  return detail::llama_gguf_impl<float, CpuScalar>(ckpt, tok, nullptr, options);
+}
+
+/// Returns the GGUF file of a llama2.c model whose FFNs are replaced by the MoE `layers` (one per decoder layer):
+/// llama.expert_count N, llama.expert_used_count K, llama.feed_forward_length d_expert (per expert, as llama.cpp
+/// reads it for MoE), and per layer ffn_gate_inp [N, dim], ffn_gate_exps / ffn_up_exps [N, d_expert, dim],
+/// ffn_down_exps [N, dim, d_expert] (row-major shapes; ggml's ne lists them reversed).
+/// \throws value_error when a layer's gating is not softmax -> TopK -> renormalize with a bias-free router, no
+///         selection bias and output_scale 1 (llama.cpp's llama-architecture MoE computes exactly that and has no
+///         router-bias tensor), when N or K differ between layers, or when the layers do not fit the checkpoint.
+template <class T, class Backend>
+GgufWriter llama_moe_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
+                          std::vector<moe::MoeFfn<T, Backend>> const& layers, GgufExportOptions const& options = {}) {
+  return detail::llama_gguf_impl(ckpt, tok, &layers, options);
+}
+
+/// Writes llama_gguf(...) to `path`. \throws value_error as llama_gguf; format_error when the file cannot be written.
+inline void export_llama_gguf(std::string const& path, Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
+                              GgufExportOptions const& options = {}) {
+  llama_gguf(ckpt, tok, options).save(path);
+}
+
+/// Writes llama_moe_gguf(...) to `path`. \throws value_error as llama_moe_gguf; format_error when it cannot write.
+template <class T, class Backend>
+void export_llama_gguf(std::string const& path, Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
+                       std::vector<moe::MoeFfn<T, Backend>> const& layers, GgufExportOptions const& options = {}) {
+  llama_moe_gguf(ckpt, tok, layers, options).save(path);
+}
+
+}  // namespace io
+}  // namespace factorllm
