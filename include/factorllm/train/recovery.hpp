@@ -33,8 +33,9 @@
 #include "../ffn/factorize.hpp"
 #include "../moe/gating.hpp"
 #include "../moe/router.hpp"
+#include "adam.hpp"
+#include "detail/batch_sampler.hpp"
 #include "diagnostics.hpp"
-#include "router_training.hpp"
 
 namespace factorllm {
 namespace train {
@@ -458,7 +459,7 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
                               DistillConfig const& cfg) {
   using A = activation_t<T>;
   detail_train::validate_recovery(experts, routing, x_calib, dense, "recover_distill");
-  detail_train::validate_adam_config(cfg, "recover_distill");
+  detail::validate_adam_config(cfg, "recover_distill");
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model(),
                        k = routing.ids.extent(1);
   std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);
@@ -496,7 +497,7 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
         m_d(static_cast<std::size_t>(down.size()), A(0)), v_d(m_d);
     Matrix<A> xb({batch, d}), fb({batch, d}), wb({batch, k});
     Matrix<std::int32_t> ib({batch, k});
-    detail_train::BatchSampler sampler(n_tokens, cfg.seed);
+    detail::BatchSampler sampler(n_tokens, cfg.seed);
     for (int step = 1; step <= cfg.steps; ++step) {
       for (std::ptrdiff_t i = 0; i < batch; ++i) {
         std::ptrdiff_t const t = sampler.next();
@@ -507,12 +508,12 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
       }
       detail_train::distill_batch<A>(gate.cview(), up.cview(), down.cview(), xb.cview(), fb.cview(), ib.cview(), wb.cview(),
                                      &grads, scratch);
-      detail_train::adam_update(gate.data(), grads.gate.data(), m_g.data(), v_g.data(), gate.size(), step, cfg.lr,
-                                cfg.beta1, cfg.beta2, cfg.eps);
-      detail_train::adam_update(up.data(), grads.up.data(), m_u.data(), v_u.data(), up.size(), step, cfg.lr, cfg.beta1,
-                                cfg.beta2, cfg.eps);
-      detail_train::adam_update(down.data(), grads.down.data(), m_d.data(), v_d.data(), down.size(), step, cfg.lr,
-                                cfg.beta1, cfg.beta2, cfg.eps);
+      detail::adam_update(gate.data(), grads.gate.data(), m_g.data(), v_g.data(), gate.size(), step, cfg.lr,
+                          cfg.beta1, cfg.beta2, cfg.eps);
+      detail::adam_update(up.data(), grads.up.data(), m_u.data(), v_u.data(), up.size(), step, cfg.lr, cfg.beta1,
+                          cfg.beta2, cfg.eps);
+      detail::adam_update(down.data(), grads.down.data(), m_d.data(), v_d.data(), down.size(), step, cfg.lr,
+                          cfg.beta1, cfg.beta2, cfg.eps);
     }
     // Write back rounded to T, then measure what the caller gets.
     auto write_back = [](Tensor<A, 3> const& src, Tensor<T, 3>& dst) {
