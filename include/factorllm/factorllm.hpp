@@ -28,9 +28,12 @@
 #include "moe/shared_moe.hpp"
 #include "moe/topk.hpp"
 
+#include "train/adam.hpp"
 #include "train/diagnostics.hpp"
 #include "train/moe_backward.hpp"
+#include "train/oracle_labels.hpp"
 #include "train/par_loss.hpp"
+#include "train/par_loss_from_labels.hpp"
 #include "train/par_types.hpp"
 #include "train/recovery.hpp"
 #include "train/router_training.hpp"

@@ -33,11 +33,29 @@
 #include "../ffn/factorize.hpp"
 #include "../moe/gating.hpp"
 #include "../moe/router.hpp"
+#include "../moe/topk.hpp"
 #include "adam.hpp"
 #include "detail/batch_sampler.hpp"
-#include "diagnostics.hpp"
+#include "detail/calibration_passes.hpp"
+#include "detail/validation.hpp"
 
 namespace factorllm {
+namespace detail {
+
+/// The routing of every row of x by router + gating (logits, TopK with the selection bias, combine weights),
+/// exactly as moe::MoeFfn's scalar oracle computes it.
+template <class A>
+void route_all(moe::Router<A> const& router, moe::Gating const& gating, MatrixView<A const> x, Matrix<std::int32_t>& ids,
+               Matrix<A>& weights) {
+  Matrix<A> logits({x.rows(), router.n_experts()});
+  ids = Matrix<std::int32_t>({x.rows(), gating.top_k});
+  weights = Matrix<A>({x.rows(), gating.top_k});
+  moe::router_logits(router, x, logits.view());
+  moe::select_experts(logits.cview(), gating, ids.view(), weights.view());
+}
+
+}  // namespace detail
+
 namespace train {
 
 /// A fixed routing of n_tokens tokens: which experts each token uses and with what weight its output is combined,
@@ -64,7 +82,7 @@ FixedRouting<A> fixed_routing(moe::Router<A> const& router, moe::Gating const& g
   detail::require_shape(x, {x.rows(), router.d_model()}, fn, "x");
   Matrix<std::int32_t> ids;
   Matrix<A> weights;
-  detail_train::route_all(router, gating, x, ids, weights);
+  detail::route_all(router, gating, x, ids, weights);
   if (n_shared == 0) return FixedRouting<A>{std::move(ids), std::move(weights)};
   std::ptrdiff_t const k = gating.top_k;
   FixedRouting<A> r{Matrix<std::int32_t>({x.rows(), n_shared + k}), Matrix<A>({x.rows(), n_shared + k})};
@@ -89,19 +107,21 @@ struct RefitReport {
   std::int64_t n_tokens = 0;
 };
 
-namespace detail_train {
+}  // namespace train
+
+namespace detail {
 
 template <class T>
-void validate_recovery(ffn::ExpertWeights<T> const& experts, FixedRouting<activation_t<T>> const& routing,
+void validate_recovery(ffn::ExpertWeights<T> const& experts, train::FixedRouting<activation_t<T>> const& routing,
                        MatrixView<activation_t<T> const> x, ffn::DenseFfnView<T> const& dense, char const* fn) {
   validate_dense_experts(dense, experts, fn);
   if (experts.gate_tensor().empty()) throw value_error(concat(fn, ": argument 'experts' holds no experts (default-constructed)"));
   if (x.rows() < 1) throw value_error(concat(fn, ": argument 'x_calib' has no tokens; recovery needs a calibration set"));
-  factorllm::detail::require_shape(x, {x.rows(), dense.d_model()}, fn, "x_calib");
+  require_shape(x, {x.rows(), dense.d_model()}, fn, "x_calib");
   std::ptrdiff_t const slots = routing.ids.extent(1), n = experts.n_experts();
   if (slots < 1) throw shape_error(concat(fn, ": argument 'routing.ids' has no slots per token"));
-  factorllm::detail::require_shape(routing.ids.cview(), {x.rows(), slots}, fn, "routing.ids");
-  factorllm::detail::require_shape(routing.weights.cview(), {x.rows(), slots}, fn, "routing.weights");
+  require_shape(routing.ids.cview(), {x.rows(), slots}, fn, "routing.ids");
+  require_shape(routing.weights.cview(), {x.rows(), slots}, fn, "routing.weights");
   for (std::ptrdiff_t t = 0; t < x.rows(); ++t)
     for (std::ptrdiff_t j = 0; j < slots; ++j) {
       std::int32_t const e = routing.ids(t, j);
@@ -119,8 +139,8 @@ void validate_router(ffn::ExpertWeights<T> const& experts, moe::Router<activatio
     throw value_error(concat(fn, ": n_shared = ", n_shared, " must be in [0, n_experts = ", experts.n_experts(), ")"));
   if (router.n_experts() != experts.n_experts() - n_shared || router.d_model() != experts.d_model())
     throw shape_error(concat(fn, ": argument 'router' has shape ",
-                             factorllm::detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
-                             factorllm::detail::shape_string({experts.n_experts() - n_shared, experts.d_model()}),
+                             shape_string({router.n_experts(), router.d_model()}), ", expected ",
+                             shape_string({experts.n_experts() - n_shared, experts.d_model()}),
                              " [routed experts, d_model]"));
   gating.validate(router.n_experts(), fn);
 }
@@ -129,7 +149,7 @@ void validate_router(ffn::ExpertWeights<T> const& experts, moe::Router<activatio
 /// token t = t0 + r selects, zero elsewhere. h must hold every expert's hidden activations of the chunk.
 template <class A>
 void refit_features(Eigen::Ref<RowMatrixD const> h, std::ptrdiff_t t0, std::ptrdiff_t c, std::ptrdiff_t m,
-                    FixedRouting<A> const& routing, Eigen::Ref<RowMatrixD> z) {
+                    train::FixedRouting<A> const& routing, Eigen::Ref<RowMatrixD> z) {
   z.setZero();
   for (std::ptrdiff_t r = 0; r < c; ++r)
     for (std::ptrdiff_t j = 0; j < routing.ids.extent(1); ++j) {
@@ -138,7 +158,9 @@ void refit_features(Eigen::Ref<RowMatrixD const> h, std::ptrdiff_t t0, std::ptrd
     }
 }
 
-}  // namespace detail_train
+}  // namespace detail
+
+namespace train {
 
 /// Refits every expert's down projection in closed form, all experts jointly, under the fixed routing:
 ///   minimize_D  sum_t || sum_j w_tj D_{e_tj} h_{e_tj}(x_t) - F(x_t) ||^2 + lambda || D - D_0 ||^2
@@ -164,7 +186,7 @@ template <class T>
 RefitReport recover_refit(ffn::ExpertWeights<T>& experts, FixedRouting<activation_t<T>> const& routing,
                           MatrixView<activation_t<T> const> x_calib, ffn::DenseFfnView<T> const& dense, double ridge) {
   char const* fn = "recover_refit";
-  detail_train::validate_recovery(experts, routing, x_calib, dense, fn);
+  detail::validate_recovery(experts, routing, x_calib, dense, fn);
   if (!(ridge >= 0) || !std::isfinite(ridge)) throw value_error(detail::concat(fn, ": ridge must be >= 0 and finite, got ", ridge));
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model(),
                        p = n * m;
@@ -172,12 +194,12 @@ RefitReport recover_refit(ffn::ExpertWeights<T>& experts, FixedRouting<activatio
   report.n_tokens = n_tokens;
   detail::run_eigen_serial([&] {
     using detail::RowMatrixD;
-    auto const dw = detail_train::dense_double(dense);
-    auto w = detail_train::experts_double(experts);
-    std::ptrdiff_t const chunk = detail_train::kChunkTokens;
-    detail_train::ChunkScratch sc(chunk, d, std::max(p, dense.d_ff()), 0);
+    auto const dw = detail::dense_double(dense);
+    auto w = detail::experts_double(experts);
+    std::ptrdiff_t const chunk = detail::kCalibrationChunkTokens;
+    detail::ChunkScratch sc(chunk, d, std::max(p, dense.d_ff()), 0);
     RowMatrixD z(chunk, p);
-    auto stacked_down = [&](detail_train::ExpertsDouble const& ew) {
+    auto stacked_down = [&](detail::ExpertsDouble const& ew) {
       RowMatrixD s(p, d);  // [d_ff, d_model]: row e*m + i is column i of expert e's down
       for (std::ptrdiff_t e = 0; e < n; ++e) s.middleRows(e * m, m) = ew.down[static_cast<std::size_t>(e)].transpose();
       return s;
@@ -189,9 +211,9 @@ RefitReport recover_refit(ffn::ExpertWeights<T>& experts, FixedRouting<activatio
       for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += chunk) {
         std::ptrdiff_t const c = std::min(chunk, n_tokens - t0);
         detail::gather_rows_double(x_calib, t0, c, sc.x.topRows(c));
-        detail_train::dense_output_chunk(dw, c, sc);
+        detail::dense_output_chunk(dw, c, sc);
         detail::swiglu_hidden(w.gate, w.up, sc.x.topRows(c), sc.h.topLeftCorner(c, p), sc.pre.topLeftCorner(c, p));
-        detail_train::refit_features(sc.h.topLeftCorner(c, p), t0, c, m, routing, z.topRows(c));
+        detail::refit_features(sc.h.topLeftCorner(c, p), t0, c, m, routing, z.topRows(c));
         if (normal != nullptr) {
           normal->selfadjointView<Eigen::Lower>().rankUpdate(z.topRows(c).transpose());
           rhs->noalias() += z.topRows(c).transpose() * sc.f.topRows(c);
@@ -222,7 +244,7 @@ RefitReport recover_refit(ffn::ExpertWeights<T>& experts, FixedRouting<activatio
     for (std::ptrdiff_t e = 0; e < n; ++e)
       for (std::ptrdiff_t o = 0; o < d; ++o)
         for (std::ptrdiff_t i = 0; i < m; ++i) down(e, o, i) = from_double<T>(d1(e * m + i, o));
-    w = detail_train::experts_double(experts);
+    w = detail::experts_double(experts);
     double const err1 = pass(stacked_down(w), nullptr, nullptr, f_sq);
     report.final_relative_error = std::sqrt(err1) / std::max(std::sqrt(f_sq), 1e-300);
   });
@@ -236,7 +258,7 @@ template <class T>
 RefitReport recover_refit(ffn::ExpertWeights<T>& experts, moe::Router<activation_t<T>> const& router,
                           moe::Gating const& gating, MatrixView<activation_t<T> const> x_calib,
                           ffn::DenseFfnView<T> const& dense, double ridge) {
-  detail_train::validate_router(experts, router, gating, 0, "recover_refit");
+  detail::validate_router(experts, router, gating, 0, "recover_refit");
   detail::require_shape(x_calib, {x_calib.rows(), experts.d_model()}, "recover_refit", "x_calib");
   return recover_refit(experts, fixed_routing(router, gating, x_calib), x_calib, dense, ridge);
 }
@@ -274,11 +296,13 @@ struct ExpertGrads {
   }
 };
 
-namespace detail_train {
+}  // namespace train
+
+namespace detail {
 
 /// d SiLU(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a))), from the stable sigmoid.
 inline double silu_prime(double a) noexcept {
-  double const sg = factorllm::detail::sigmoid(a);
+  double const sg = sigmoid(a);
   return sg * (1.0 + a * (1.0 - sg));
 }
 
@@ -304,7 +328,7 @@ struct DistillScratch {
 template <class A>
 double distill_batch(TensorView<A const, 3> gate, TensorView<A const, 3> up, TensorView<A const, 3> down,
                      MatrixView<A const> x, MatrixView<A const> target, MatrixView<std::int32_t const> ids,
-                     MatrixView<A const> weights, ExpertGrads<A>* grads, DistillScratch<A>& s) {
+                     MatrixView<A const> weights, train::ExpertGrads<A>* grads, DistillScratch<A>& s) {
   using Mat = typename DistillScratch<A>::Mat;
   using CMap = Eigen::Map<Mat const>;
   using MMap = Eigen::Map<Mat>;
@@ -389,10 +413,10 @@ Matrix<A> dense_targets(ffn::DenseFfnView<T> const& dense, MatrixView<A const> x
   std::ptrdiff_t const n_tokens = x.rows(), d = dense.d_model();
   Matrix<A> f({n_tokens, d});
   auto const dw = dense_double(dense);
-  ChunkScratch sc(kChunkTokens, d, dense.d_ff(), 0);
-  for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += kChunkTokens) {
-    std::ptrdiff_t const c = std::min(kChunkTokens, n_tokens - t0);
-    factorllm::detail::gather_rows_double(x, t0, c, sc.x.topRows(c));
+  ChunkScratch sc(kCalibrationChunkTokens, d, dense.d_ff(), 0);
+  for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += kCalibrationChunkTokens) {
+    std::ptrdiff_t const c = std::min(kCalibrationChunkTokens, n_tokens - t0);
+    gather_rows_double(x, t0, c, sc.x.topRows(c));
     dense_output_chunk(dw, c, sc);
     for (std::ptrdiff_t r = 0; r < c; ++r)
       for (std::ptrdiff_t o = 0; o < d; ++o) f(t0 + r, o) = static_cast<A>(sc.f(r, o));
@@ -400,7 +424,9 @@ Matrix<A> dense_targets(ffn::DenseFfnView<T> const& dense, MatrixView<A const> x
   return f;
 }
 
-}  // namespace detail_train
+}  // namespace detail
+
+namespace train {
 
 /// Computes the distillation loss mean_t || MoE(x_t) - F(x_t) ||^2 (squared L2 over d_model, mean over tokens) under
 /// a fixed routing, and its gradient w.r.t. every expert's gate, up and down weights (the combine weights are
@@ -418,18 +444,18 @@ double distill_loss_and_grad(ffn::ExpertWeights<T> const& experts, FixedRouting<
                              MatrixView<activation_t<T> const> x, ffn::DenseFfnView<T> const& dense,
                              ExpertGrads<activation_t<T>>& grads) {
   using A = activation_t<T>;
-  detail_train::validate_recovery(experts, routing, x, dense, "distill_loss_and_grad");
+  detail::validate_recovery(experts, routing, x, dense, "distill_loss_and_grad");
   std::ptrdiff_t const n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model();
   grads.resize(n, m, d);
   double loss = 0;
   detail::run_eigen_serial([&] {
-    Matrix<A> const target = detail_train::dense_targets(dense, x);
-    auto const gate = detail_train::to_activation_tensor(experts.gate_tensor());
-    auto const up = detail_train::to_activation_tensor(experts.up_tensor());
-    auto const down = detail_train::to_activation_tensor(experts.down_tensor());
-    detail_train::DistillScratch<A> scratch(x.rows(), routing.ids.extent(1), n, m, d);
-    loss = detail_train::distill_batch<A>(gate.cview(), up.cview(), down.cview(), x, target.cview(), routing.ids.cview(),
-                                          routing.weights.cview(), &grads, scratch);
+    Matrix<A> const target = detail::dense_targets(dense, x);
+    auto const gate = detail::to_activation_tensor(experts.gate_tensor());
+    auto const up = detail::to_activation_tensor(experts.up_tensor());
+    auto const down = detail::to_activation_tensor(experts.down_tensor());
+    detail::DistillScratch<A> scratch(x.rows(), routing.ids.extent(1), n, m, d);
+    loss = detail::distill_batch<A>(gate.cview(), up.cview(), down.cview(), x, target.cview(), routing.ids.cview(),
+                                    routing.weights.cview(), &grads, scratch);
   });
   return loss;
 }
@@ -439,7 +465,7 @@ template <class T>
 double distill_loss_and_grad(ffn::ExpertWeights<T> const& experts, moe::Router<activation_t<T>> const& router,
                              moe::Gating const& gating, MatrixView<activation_t<T> const> x,
                              ffn::DenseFfnView<T> const& dense, ExpertGrads<activation_t<T>>& grads) {
-  detail_train::validate_router(experts, router, gating, 0, "distill_loss_and_grad");
+  detail::validate_router(experts, router, gating, 0, "distill_loss_and_grad");
   detail::require_shape(x, {x.rows(), experts.d_model()}, "distill_loss_and_grad", "x");
   return distill_loss_and_grad(experts, fixed_routing(router, gating, x), x, dense, grads);
 }
@@ -458,7 +484,7 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
                               MatrixView<activation_t<T> const> x_calib, ffn::DenseFfnView<T> const& dense,
                               DistillConfig const& cfg) {
   using A = activation_t<T>;
-  detail_train::validate_recovery(experts, routing, x_calib, dense, "recover_distill");
+  detail::validate_recovery(experts, routing, x_calib, dense, "recover_distill");
   detail::validate_adam_config(cfg, "recover_distill");
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model(),
                        k = routing.ids.extent(1);
@@ -468,22 +494,22 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
   DistillReport report;
   report.steps = cfg.steps;
   detail::run_eigen_serial([&] {
-    Matrix<A> const target = detail_train::dense_targets(dense, x_calib);
+    Matrix<A> const target = detail::dense_targets(dense, x_calib);
     double f_sq = 0;
     for (std::ptrdiff_t i = 0; i < target.size(); ++i) f_sq += static_cast<double>(target[i]) * static_cast<double>(target[i]);
-    auto gate = detail_train::to_activation_tensor(experts.gate_tensor());
-    auto up = detail_train::to_activation_tensor(experts.up_tensor());
-    auto down = detail_train::to_activation_tensor(experts.down_tensor());
-    detail_train::DistillScratch<A> scratch(batch, k, n, m, d);
+    auto gate = detail::to_activation_tensor(experts.gate_tensor());
+    auto up = detail::to_activation_tensor(experts.up_tensor());
+    auto down = detail::to_activation_tensor(experts.down_tensor());
+    detail::DistillScratch<A> scratch(batch, k, n, m, d);
     // Mean loss over all calibration tokens, in chunks of the batch size (same scratch).
     auto full_loss = [&] {
       double sum = 0;
       for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += batch) {
         std::ptrdiff_t const t1 = std::min(n_tokens, t0 + batch);
         sum += static_cast<double>(t1 - t0) *
-               detail_train::distill_batch<A>(gate.cview(), up.cview(), down.cview(), x_calib.slice_rows(t0, t1),
-                                              target.cview().slice_rows(t0, t1), ids.slice_rows(t0, t1),
-                                              weights.slice_rows(t0, t1), nullptr, scratch);
+               detail::distill_batch<A>(gate.cview(), up.cview(), down.cview(), x_calib.slice_rows(t0, t1),
+                                        target.cview().slice_rows(t0, t1), ids.slice_rows(t0, t1),
+                                        weights.slice_rows(t0, t1), nullptr, scratch);
       }
       return sum / static_cast<double>(n_tokens);
     };
@@ -506,8 +532,8 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
         std::copy(weights.row(t), weights.row(t) + k, wb.view().row(i));
         std::copy(ids.row(t), ids.row(t) + k, ib.view().row(i));
       }
-      detail_train::distill_batch<A>(gate.cview(), up.cview(), down.cview(), xb.cview(), fb.cview(), ib.cview(), wb.cview(),
-                                     &grads, scratch);
+      detail::distill_batch<A>(gate.cview(), up.cview(), down.cview(), xb.cview(), fb.cview(), ib.cview(), wb.cview(),
+                               &grads, scratch);
       detail::adam_update(gate.data(), grads.gate.data(), m_g.data(), v_g.data(), gate.size(), step, cfg.lr,
                           cfg.beta1, cfg.beta2, cfg.eps);
       detail::adam_update(up.data(), grads.up.data(), m_u.data(), v_u.data(), up.size(), step, cfg.lr, cfg.beta1,
@@ -522,9 +548,9 @@ DistillReport recover_distill(ffn::ExpertWeights<T>& experts, FixedRouting<activ
     write_back(gate, experts.mutable_gate_tensor());
     write_back(up, experts.mutable_up_tensor());
     write_back(down, experts.mutable_down_tensor());
-    gate = detail_train::to_activation_tensor(experts.gate_tensor());
-    up = detail_train::to_activation_tensor(experts.up_tensor());
-    down = detail_train::to_activation_tensor(experts.down_tensor());
+    gate = detail::to_activation_tensor(experts.gate_tensor());
+    up = detail::to_activation_tensor(experts.up_tensor());
+    down = detail::to_activation_tensor(experts.down_tensor());
     report.final_loss = full_loss();
     report.final_relative_error = rel(report.final_loss);
   });
@@ -537,7 +563,7 @@ template <class T>
 DistillReport recover_distill(ffn::ExpertWeights<T>& experts, moe::Router<activation_t<T>> const& router,
                               moe::Gating const& gating, MatrixView<activation_t<T> const> x_calib,
                               ffn::DenseFfnView<T> const& dense, DistillConfig const& cfg) {
-  detail_train::validate_router(experts, router, gating, 0, "recover_distill");
+  detail::validate_router(experts, router, gating, 0, "recover_distill");
   detail::require_shape(x_calib, {x_calib.rows(), experts.d_model()}, "recover_distill", "x_calib");
   return recover_distill(experts, fixed_routing(router, gating, x_calib), x_calib, dense, cfg);
 }

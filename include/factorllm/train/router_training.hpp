@@ -5,9 +5,9 @@
 //
 // Because the teacher and the experts do not change while the router trains, the PAR pseudo-labels of the
 // calibration tokens are computed once per call (par_oracle_labels, chunked GEMMs in double); each step then costs
-// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels (train/diagnostics.hpp) evaluates
-// exactly the loss and gradients of train::par_loss given those labels (tested equal to it). The labels are the
-// paper's PAR labels or, with RouterTrainConfig::labels = LabelKind::subset, the K-subset whose summed output is
+// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels (train/par_loss_from_labels.hpp)
+// evaluates exactly the loss and gradients of train::par_loss given those labels (tested equal to it). The labels are
+// the paper's PAR labels or, with RouterTrainConfig::labels = LabelKind::subset, the K-subset whose summed output is
 // closest to the dense output (the target of a plain-sum gating).
 #pragma once
 
@@ -28,8 +28,10 @@
 #include "../moe/router.hpp"
 #include "adam.hpp"
 #include "detail/batch_sampler.hpp"
-#include "diagnostics.hpp"
+#include "detail/validation.hpp"
+#include "oracle_labels.hpp"
 #include "par_loss.hpp"
+#include "par_loss_from_labels.hpp"
 #include "par_types.hpp"
 
 namespace factorllm {
@@ -77,8 +79,8 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
                                std::ptrdiff_t top_k, RouterTrainConfig const& cfg) {
   using A = activation_t<T>;
   char const* fn = "train_router";
-  detail_train::validate_dense_experts(dense, experts, fn);
-  detail_train::validate_experts_x(x_calib, experts, top_k, fn);
+  detail::validate_dense_experts(dense, experts, fn);
+  detail::validate_experts_x(x_calib, experts, top_k, fn);
   if (router.n_experts() != experts.n_experts() || router.d_model() != experts.d_model())
     throw shape_error(detail::concat(fn, ": argument 'router' has shape ",
                                      detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
