@@ -30,13 +30,17 @@
 
 #include "train/adam.hpp"
 #include "train/diagnostics.hpp"
+#include "train/distillation.hpp"
+#include "train/fixed_routing.hpp"
 #include "train/moe_backward.hpp"
 #include "train/oracle_labels.hpp"
 #include "train/par_loss.hpp"
 #include "train/par_loss_from_labels.hpp"
 #include "train/par_types.hpp"
 #include "train/recovery.hpp"
+#include "train/refit.hpp"
 #include "train/router_training.hpp"
+#include "train/swiglu_backward.hpp"
 
 #include "io/gguf.hpp"
 #include "io/llama2c.hpp"

@@ -13,7 +13,8 @@
 namespace factorllm {
 namespace detail {
 
-/// Checks that x [n_tokens >= 1, d_model] and top_k in [1, n_experts] fit non-empty experts; `fn` starts the message.
+/// Checks that x [n_tokens >= 1, d_model] and top_k in [1, n_experts] fit non-empty experts; `fn` starts the
+/// message.
 /// \throws value_error for default-constructed experts, no tokens or a bad top_k; shape_error for a bad x.
 template <class T, class A>
 void validate_experts_x(MatrixView<A const> x, ffn::ExpertWeights<T> const& experts, std::ptrdiff_t top_k, char const* fn) {
