@@ -116,7 +116,7 @@ TEMPLATE_TEST_CASE("train_router reduces the PAR loss and learns labels a linear
   }
   REQUIRE(planted == p.n_tokens);
 
-  auto router = moe::Router<A>::random(p.d, p.n, 3);  // the paper's init (spec 2.2)
+  auto router = moe::Router<A>::random(p.d, p.n, 3);  // the paper's init (docs/math.md §2.2)
   train::RouterTrainConfig cfg;
   cfg.steps = 200;
   cfg.batch_tokens = 64;

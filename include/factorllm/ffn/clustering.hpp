@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// Balanced clustering of the d_ff intermediate neurons into n_experts equal experts (spec 1.3), on the weights
-// ([W_gate | W_up] rows) or on co-activation over calibration tokens: ONE partition shared by gate, up and down.
+// Balanced clustering of the d_ff intermediate neurons into n_experts equal experts (docs/math.md §1.3), on the
+// weights ([W_gate | W_up] rows) or on co-activation over calibration tokens: ONE partition shared by gate, up and
+// down.
 //
 // Why one shared partition: the MoEfication port clusters gate, up and down independently, which breaks
-// sum_e E_e(x) = F(x) (spec 1.3, 7). Every builder here returns an ExpertPartition, which applies the same
+// sum_e E_e(x) = F(x) (docs/math.md §1.3, §7). Every builder here returns an ExpertPartition, which applies the same
 // permutation to all three matrices, so K = N still reproduces the dense FFN exactly.
 //
 // Balanced k-means (exact capacity d_ff / n_experts per cluster), deterministic for a seed:
@@ -261,7 +262,7 @@ inline std::vector<std::int32_t> balanced_kmeans(MatrixView<double const> featur
 
 /// Builds a balanced partition by clustering neurons on their weights: the feature of neuron i is the
 /// L2-normalized row [W_gate[i, :] | W_up[i, :]] (neurons reading similar input directions land together, the
-/// MoEfication idea, but with one partition for gate, up and down; spec 1.3).
+/// MoEfication idea, but with one partition for gate, up and down; docs/math.md §1.3).
 /// \param dense      the dense FFN: gate, up [d_ff, d_model], down [d_model, d_ff]
 /// \param n_experts  must divide d_ff; every expert gets d_ff / n_experts neurons
 /// \param seed       seeds the clustering (deterministic)

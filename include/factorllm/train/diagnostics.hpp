@@ -77,7 +77,7 @@ struct LayerDiagnostics {
   std::int64_t n_tokens = 0;
   double relative_error = 0;           // ||MoE(X) - F(X)||_F / ||F(X)||_F over the tokens
   double label_accuracy = 0;           // fraction of tokens whose router TopK set equals the PAR pseudo-label set
-  double par_loss = 0;                 // mean KL of the router to the PAR target (spec 3.2)
+  double par_loss = 0;                 // mean KL of the router to the PAR target (docs/math.md §3.2)
   std::vector<std::int64_t> load;      // [n_experts] token slots routed to each expert
   double load_entropy = 0;             // entropy of load (nats)
   double load_entropy_normalized = 0;  // load_entropy / log(n_experts): 1 = perfectly balanced (1 when N = 1)

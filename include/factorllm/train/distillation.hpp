@@ -31,7 +31,7 @@
 namespace factorllm {
 namespace train {
 
-/// Settings of recover_distill (Adam on the experts' weights; Adam's defaults, spec 4.1 uses beta2 = 0.95).
+/// Settings of recover_distill (Adam on the experts' weights; Adam's defaults, docs/math.md §4.1 uses beta2 = 0.95).
 struct DistillConfig {
   int steps = 300;          // Adam steps (0: only evaluate)
   int batch_tokens = 128;   // tokens per minibatch (all tokens when the calibration set is smaller)
@@ -123,10 +123,10 @@ double distill_loss_and_grad(ffn::ExpertWeights<T> const& experts, moe::Router<a
 }
 
 /// Distills the experts toward the dense FFN under a fixed routing: Adam on every expert's gate, up and down weights
-/// to minimize mean_t || MoE(x_t) - F(x_t) ||^2 on seeded minibatches of the calibration set (spec 3.2 stage B, done
-/// layer-locally). Only the experts a minibatch uses get a gradient. The teacher outputs are computed once for the
-/// calibration set; the step loop does not allocate (besides Eigen's GEMM packing buffers). Training runs on master
-/// weights in the activation type (float for bf16 weights), written back rounded to T.
+/// to minimize mean_t || MoE(x_t) - F(x_t) ||^2 on seeded minibatches of the calibration set (docs/math.md §3.2 stage
+/// B, done layer-locally). Only the experts a minibatch uses get a gradient. The teacher outputs are computed once
+/// for the calibration set; the step loop does not allocate (besides Eigen's GEMM packing buffers). Training runs on
+/// master weights in the activation type (float for bf16 weights), written back rounded to T.
 /// \param experts  updated in place; \param routing  the routing of x_calib (fixed_routing(...))
 /// \param x_calib  [n_tokens >= 1, d_model] the layer's FFN inputs; \param dense  the dense FFN (the target F)
 /// \returns loss and relative error on all of x_calib before and after (after: with the weights rounded to T)

@@ -2,7 +2,7 @@
 // The oracle pseudo-labels of the calibration tokens, computed for all tokens in chunked double GEMMs: the PAR labels
 // (against the dense teacher, or through the Gram identity while the experts still sum to it) and the subset labels.
 //
-// The PAR pseudo-label of a token (spec 3.2 step 5) is the set of K experts whose outputs e_n are closest to
+// The PAR pseudo-label of a token (docs/math.md §3.2 step 5) is the set of K experts whose outputs e_n are closest to
 // f / s, s = floor(N/K). When the experts still sum to the dense FFN (a factorization before any recovery),
 // f = sum_m e_m, and with G the N x N Gram matrix of the expert outputs of the token (G_nm = <e_n, e_m>):
 //   ||e_n - f/s||^2 = G_nn - (2/s) sum_m G_nm + (sum_{m,m'} G_mm') / s^2,
@@ -31,7 +31,8 @@
 namespace factorllm {
 namespace detail {
 
-/// Pseudo-labels from per-token MSEs: the top_k smallest, ties to the lower index (spec 3.2 step 5, as par_loss).
+/// Pseudo-labels from per-token MSEs: the top_k smallest, ties to the lower index (as par_loss, docs/math.md §3.2
+/// step 5).
 inline void labels_from_mse(double const* mse, std::ptrdiff_t n, std::ptrdiff_t k, std::int32_t* ids) {
   kernel::topk_indices([&](std::ptrdiff_t e) { return -mse[e]; }, n, k, ids);
 }
@@ -42,21 +43,21 @@ namespace train {
 
 /// Which pseudo-labels a router is trained toward (RouterTrainConfig::labels) and measured against (diagnose_layer).
 enum class LabelKind {
-  par,     ///< the paper's PAR labels (spec 3.2 step 5): the K experts individually closest to f / floor(N/K)
+  par,     ///< the paper's PAR labels (docs/math.md §3.2 step 5): the K experts individually closest to f / floor(N/K)
   subset,  ///< the K-subset S whose SUMMED output is closest to f, argmin_S || sum_{n in S} e_n - f || (the paper
-           ///< code's unused get_label, spec 3.2): what a plain-sum gating (code_ref with output_scale
+           ///< code's unused get_label, docs/math.md §3.2): what a plain-sum gating (code_ref with output_scale
            ///< 1 / floor(N/K), every selected expert weighted 1) actually outputs
 };
 
 /// The largest n_experts subset_oracle_labels accepts: it enumerates all C(N, K) subsets per token.
 inline constexpr std::ptrdiff_t kMaxSubsetExperts = 16;
 
-/// Computes the PAR pseudo-labels (spec 3.2 step 5) of every token in one pass through the Gram identity (file
-/// comment): valid when the experts sum to the dense FFN, i.e. for a factorization that has not been recovered
+/// Computes the PAR pseudo-labels (docs/math.md §3.2 step 5) of every token in one pass through the Gram identity
+/// (file comment): valid when the experts sum to the dense FFN, i.e. for a factorization that has not been recovered
 /// (after recovery use par_oracle_labels). Equal to par_loss's pseudo_label up to rounding of exact near-ties.
 /// \param x       [n_tokens >= 1, d_model] FFN inputs (any row stride)
 /// \param experts the factorized experts (f = sum of all of them)
-/// \param top_k   K; the target is f / floor(N/K) (spec 3.2, quirk Q5)
+/// \param top_k   K; the target is f / floor(N/K) (docs/math.md §3.2, quirk Q5)
 /// \param mse     optional out: [n_tokens, n_experts] delta_n = mean_d (e_n - f/s)^2 (resized)
 /// \returns [n_tokens, top_k] expert ids, smallest MSE first, ties to the lower index
 /// \throws value_error for no tokens or top_k outside [1, n_experts]; shape_error if x is not [n_tokens, d_model].
@@ -68,7 +69,7 @@ Matrix<std::int32_t> par_oracle_labels_gram(MatrixView<A const> x, ffn::ExpertWe
   std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model();
   Matrix<std::int32_t> labels({n_tokens, top_k});
   if (mse != nullptr && mse->extents() != std::array<std::ptrdiff_t, 2>{n_tokens, n}) *mse = Matrix<double>({n_tokens, n});
-  double const s = moe::Gating::code_ref_scale(n, top_k);  // spec 3.2 step 4 (quirk Q5)
+  double const s = moe::Gating::code_ref_scale(n, top_k);  // docs/math.md §3.2 step 4 (quirk Q5)
   detail::run_eigen_serial([&] {
     auto const w = detail::experts_double(experts);
     detail::ChunkScratch sc(detail::kCalibrationChunkTokens, d, n * w.m, n);
@@ -98,9 +99,9 @@ Matrix<std::int32_t> par_oracle_labels_gram(MatrixView<A const> x, ffn::ExpertWe
   return labels;
 }
 
-/// Computes the PAR pseudo-labels of every token against the dense teacher f = F(x) (spec 3.2 steps 2-5), valid for
-/// any experts (also after recovery); the same labels as par_loss's pseudo_label, computed with chunked GEMMs in
-/// double instead of per-token loops.
+/// Computes the PAR pseudo-labels of every token against the dense teacher f = F(x) (docs/math.md §3.2 steps 2-5),
+/// valid for any experts (also after recovery); the same labels as par_loss's pseudo_label, computed with chunked
+/// GEMMs in double instead of per-token loops.
 /// \param x       [n_tokens >= 1, d_model]; \param dense  the teacher; \param experts  the current experts
 /// \param mse     optional out: [n_tokens, n_experts] delta_n = mean_d (e_n - f/s)^2
 /// \returns [n_tokens, top_k] expert ids, smallest MSE first, ties to the lower index
@@ -115,7 +116,7 @@ Matrix<std::int32_t> par_oracle_labels(MatrixView<A const> x, ffn::DenseFfnView<
   std::ptrdiff_t const n_tokens = x.rows(), n = experts.n_experts(), d = experts.d_model();
   Matrix<std::int32_t> labels({n_tokens, top_k});
   if (mse != nullptr && mse->extents() != std::array<std::ptrdiff_t, 2>{n_tokens, n}) *mse = Matrix<double>({n_tokens, n});
-  double const s = moe::Gating::code_ref_scale(n, top_k);  // spec 3.2 step 4 (quirk Q5)
+  double const s = moe::Gating::code_ref_scale(n, top_k);  // docs/math.md §3.2 step 4 (quirk Q5)
   std::vector<double> delta(static_cast<std::size_t>(n));
   detail::for_each_teacher_expert_chunk(x, dense, experts, [&](std::ptrdiff_t t0, std::ptrdiff_t c,
                                                                     detail::ChunkScratch const& sc) {

@@ -29,9 +29,9 @@ inline std::size_t par_loss_from_labels_workspace_bytes(std::ptrdiff_t d_model, 
   return detail::ParRouterAccumulator::add_scratch(layout, d_model, n_experts, top_k).bytes();
 }
 
-/// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss, spec 3.2)
-/// for tokens whose pseudo-labels are already known, e.g. from par_oracle_labels. Fills every field of `out` except
-/// mse_to_target, which is left as it was (the MSEs are not needed once the labels are known).
+/// Computes the PAR + balance losses and their router gradients (the same quantities as train::par_loss,
+/// docs/math.md §3.2) for tokens whose pseudo-labels are already known, e.g. from par_oracle_labels. Fills every field
+/// of `out` except mse_to_target, which is left as it was (the MSEs are not needed once the labels are known).
 /// \param x       [n_tokens >= 1, d_model]; \param labels  [n_tokens, top_k] the tokens' pseudo-labels
 /// \param ws      scratch of at least par_loss_from_labels_workspace_bytes(d_model, n_experts, top_k) bytes
 /// \throws value_error for no tokens, a bad top_k or clip, or a label outside [0, n_experts); shape_error for
@@ -58,7 +58,7 @@ void par_loss_from_labels(MatrixView<A const> x, MatrixView<std::int32_t const> 
   detail::ParRouterAccumulator router_terms(cursor, n_tokens, d, n, k, config.clip);
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     A const* xr = x.row(t);
-    router_terms.route(router, xr);                  // spec 3.2 step 1
+    router_terms.route(router, xr);                  // docs/math.md §3.2 step 1
     router_terms.add_token(t, xr, labels.row(t), out);  // steps 6-7 and the balance term
   }
   router_terms.finish(config, out);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Layer-local recovery of the experts with the router fixed (stage B of spec 3.2, done per layer instead of with
-// the LM loss): a closed-form ridge refit of every expert's down projection, and distillation of the selected
+// Layer-local recovery of the experts with the router fixed (stage B of docs/math.md §3.2, done per layer instead of
+// with the LM loss): a closed-form ridge refit of every expert's down projection, and distillation of the selected
 // experts' gate, up and down weights toward the dense FFN's output.
 //
 // Both minimize the layer's output error on calibration inputs x_t with the routing held fixed:

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Router training on collected FFN inputs (spec 3.2, stage A of spec 3.2 "Total loss"): Adam on the PAR + balance
-// loss of one layer, with the experts and the dense teacher frozen; and a router initialization from a clustered
-// partition.
+// Router training on collected FFN inputs (docs/math.md §3.2, stage A of docs/math.md §3.2 "Total loss"): Adam on the
+// PAR + balance loss of one layer, with the experts and the dense teacher frozen; and a router initialization from a
+// clustered partition.
 //
 // Because the teacher and the experts do not change while the router trains, the PAR pseudo-labels of the
 // calibration tokens are computed once per call (par_oracle_labels, chunked GEMMs in double); each step then costs
@@ -37,8 +37,9 @@
 namespace factorllm {
 namespace train {
 
-/// Settings of train_router. Defaults: Adam (beta1 0.9, beta2 0.999; the paper's code uses 0.95, spec 4.1) at
-/// lr 1e-2, which suits a freshly initialized linear router; the loss weights are the paper code's (spec 3.2).
+/// Settings of train_router. Defaults: Adam (beta1 0.9, beta2 0.999; the paper's code uses 0.95, docs/math.md §4.1)
+/// at lr 1e-2, which suits a freshly initialized linear router; the loss weights are the paper code's
+/// (docs/math.md §3.2).
 struct RouterTrainConfig {
   int steps = 200;          // Adam steps (0: only evaluate)
   int batch_tokens = 256;   // tokens per minibatch (all tokens when the calibration set is smaller)
@@ -59,8 +60,8 @@ struct RouterTrainReport {
   int steps = 0;
 };
 
-/// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (spec 3.2) with the
-/// experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
+/// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (docs/math.md §3.2) with
+/// the experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
 /// teacher (par_oracle_labels, or subset_oracle_labels when cfg.labels is LabelKind::subset), then every step
 /// evaluates par_loss_from_labels on a minibatch. Allocates only before the step loop.
 /// Shared-expert layers (moe::SharedExpertMoe): train the router of the N routed experts against their own sum,
@@ -91,7 +92,7 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
 
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), d = experts.d_model();
   std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);
-  // Labels once (experts and teacher are frozen): spec 3.2 steps 2-5, or the subset labels (cfg.labels).
+  // Labels once (experts and teacher are frozen): docs/math.md §3.2 steps 2-5, or the subset labels (cfg.labels).
   Matrix<std::int32_t> const labels = cfg.labels == LabelKind::subset ? subset_oracle_labels(x_calib, dense, experts, top_k)
                                                                       : par_oracle_labels(x_calib, dense, experts, top_k);
   Workspace ws(par_loss_from_labels_workspace_bytes(d, n, top_k));
@@ -126,7 +127,7 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
   return report;
 }
 
-/// Builds a router from a (clustered) partition, as an alternative to the paper's random init (spec 2.2):
+/// Builds a router from a (clustered) partition, as an alternative to the paper's random init (docs/math.md §2.2):
 ///   c_e = mean over expert e's neurons i of W_gate[i, :] / ||W_gate[i, :]||   (the directions its neurons read)
 ///   W_r[e, :] = scale * (c_e - mean_e' c_e') / ||c_e - mean_e' c_e'||,   b_r = 0.
 /// Subtracting the mean removes the component every expert shares, which softmax and TopK ignore anyway; the rows
