@@ -31,10 +31,15 @@
 namespace factorllm {
 namespace detail {
 
-/// Pseudo-labels from per-token MSEs: the top_k smallest, ties to the lower index (as par_loss, docs/math.md §3.2
-/// step 5).
-inline void labels_from_mse(double const* mse, std::ptrdiff_t n, std::ptrdiff_t k, std::int32_t* ids) {
-  kernel::topk_indices([&](std::ptrdiff_t e) { return -mse[e]; }, n, k, ids);
+/// Pseudo-labels of token t from its per-expert MSEs delta [n_experts]: the top_k smallest, ties to the lower index
+/// (as par_loss, docs/math.md §3.2 step 5), into row t of labels; and the MSEs into row t of *mse unless it is null.
+inline void labels_from_mse(std::vector<double> const& delta, std::ptrdiff_t top_k, std::ptrdiff_t t,
+                            Matrix<std::int32_t>& labels, Matrix<double>* mse) {
+  std::ptrdiff_t const n = static_cast<std::ptrdiff_t>(delta.size());
+  kernel::topk_indices([&](std::ptrdiff_t e) { return -delta[static_cast<std::size_t>(e)]; }, n, top_k,
+                       labels.view().row(t));
+  if (mse != nullptr)
+    for (std::ptrdiff_t a = 0; a < n; ++a) (*mse)(t, a) = delta[static_cast<std::size_t>(a)];
 }
 
 }  // namespace detail
@@ -90,9 +95,7 @@ Matrix<std::int32_t> par_oracle_labels_gram(MatrixView<A const> x, ffn::ExpertWe
         for (std::ptrdiff_t a = 0; a < n; ++a)
           delta[static_cast<std::size_t>(a)] =
               std::max(0.0, gram(a, a) - 2.0 / s * gram.row(a).sum() + total / (s * s)) / static_cast<double>(d);
-        detail::labels_from_mse(delta.data(), n, top_k, labels.view().row(t0 + r));
-        if (mse != nullptr)
-          for (std::ptrdiff_t a = 0; a < n; ++a) (*mse)(t0 + r, a) = delta[static_cast<std::size_t>(a)];
+        detail::labels_from_mse(delta, top_k, t0 + r, labels, mse);
       }
     }
   });
@@ -124,9 +127,7 @@ Matrix<std::int32_t> par_oracle_labels(MatrixView<A const> x, ffn::DenseFfnView<
       for (std::ptrdiff_t a = 0; a < n; ++a)
         delta[static_cast<std::size_t>(a)] =
             (sc.e_out[static_cast<std::size_t>(a)].row(r) - sc.f.row(r) / s).squaredNorm() / static_cast<double>(d);
-      detail::labels_from_mse(delta.data(), n, top_k, labels.view().row(t0 + r));
-      if (mse != nullptr)
-        for (std::ptrdiff_t a = 0; a < n; ++a) (*mse)(t0 + r, a) = delta[static_cast<std::size_t>(a)];
+      detail::labels_from_mse(delta, top_k, t0 + r, labels, mse);
     }
   });
   return labels;
