@@ -92,58 +92,38 @@ TEST_CASE("adam_update: bias correction makes the first step lr * sign(g) whatev
   }
 }
 
-TEST_CASE("adam_update with the trainers' storage types rounds each stored value once", "[train][adam]") {
-  // Router training: float parameters and gradients, double moments. Distillation: float moments too. The update
-  // runs in double either way; the reference rounds what is stored the same way, so the results agree to within one
-  // rounding of the stored type (relative: float epsilon, or 1e-13 for double moments), with an absolute floor of
-  // 1e-13 of the value's scale (|g|, g^2 or 1) for values that the FMA-contracted double arithmetic may put on the
-  // other side of a rounding boundary.
+TEMPLATE_TEST_CASE("adam_update with the trainers' storage types rounds each stored value once", "[train][adam]", double,
+                   float) {
+  // Float parameters and gradients with moments of type M: double in router training, float in distillation. The
+  // update runs in double either way; the reference rounds what is stored the same way, so the results agree to
+  // within one rounding of the stored type (relative epsilon of that type), with an absolute floor of 1e-13 of the
+  // value's scale (|g|, g^2 or 1) for values that FMA-contracted double arithmetic may put on the other side of a
+  // rounding boundary.
+  using M = TestType;
   double const lr = 3e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, g_max = 3.0;
   auto within = [](double got, double want, double rel, double scale) {
     return std::fabs(got - want) <= rel * std::fabs(want) + 1e-13 * scale;
   };
-  double const feps = std::numeric_limits<float>::epsilon();
-  SECTION("float parameters, double moments (router training)") {
-    std::vector<float> p(kCount);
-    std::vector<double> p_ref = initial_params(), m(kCount, 0.0), v(kCount, 0.0), m_ref(m), v_ref(v);
-    for (std::size_t i = 0; i < kCount; ++i) p[i] = static_cast<float>(p_ref[i]);
-    for (int step = 1; step <= kSteps; ++step) {
-      auto const gd = gradient(step);
-      std::vector<float> const g(gd.begin(), gd.end());
-      detail::adam_update(p.data(), g.data(), m.data(), v.data(), static_cast<std::ptrdiff_t>(kCount), step, lr, beta1, beta2, eps);
-      for (std::size_t i = 0; i < kCount; ++i) {
-        double const gi = static_cast<double>(g[i]);
-        m_ref[i] = beta1 * m_ref[i] + (1.0 - beta1) * gi;
-        v_ref[i] = beta2 * v_ref[i] + (1.0 - beta2) * gi * gi;
-        double const upd = lr * (m_ref[i] / (1.0 - std::pow(beta1, step))) / (std::sqrt(v_ref[i] / (1.0 - std::pow(beta2, step))) + eps);
-        p_ref[i] = static_cast<double>(static_cast<float>(p_ref[i] - upd));
-        CAPTURE(step, i);
-        CHECK(within(m[i], m_ref[i], 1e-13, g_max));
-        CHECK(within(v[i], v_ref[i], 1e-13, g_max * g_max));
-        CHECK(within(static_cast<double>(p[i]), p_ref[i], feps, 1.0));
-      }
-    }
-  }
-  SECTION("float parameters and moments (distillation)") {
-    std::vector<float> p(kCount), m(kCount, 0.0f), v(kCount, 0.0f);
-    std::vector<double> p_ref = initial_params(), m_ref(kCount, 0.0), v_ref(kCount, 0.0);
-    for (std::size_t i = 0; i < kCount; ++i) p[i] = static_cast<float>(p_ref[i]);
-    for (int step = 1; step <= kSteps; ++step) {
-      auto const gd = gradient(step);
-      std::vector<float> const g(gd.begin(), gd.end());
-      detail::adam_update(p.data(), g.data(), m.data(), v.data(), static_cast<std::ptrdiff_t>(kCount), step, lr, beta1, beta2, eps);
-      for (std::size_t i = 0; i < kCount; ++i) {
-        double const gi = static_cast<double>(g[i]);
-        double const mi = beta1 * m_ref[i] + (1.0 - beta1) * gi, vi = beta2 * v_ref[i] + (1.0 - beta2) * gi * gi;
-        double const upd = lr * (mi / (1.0 - std::pow(beta1, step))) / (std::sqrt(vi / (1.0 - std::pow(beta2, step))) + eps);
-        m_ref[i] = static_cast<double>(static_cast<float>(mi));  // stored rounded; this step used mi itself
-        v_ref[i] = static_cast<double>(static_cast<float>(vi));
-        p_ref[i] = static_cast<double>(static_cast<float>(p_ref[i] - upd));
-        CAPTURE(step, i);
-        CHECK(within(static_cast<double>(m[i]), m_ref[i], feps, g_max));
-        CHECK(within(static_cast<double>(v[i]), v_ref[i], feps, g_max * g_max));
-        CHECK(within(static_cast<double>(p[i]), p_ref[i], feps, 1.0));
-      }
+  double const feps = std::numeric_limits<float>::epsilon(), meps = std::numeric_limits<M>::epsilon();
+  std::vector<float> p(kCount);
+  std::vector<M> m(kCount, M(0)), v(kCount, M(0));
+  std::vector<double> p_ref = initial_params(), m_ref(kCount, 0.0), v_ref(kCount, 0.0);
+  for (std::size_t i = 0; i < kCount; ++i) p[i] = static_cast<float>(p_ref[i]);
+  for (int step = 1; step <= kSteps; ++step) {
+    auto const gd = gradient(step);
+    std::vector<float> const g(gd.begin(), gd.end());
+    detail::adam_update(p.data(), g.data(), m.data(), v.data(), static_cast<std::ptrdiff_t>(kCount), step, lr, beta1, beta2, eps);
+    for (std::size_t i = 0; i < kCount; ++i) {
+      double const gi = static_cast<double>(g[i]);
+      double const mi = beta1 * m_ref[i] + (1.0 - beta1) * gi, vi = beta2 * v_ref[i] + (1.0 - beta2) * gi * gi;
+      double const upd = lr * (mi / (1.0 - std::pow(beta1, step))) / (std::sqrt(vi / (1.0 - std::pow(beta2, step))) + eps);
+      m_ref[i] = static_cast<double>(static_cast<M>(mi));  // stored rounded; this step used mi itself
+      v_ref[i] = static_cast<double>(static_cast<M>(vi));
+      p_ref[i] = static_cast<double>(static_cast<float>(p_ref[i] - upd));
+      CAPTURE(step, i);
+      CHECK(within(static_cast<double>(m[i]), m_ref[i], meps, g_max));
+      CHECK(within(static_cast<double>(v[i]), v_ref[i], meps, g_max * g_max));
+      CHECK(within(static_cast<double>(p[i]), p_ref[i], feps, 1.0));
     }
   }
 }
