@@ -52,7 +52,7 @@
 #include "factorllm/ffn/clustering.hpp"
 #include "factorllm/io/gguf.hpp"
 #include "factorllm/io/safetensors.hpp"
-#include "factorllm/train/recovery.hpp"
+#include "factorllm/train/refit.hpp"
 #include "factorllm/train/router_training.hpp"
 
 #include "../common/calibration.hpp"
