@@ -19,7 +19,7 @@
 using namespace factorllm;
 using ffn::ExpertPartition;
 
-TEST_CASE("subset labels: factorized experts with K = N give the dense FFN; diagnose_layer measures the router "
+TEST_CASE("subset labels: factorized experts with K = N give the dense FFN, diagnose_layer measures the router "
           "against them",
           "[train][diagnostics]") {
   int const d = 8, d_ff = 24, n = 4, n_tokens = 50;
@@ -86,7 +86,7 @@ TEST_CASE("load_histogram and load_entropy", "[train][diagnostics]") {
   CHECK(train::load_histogram(rec) == std::vector<std::int64_t>{0, 0, n_tokens, 0});
 }
 
-TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced; K < N matches par_loss", "[train][diagnostics]", float,
+TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced, K < N matches par_loss", "[train][diagnostics]", float,
                    double) {
   using A = activation_t<TestType>;
   int const d = 12, d_ff = 48, n = 4, n_tokens = 40;
