@@ -59,7 +59,7 @@ TEST_CASE("partition builders reject invalid input", "[ffn][partition][errors]")
   CHECK_THROWS_AS(ExpertPartition::from_assignment({0, 2, 1, 1}, 2), value_error);    // expert out of range
 }
 
-TEST_CASE("factorize gathers gate/up rows and down columns by one permutation; unfactorize is bit-exact",
+TEST_CASE("factorize gathers gate/up rows and down columns by one permutation, unfactorize is bit-exact",
           "[ffn][factorize]") {
   auto const f = ref::random_ffn(6, 12, 3);
   fixture::DenseWeights<float> w(f);
@@ -106,7 +106,7 @@ TEST_CASE("factorize works on strided (padded) host weights", "[ffn][factorize]"
   REQUIRE(std::equal(a.down_tensor().data(), a.down_tensor().data() + a.down_tensor().size(), b.down_tensor().data()));
 }
 
-TEMPLATE_TEST_CASE("each expert matches the reference expert; all experts sum to the dense FFN", "[ffn][factorize]",
+TEMPLATE_TEST_CASE("each expert matches the reference expert, all experts sum to the dense FFN", "[ffn][factorize]",
                    float, double, bf16) {
   using A = activation_t<TestType>;
   int const d = 16, d_ff = 48, n_tokens = 9;

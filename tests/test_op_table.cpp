@@ -110,7 +110,7 @@ constexpr bool has_no_op() {
 
 }  // namespace
 
-TEST_CASE("op table: every CPU tag has every required op; Cuda has none yet", "[backend]") {
+TEST_CASE("op table: every CPU tag has every required op, Cuda has none yet", "[backend]") {
   STATIC_REQUIRE(has_every_required_op<CpuScalar>());
   STATIC_REQUIRE(has_every_required_op<CpuSimd<>>());
   STATIC_REQUIRE(has_every_required_op<MySimd>());

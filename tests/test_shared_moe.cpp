@@ -47,7 +47,7 @@ TEMPLATE_TEST_CASE("SharedExpertMoe with K = N routed and code_ref equals the de
   }
 }
 
-TEST_CASE("SharedExpertMoe = shared experts' sum + the routed MoeFfn; FLOPs (S + K) / (S + N)", "[moe][shared]") {
+TEST_CASE("SharedExpertMoe = shared experts' sum + the routed MoeFfn, FLOPs (S + K) / (S + N)", "[moe][shared]") {
   int const d = 12, d_ff = 60, n_tokens = 13, n_all = 5, s = 2;  // 3 routed experts, K = 1 or 2
   fixture::DenseWeights<double> w(ref::random_ffn(d, d_ff, 310));
   auto const part = ExpertPartition::random(d_ff, n_all, 311);

@@ -54,7 +54,7 @@
 #include "factorllm/io/gguf.hpp"
 #include "factorllm/io/gguf_llama_export.hpp"
 #include "factorllm/io/mixtral_export.hpp"
-#include "factorllm/train/recovery.hpp"
+#include "factorllm/train/refit.hpp"
 #include "factorllm/train/router_training.hpp"
 
 #include "../common/calibration.hpp"

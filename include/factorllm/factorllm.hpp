@@ -28,11 +28,18 @@
 #include "moe/shared_moe.hpp"
 #include "moe/topk.hpp"
 
+#include "train/adam.hpp"
 #include "train/diagnostics.hpp"
+#include "train/distillation.hpp"
+#include "train/fixed_routing.hpp"
 #include "train/moe_backward.hpp"
+#include "train/oracle_labels.hpp"
 #include "train/par_loss.hpp"
+#include "train/par_loss_from_labels.hpp"
 #include "train/recovery.hpp"
+#include "train/refit.hpp"
 #include "train/router_training.hpp"
+#include "train/swiglu_backward.hpp"
 
 #include "io/factorized_checkpoint.hpp"
 #include "io/gguf.hpp"

@@ -6,6 +6,7 @@
 #include <factorllm/ffn/swiglu.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,12 @@ inline std::vector<factorllm::ffn::ExpertPartition> every_partition_builder(std:
   for (std::int64_t i = 0; i < d_ff; ++i) round_robin[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n);
   return {ExpertPartition::contiguous(d_ff, n), ExpertPartition::random(d_ff, n, 7),
           ExpertPartition::from_permutation(reversed, n), ExpertPartition::from_assignment(round_robin, n)};
+}
+
+/// True when two tensors have the same extents and the same bytes (determinism and "left unchanged" checks).
+template <class T, int Rank>
+bool same_bits(factorllm::Tensor<T, Rank> const& a, factorllm::Tensor<T, Rank> const& b) {
+  return a.extents() == b.extents() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
 }
 
 inline std::string shared_path(char const* rel) { return std::string(FACTORLLM_SHARED_DIR) + "/" + rel; }

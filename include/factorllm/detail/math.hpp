@@ -8,7 +8,7 @@
 namespace factorllm {
 namespace detail {
 
-/// SiLU(a) = a * sigmoid(a), written so large |a| neither overflows nor produces NaN (spec 1.1).
+/// SiLU(a) = a * sigmoid(a), written so large |a| neither overflows nor produces NaN (docs/math.md §1.1).
 inline double silu(double a) noexcept {
   if (a >= 0) return a / (1.0 + std::exp(-a));
   double const e = std::exp(a);
@@ -20,6 +20,12 @@ inline double sigmoid(double a) noexcept {
   if (a >= 0) return 1.0 / (1.0 + std::exp(-a));
   double const e = std::exp(a);
   return e / (1.0 + e);
+}
+
+/// d SiLU(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a))), from the stable sigmoid.
+inline double silu_grad(double a) noexcept {
+  double const s = sigmoid(a);
+  return s * (1.0 + a * (1.0 - s));
 }
 
 /// log(sigmoid(a)) = -log(1 + exp(-a)), finite for every finite a (no underflow to log(0)).

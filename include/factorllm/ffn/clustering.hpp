@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// Balanced clustering of the d_ff intermediate neurons into n_experts equal experts (spec 1.3), on the weights
-// ([W_gate | W_up] rows) or on co-activation over calibration tokens: ONE partition shared by gate, up and down.
+// Balanced clustering of the d_ff intermediate neurons into n_experts equal experts (docs/math.md §1.3), on the
+// weights ([W_gate | W_up] rows) or on co-activation over calibration tokens: ONE partition shared by gate, up and
+// down.
 //
 // Why one shared partition: the MoEfication port clusters gate, up and down independently, which breaks
-// sum_e E_e(x) = F(x) (spec 1.3, 7). Every builder here returns an ExpertPartition, which applies the same
+// sum_e E_e(x) = F(x) (docs/math.md §1.3, §7). Every builder here returns an ExpertPartition, which applies the same
 // permutation to all three matrices, so K = N still reproduces the dense FFN exactly.
 //
 // Balanced k-means (exact capacity d_ff / n_experts per cluster), deterministic for a seed:
@@ -38,13 +39,10 @@
 #include "swiglu.hpp"
 
 namespace factorllm {
-namespace ffn {
-namespace detail_cluster {
+namespace detail {
 
-using factorllm::detail::RowMatrixD;
-
-/// Tokens per chunk when hidden activations are computed over calibration sets (bounds the scratch).
-inline constexpr std::ptrdiff_t kChunkTokens = 256;
+/// Tokens per chunk of abs_hidden_profiles over calibration sets (bounds the scratch).
+inline constexpr std::ptrdiff_t kProfileChunkTokens = 256;
 
 /// Sum of squared distances of an assignment.
 inline double assignment_cost(RowMatrixD const& dist, std::vector<std::int32_t> const& a) {
@@ -139,7 +137,7 @@ inline std::vector<std::int32_t> balanced_kmeans_impl(RowMatrixD const& f, std::
   std::mt19937_64 rng(seed);
   RowMatrixD c(n_clusters, f.cols());
   std::vector<char> chosen(static_cast<std::size_t>(rows), 0);
-  std::ptrdiff_t first = static_cast<std::ptrdiff_t>(factorllm::detail::uniform01(rng) * static_cast<double>(rows));
+  std::ptrdiff_t first = static_cast<std::ptrdiff_t>(uniform01(rng) * static_cast<double>(rows));
   first = std::min(first, rows - 1);
   c.row(0) = f.row(first);
   chosen[static_cast<std::size_t>(first)] = 1;
@@ -149,7 +147,7 @@ inline std::vector<std::int32_t> balanced_kmeans_impl(RowMatrixD const& f, std::
     for (std::ptrdiff_t i = 0; i < rows; ++i) total += chosen[static_cast<std::size_t>(i)] ? 0.0 : nearest(i);
     std::ptrdiff_t pick = -1;
     if (total > 0) {
-      double r = factorllm::detail::uniform01(rng) * total, acc = 0;
+      double r = uniform01(rng) * total, acc = 0;
       for (std::ptrdiff_t i = 0; i < rows && pick < 0; ++i) {
         if (chosen[static_cast<std::size_t>(i)] || nearest(i) <= 0) continue;
         acc += nearest(i);
@@ -202,40 +200,42 @@ inline void normalize_rows(RowMatrixD& f) {
 }
 
 inline void check_partition_sizes(std::int64_t d_ff, std::int64_t n_experts, char const* fn) {
-  if (n_experts < 1) throw value_error(factorllm::detail::concat(fn, ": n_experts must be >= 1, got ", n_experts));
+  if (n_experts < 1) throw value_error(concat(fn, ": n_experts must be >= 1, got ", n_experts));
   if (d_ff % n_experts != 0)
-    throw value_error(factorllm::detail::concat(fn, ": d_ff (", d_ff, ") is not divisible by n_experts (", n_experts,
-                                                "); experts must be equal (spec 1.2)"));
+    throw value_error(concat(fn, ": d_ff (", d_ff, ") is not divisible by n_experts (", n_experts,
+                             "); experts must be equal (spec 1.2)"));
 }
 
 inline void check_iterations(int iterations, char const* fn) {
-  if (iterations < 1) throw value_error(factorllm::detail::concat(fn, ": iterations must be >= 1, got ", iterations));
+  if (iterations < 1) throw value_error(concat(fn, ": iterations must be >= 1, got ", iterations));
 }
 
 /// |h| of every neuron over the calibration tokens, as rows [d_ff, n_tokens] (double).
 template <class T, class A>
-RowMatrixD abs_hidden_profiles(DenseFfnView<T> const& dense, MatrixView<A const> x) {
+RowMatrixD abs_hidden_profiles(ffn::DenseFfnView<T> const& dense, MatrixView<A const> x) {
   std::ptrdiff_t const n_tokens = x.rows(), d = dense.d_model(), m = dense.d_ff();
-  RowMatrixD const gate = factorllm::detail::to_eigen_double(dense.gate), up = factorllm::detail::to_eigen_double(dense.up);
-  RowMatrixD prof(m, n_tokens), xc(kChunkTokens, d), h(kChunkTokens, m), pre(kChunkTokens, m);
-  for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += kChunkTokens) {
-    std::ptrdiff_t const c = std::min(kChunkTokens, n_tokens - t0);
-    factorllm::detail::gather_rows_double(x, t0, c, xc.topRows(c));
-    factorllm::detail::swiglu_hidden(gate, up, xc.topRows(c), h.topRows(c), pre.topRows(c));
+  RowMatrixD const gate = to_eigen_double(dense.gate), up = to_eigen_double(dense.up);
+  RowMatrixD prof(m, n_tokens), xc(kProfileChunkTokens, d), h(kProfileChunkTokens, m), pre(kProfileChunkTokens, m);
+  for (std::ptrdiff_t t0 = 0; t0 < n_tokens; t0 += kProfileChunkTokens) {
+    std::ptrdiff_t const c = std::min(kProfileChunkTokens, n_tokens - t0);
+    gather_rows_double(x, t0, c, xc.topRows(c));
+    swiglu_hidden(gate, up, xc.topRows(c), h.topRows(c), pre.topRows(c));
     prof.middleCols(t0, c) = h.topRows(c).cwiseAbs().transpose();
   }
   return prof;
 }
 
 template <class T, class A>
-void validate_calibration(DenseFfnView<T> const& dense, MatrixView<A const> x, char const* fn) {
+void validate_calibration(ffn::DenseFfnView<T> const& dense, MatrixView<A const> x, char const* fn) {
   dense.validate(fn);
   if (x.rows() < 1)
-    throw value_error(factorllm::detail::concat(fn, ": argument 'x_calib' has no tokens; co-activation needs a calibration set"));
-  factorllm::detail::require_shape(x, {x.rows(), dense.d_model()}, fn, "x_calib");
+    throw value_error(concat(fn, ": argument 'x_calib' has no tokens; co-activation needs a calibration set"));
+  require_shape(x, {x.rows(), dense.d_model()}, fn, "x_calib");
 }
 
-}  // namespace detail_cluster
+}  // namespace detail
+
+namespace ffn {
 
 /// Clusters the rows of `features` into n_clusters clusters of exactly rows / n_clusters members each, minimizing
 /// the sum of squared Euclidean distances to the cluster means (balanced k-means; algorithm in the file comment).
@@ -251,18 +251,18 @@ inline std::vector<std::int32_t> balanced_kmeans(MatrixView<double const> featur
                                                  std::uint64_t seed, int iterations = 20) {
   char const* fn = "balanced_kmeans";
   if (features.rows() < 1) throw value_error("balanced_kmeans: argument 'features' has no rows");
-  detail_cluster::check_partition_sizes(features.rows(), n_clusters, fn);
-  detail_cluster::check_iterations(iterations, fn);
+  detail::check_partition_sizes(features.rows(), n_clusters, fn);
+  detail::check_iterations(iterations, fn);
   detail::RowMatrixD f = detail::to_eigen_double(features);
   if (!f.allFinite()) throw value_error("balanced_kmeans: argument 'features' holds a NaN or infinite value");
   std::vector<std::int32_t> a;
-  detail::run_eigen_serial([&] { a = detail_cluster::balanced_kmeans_impl(f, n_clusters, seed, iterations); });
+  detail::run_eigen_serial([&] { a = detail::balanced_kmeans_impl(f, n_clusters, seed, iterations); });
   return a;
 }
 
 /// Builds a balanced partition by clustering neurons on their weights: the feature of neuron i is the
 /// L2-normalized row [W_gate[i, :] | W_up[i, :]] (neurons reading similar input directions land together, the
-/// MoEfication idea, but with one partition for gate, up and down; spec 1.3).
+/// MoEfication idea, but with one partition for gate, up and down; docs/math.md §1.3).
 /// \param dense      the dense FFN: gate, up [d_ff, d_model], down [d_model, d_ff]
 /// \param n_experts  must divide d_ff; every expert gets d_ff / n_experts neurons
 /// \param seed       seeds the clustering (deterministic)
@@ -274,16 +274,16 @@ ExpertPartition cluster_weights(DenseFfnView<T> const& dense, std::int64_t n_exp
                                 int iterations = 20) {
   char const* fn = "cluster_weights";
   dense.validate(fn);
-  detail_cluster::check_partition_sizes(dense.d_ff(), n_experts, fn);
-  detail_cluster::check_iterations(iterations, fn);
+  detail::check_partition_sizes(dense.d_ff(), n_experts, fn);
+  detail::check_iterations(iterations, fn);
   std::ptrdiff_t const d = dense.d_model(), m = dense.d_ff();
   detail::RowMatrixD f(m, 2 * d);
   f.leftCols(d) = detail::to_eigen_double(dense.gate);
   f.rightCols(d) = detail::to_eigen_double(dense.up);
   if (!f.allFinite()) throw value_error("cluster_weights: the dense gate or up weights hold a NaN or infinite value");
-  detail_cluster::normalize_rows(f);
+  detail::normalize_rows(f);
   std::vector<std::int32_t> a;
-  detail::run_eigen_serial([&] { a = detail_cluster::balanced_kmeans_impl(f, n_experts, seed, iterations); });
+  detail::run_eigen_serial([&] { a = detail::balanced_kmeans_impl(f, n_experts, seed, iterations); });
   return ExpertPartition::from_assignment(a, n_experts);
 }
 
@@ -299,15 +299,15 @@ template <class T, class A>
 ExpertPartition cluster_activations(DenseFfnView<T> const& dense, MatrixView<A const> x_calib, std::int64_t n_experts,
                                     std::uint64_t seed, int iterations = 20) {
   char const* fn = "cluster_activations";
-  detail_cluster::validate_calibration(dense, x_calib, fn);
-  detail_cluster::check_partition_sizes(dense.d_ff(), n_experts, fn);
-  detail_cluster::check_iterations(iterations, fn);
+  detail::validate_calibration(dense, x_calib, fn);
+  detail::check_partition_sizes(dense.d_ff(), n_experts, fn);
+  detail::check_iterations(iterations, fn);
   std::vector<std::int32_t> a;
   detail::run_eigen_serial([&] {
-    detail::RowMatrixD f = detail_cluster::abs_hidden_profiles(dense, x_calib);
+    detail::RowMatrixD f = detail::abs_hidden_profiles(dense, x_calib);
     if (!f.allFinite()) throw value_error("cluster_activations: a hidden activation is NaN or infinite (check x_calib)");
-    detail_cluster::normalize_rows(f);
-    a = detail_cluster::balanced_kmeans_impl(f, n_experts, seed, iterations);
+    detail::normalize_rows(f);
+    a = detail::balanced_kmeans_impl(f, n_experts, seed, iterations);
   });
   return ExpertPartition::from_assignment(a, n_experts);
 }
@@ -323,16 +323,16 @@ ExpertPartition cluster_activations_shared(DenseFfnView<T> const& dense, MatrixV
                                            std::int64_t n_shared, std::int64_t n_routed, std::uint64_t seed,
                                            int iterations = 20) {
   char const* fn = "cluster_activations_shared";
-  detail_cluster::validate_calibration(dense, x_calib, fn);
+  detail::validate_calibration(dense, x_calib, fn);
   if (n_shared < 0) throw value_error(detail::concat(fn, ": n_shared must be >= 0, got ", n_shared));
   if (n_routed < 1) throw value_error(detail::concat(fn, ": n_routed must be >= 1, got ", n_routed));
   std::int64_t const n_experts = n_shared + n_routed;
-  detail_cluster::check_partition_sizes(dense.d_ff(), n_experts, fn);
-  detail_cluster::check_iterations(iterations, fn);
+  detail::check_partition_sizes(dense.d_ff(), n_experts, fn);
+  detail::check_iterations(iterations, fn);
   std::ptrdiff_t const m_all = dense.d_ff(), d = dense.d_model(), m = m_all / n_experts;
   std::vector<std::int32_t> assign(static_cast<std::size_t>(m_all), -1);
   detail::run_eigen_serial([&] {
-    detail::RowMatrixD f = detail_cluster::abs_hidden_profiles(dense, x_calib);
+    detail::RowMatrixD f = detail::abs_hidden_profiles(dense, x_calib);
     if (!f.allFinite()) throw value_error("cluster_activations_shared: a hidden activation is NaN or infinite (check x_calib)");
     std::vector<double> importance(static_cast<std::size_t>(m_all));
     for (std::ptrdiff_t i = 0; i < m_all; ++i) {
@@ -354,8 +354,8 @@ ExpertPartition cluster_activations_shared(DenseFfnView<T> const& dense, MatrixV
     std::sort(routed.begin(), routed.end());
     detail::RowMatrixD fr(static_cast<Eigen::Index>(routed.size()), f.cols());
     for (std::size_t j = 0; j < routed.size(); ++j) fr.row(static_cast<Eigen::Index>(j)) = f.row(routed[j]);
-    detail_cluster::normalize_rows(fr);
-    std::vector<std::int32_t> const a = detail_cluster::balanced_kmeans_impl(fr, n_routed, seed, iterations);
+    detail::normalize_rows(fr);
+    std::vector<std::int32_t> const a = detail::balanced_kmeans_impl(fr, n_routed, seed, iterations);
     for (std::size_t j = 0; j < routed.size(); ++j)
       assign[static_cast<std::size_t>(routed[j])] = static_cast<std::int32_t>(n_shared + a[j]);
   });

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// Router training on collected FFN inputs (spec 3.2, stage A of spec 3.2 "Total loss"): Adam on the PAR + balance
-// loss of one layer, with the experts and the dense teacher frozen; and a router initialization from a clustered
-// partition.
+// Router training on collected FFN inputs (docs/math.md §3.2, stage A of docs/math.md §3.2 "Total loss"): Adam on the
+// PAR + balance loss of one layer, with the experts and the dense teacher frozen; and a router initialization from a
+// clustered partition.
 //
 // Because the teacher and the experts do not change while the router trains, the PAR pseudo-labels of the
 // calibration tokens are computed once per call (par_oracle_labels, chunked GEMMs in double); each step then costs
-// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels (train/diagnostics.hpp) evaluates
-// exactly the loss and gradients of train::par_loss given those labels (tested equal to it). The labels are the
-// paper's PAR labels or, with RouterTrainConfig::labels = LabelKind::subset, the K-subset whose summed output is
+// only the router: O(batch_tokens * n_experts * d_model). par_loss_from_labels (train/par_loss_from_labels.hpp)
+// evaluates exactly the loss and gradients of train::par_loss given those labels (tested equal to it). The labels are
+// the paper's PAR labels or, with RouterTrainConfig::labels = LabelKind::subset, the K-subset whose summed output is
 // closest to the dense output (the target of a plain-sum gating).
 #pragma once
 
@@ -15,9 +15,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
-#include <numeric>
-#include <random>
 #include <vector>
 
 #include "../backend/scalar/topk.hpp"
@@ -29,15 +26,19 @@
 #include "../ffn/factorize.hpp"
 #include "../ffn/permutation.hpp"
 #include "../moe/router.hpp"
-#include "diagnostics.hpp"
+#include "adam.hpp"
+#include "detail/batch_sampler.hpp"
+#include "detail/validation.hpp"
+#include "oracle_labels.hpp"
 #include "par_loss.hpp"
-#include "par_loss.hpp"
+#include "par_loss_from_labels.hpp"
 
 namespace factorllm {
 namespace train {
 
-/// Settings of train_router. Defaults: Adam (beta1 0.9, beta2 0.999; the paper's code uses 0.95, spec 4.1) at
-/// lr 1e-2, which suits a freshly initialized linear router; the loss weights are the paper code's (spec 3.2).
+/// Settings of train_router. Defaults: Adam (beta1 0.9, beta2 0.999; the paper's code uses 0.95, docs/math.md §4.1)
+/// at lr 1e-2, which suits a freshly initialized linear router; the loss weights are the paper code's
+/// (docs/math.md §3.2).
 struct RouterTrainConfig {
   int steps = 200;          // Adam steps (0: only evaluate)
   int batch_tokens = 256;   // tokens per minibatch (all tokens when the calibration set is smaller)
@@ -58,71 +59,8 @@ struct RouterTrainReport {
   int steps = 0;
 };
 
-namespace detail_train {
-
-/// Checks the Adam fields every trainer's config has (steps, batch_tokens, lr, beta1, beta2, eps); `fn` names the
-/// trainer in the value_error.
-template <class AdamConfig>
-void validate_adam_config(AdamConfig const& cfg, char const* fn) {
-  if (cfg.steps < 0) throw value_error(concat(fn, ": cfg.steps must be >= 0, got ", cfg.steps));
-  if (cfg.batch_tokens < 1) throw value_error(concat(fn, ": cfg.batch_tokens must be >= 1, got ", cfg.batch_tokens));
-  if (!(cfg.lr > 0) || !std::isfinite(cfg.lr)) throw value_error(concat(fn, ": cfg.lr must be positive and finite, got ", cfg.lr));
-  if (!(cfg.beta1 >= 0 && cfg.beta1 < 1) || !(cfg.beta2 >= 0 && cfg.beta2 < 1))
-    throw value_error(concat(fn, ": cfg.beta1 and cfg.beta2 must be in [0, 1), got ", cfg.beta1, " and ", cfg.beta2));
-  if (!(cfg.eps > 0) || !std::isfinite(cfg.eps)) throw value_error(concat(fn, ": cfg.eps must be positive and finite, got ", cfg.eps));
-}
-
-/// Draws minibatches of a fixed size from [0, n_tokens): epochs of a seeded Fisher-Yates shuffle (the library's
-/// own unbiased index draw, identical on every platform), continued across epoch boundaries so every batch has
-/// the same size (no reallocation in the step loop).
-class BatchSampler {
- public:
-  BatchSampler(std::ptrdiff_t n_tokens, std::uint64_t seed) : order_(static_cast<std::size_t>(n_tokens)), rng_(seed) {
-    std::iota(order_.begin(), order_.end(), std::ptrdiff_t{0});
-    shuffle();
-  }
-  std::ptrdiff_t next() {
-    if (pos_ == order_.size()) {
-      shuffle();
-      pos_ = 0;
-    }
-    return order_[pos_++];
-  }
-
- private:
-  void shuffle() {
-    for (std::size_t i = order_.size(); i > 1; --i) {
-      std::uint64_t const bound = i;
-      std::uint64_t const limit = std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % bound;
-      std::uint64_t r;
-      do r = rng_(); while (r >= limit);
-      std::swap(order_[i - 1], order_[static_cast<std::size_t>(r % bound)]);
-    }
-  }
-  std::vector<std::ptrdiff_t> order_;
-  std::mt19937_64 rng_;
-  std::size_t pos_ = 0;
-};
-
-/// One Adam update (bias-corrected) of `count` parameters; arithmetic in double, moments stored as M.
-template <class P, class G, class M>
-void adam_update(P* param, G const* grad, M* m, M* v, std::ptrdiff_t count, int step, double lr, double beta1,
-                 double beta2, double eps) {
-  double const c1 = 1.0 - std::pow(beta1, step), c2 = 1.0 - std::pow(beta2, step);
-  for (std::ptrdiff_t i = 0; i < count; ++i) {
-    double const g = static_cast<double>(grad[i]);
-    double const mi = beta1 * static_cast<double>(m[i]) + (1.0 - beta1) * g;
-    double const vi = beta2 * static_cast<double>(v[i]) + (1.0 - beta2) * g * g;
-    m[i] = static_cast<M>(mi);
-    v[i] = static_cast<M>(vi);
-    param[i] = static_cast<P>(static_cast<double>(param[i]) - lr * (mi / c1) / (std::sqrt(vi / c2) + eps));
-  }
-}
-
-}  // namespace detail_train
-
-/// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (spec 3.2) with the
-/// experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
+/// Trains a layer's router on its calibration FFN inputs: Adam on the PAR + balance total (docs/math.md §3.2) with
+/// the experts and the teacher frozen, on seeded minibatches. The pseudo-labels are computed once from the dense
 /// teacher (par_oracle_labels, or subset_oracle_labels when cfg.labels is LabelKind::subset), then every step
 /// evaluates par_loss_from_labels on a minibatch. Allocates only before the step loop.
 /// Shared-expert layers (moe::SharedExpertMoe): train the router of the N routed experts against their own sum,
@@ -141,19 +79,19 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
                                std::ptrdiff_t top_k, RouterTrainConfig const& cfg) {
   using A = activation_t<T>;
   char const* fn = "train_router";
-  detail_train::validate_dense_experts(dense, experts, fn);
-  detail_train::validate_experts_x(x_calib, experts, top_k, fn);
+  detail::validate_dense_experts(dense, experts, fn);
+  detail::validate_experts_x(x_calib, experts, top_k, fn);
   if (router.n_experts() != experts.n_experts() || router.d_model() != experts.d_model())
     throw shape_error(detail::concat(fn, ": argument 'router' has shape ",
                                      detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
                                      detail::shape_string({experts.n_experts(), experts.d_model()})));
-  detail_train::validate_adam_config(cfg, "train_router");
+  detail::validate_adam_config(cfg, "train_router");
   if (!(cfg.loss.clip > 0 && cfg.loss.clip < 0.5))
     throw value_error(detail::concat(fn, ": cfg.loss.clip = ", cfg.loss.clip, " must be in (0, 0.5)"));
 
   std::ptrdiff_t const n_tokens = x_calib.rows(), n = experts.n_experts(), d = experts.d_model();
   std::ptrdiff_t const batch = std::min<std::ptrdiff_t>(cfg.batch_tokens, n_tokens);
-  // Labels once (experts and teacher are frozen): spec 3.2 steps 2-5, or the subset labels (cfg.labels).
+  // Labels once (experts and teacher are frozen): docs/math.md §3.2 steps 2-5, or the subset labels (cfg.labels).
   Matrix<std::int32_t> const labels = cfg.labels == LabelKind::subset ? subset_oracle_labels(x_calib, dense, experts, top_k)
                                                                       : par_oracle_labels(x_calib, dense, experts, top_k);
   Workspace ws(par_loss_from_labels_workspace_bytes(d, n, top_k));
@@ -168,7 +106,7 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
   Matrix<std::int32_t> lb({batch, top_k});
   res.resize(batch, d, n, top_k);
   std::vector<double> m_w(static_cast<std::size_t>(n * d), 0.0), v_w(m_w), m_b(static_cast<std::size_t>(n), 0.0), v_b(m_b);
-  detail_train::BatchSampler sampler(n_tokens, cfg.seed);
+  detail::BatchSampler sampler(n_tokens, cfg.seed);
   for (int step = 1; step <= cfg.steps; ++step) {
     for (std::ptrdiff_t i = 0; i < batch; ++i) {
       std::ptrdiff_t const t = sampler.next();
@@ -176,11 +114,11 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
       std::copy(labels.cview().row(t), labels.cview().row(t) + top_k, lb.view().row(i));
     }
     par_loss_from_labels(xb.cview(), lb.cview(), router, top_k, cfg.loss, res, ws);
-    detail_train::adam_update(router.mutable_weight().data(), res.grad_weight.data(), m_w.data(), v_w.data(), n * d, step,
-                              cfg.lr, cfg.beta1, cfg.beta2, cfg.eps);
+    detail::adam_update(router.mutable_weight().data(), res.grad_weight.data(), m_w.data(), v_w.data(), n * d, step,
+                        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps);
     if (cfg.train_bias)
-      detail_train::adam_update(router.mutable_bias().data(), res.grad_bias.data(), m_b.data(), v_b.data(), n, step, cfg.lr,
-                                cfg.beta1, cfg.beta2, cfg.eps);
+      detail::adam_update(router.mutable_bias().data(), res.grad_bias.data(), m_b.data(), v_b.data(), n, step, cfg.lr,
+                          cfg.beta1, cfg.beta2, cfg.eps);
   }
   par_loss_from_labels(x_calib, labels.cview(), router, top_k, cfg.loss, full, ws);
   report.final_loss = full.total_loss;
@@ -188,7 +126,7 @@ RouterTrainReport train_router(moe::Router<activation_t<T>>& router, MatrixView<
   return report;
 }
 
-/// Builds a router from a (clustered) partition, as an alternative to the paper's random init (spec 2.2):
+/// Builds a router from a (clustered) partition, as an alternative to the paper's random init (docs/math.md §2.2):
 ///   c_e = mean over expert e's neurons i of W_gate[i, :] / ||W_gate[i, :]||   (the directions its neurons read)
 ///   W_r[e, :] = scale * (c_e - mean_e' c_e') / ||c_e - mean_e' c_e'||,   b_r = 0.
 /// Subtracting the mean removes the component every expert shares, which softmax and TopK ignore anyway; the rows

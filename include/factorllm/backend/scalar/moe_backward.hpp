@@ -23,16 +23,6 @@
 
 namespace factorllm {
 
-namespace detail {
-
-/// d SiLU(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a))), from the stable sigmoid.
-inline double silu_grad(double a) noexcept {
-  double const s = sigmoid(a);
-  return s * (1.0 + a * (1.0 - s));
-}
-
-}  // namespace detail
-
 namespace kernel {
 
 /// Vector-Jacobian product of one token's combine weights (moe/gating.hpp table) w.r.t. its router logits:
