@@ -33,7 +33,7 @@ def gating(x, rw, rb, k):
 
 
 def step_dense_then_mask(x, rw, rb, gate, up, down, k):
-    """The paper code's formulation: all N experts on all tokens, then mask and sum (spec 2.3, Q6)."""
+    """The paper code's formulation: all N experts on all tokens, then mask and sum (docs/math.md §2.3, Q6)."""
     n = gate.shape[0]
     ids, w = gating(x, rw, rb, k)
     coef = torch.zeros(x.shape[0], n, dtype=x.dtype).scatter(1, ids, w)  # weight where chosen, 0 elsewhere

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tests of partitions, factorize / unfactorize and the factorization identity sum_e E_e(x) = F(x) (spec 1.2).
+// Tests of partitions, factorize / unfactorize and the factorization identity sum_e E_e(x) = F(x) (docs/math.md §1.2).
 #include <catch2/catch.hpp>
 
 #include <factorllm/ffn/factorize.hpp>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tests of TopK, the combine modes (spec 2.3), grouping by expert and the weighted combine.
+// Tests of TopK, the combine modes (docs/math.md §2.3), grouping by expert and the weighted combine.
 #include <catch2/catch.hpp>
 
 #include <factorllm/moe/combine.hpp>
@@ -72,7 +72,7 @@ TEST_CASE("every combine mode matches its formula for every K of N", "[moe][gati
   }
 }
 
-TEST_CASE("code_ref scale is floor(N/K): K=3 of 4 gives 1 (spec 2.3, Q6)", "[moe][gating]") {
+TEST_CASE("code_ref scale is floor(N/K): K=3 of 4 gives 1 (docs/math.md §2.3, Q6)", "[moe][gating]") {
   CHECK(Gating::code_ref_scale(4, 1) == 4.0);
   CHECK(Gating::code_ref_scale(4, 2) == 2.0);
   CHECK(Gating::code_ref_scale(4, 3) == 1.0);

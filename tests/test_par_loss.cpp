@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Tests of the PAR loss and the balance term (spec 3.2): values and labels against an independent double
+// Tests of the PAR loss and the balance term (docs/math.md §3.2): values and labels against an independent double
 // reference, gradients against central finite differences, the target-q table, clipping, errors.
 #include <catch2/catch.hpp>
 
@@ -47,7 +47,7 @@ struct Problem {
 };
 }  // namespace
 
-TEST_CASE("PAR target q matches the spec 3.2 table (N = 4)", "[train][par]") {
+TEST_CASE("PAR target q matches docs/math.md §3.2 table (N = 4)", "[train][par]") {
   CHECK(train::par_target_q(4, 1).selected == Approx(0.47537).margin(5e-6));
   CHECK(train::par_target_q(4, 1).unselected == Approx(0.17488).margin(5e-6));
   CHECK(train::par_target_q(4, 2).selected == Approx(0.36553).margin(5e-6));

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Numerical robustness: huge, tiny and subnormal magnitudes, exact ties (lower index wins), NaN/Inf confined to
 // their own token on both CPU backends, finite combine weights for every finite logit, PAR loss finite under
-// saturation (the clip of spec 3.2).
+// saturation (the clip of docs/math.md §3.2).
 #include <catch2/catch.hpp>
 
 #include <factorllm/factorllm.hpp>
@@ -298,7 +298,7 @@ TEMPLATE_TEST_CASE("PAR loss stays finite under saturation and huge inputs", "[r
   fixture::DenseWeights<TestType> w(ref::random_ffn(16, 64, 41));
   auto const experts = ffn::factorize(w.view(), ffn::ExpertPartition::contiguous(64, 4));
   // Router scales from moderate to saturating: at 1e4 the logits differ by ~1e4, so p is exactly 0 or 1 and
-  // the clip (spec 3.2) is what keeps log(p) finite. Input scales up to 1e15 (teacher outputs ~1e30).
+  // the clip (docs/math.md §3.2) is what keeps log(p) finite. Input scales up to 1e15 (teacher outputs ~1e30).
   for (double router_scale : {1.0, 1e2, 1e4, 1e8}) {
     for (double x_scale : {1e-20, 1.0, 1e15}) {
       auto const router = moe::Router<TestType>::random(16, 4, 42, router_scale);

@@ -38,7 +38,7 @@ using ScalarMoe = fl::moe::MoeFfn<float, fl::CpuScalar>;
 constexpr std::ptrdiff_t kExperts = 4;           // N: the paper's 1R4E setting; 172 = 4 x 43 for stories260K
 constexpr std::ptrdiff_t kTokens = 64;           // hidden inputs per layer
 constexpr double kRmsEps = 1e-5;                 // llama2.c's RMSNorm epsilon
-constexpr double kExactTolerance = 1e-5;         // K = N must reproduce the dense FFN (spec 1.2)
+constexpr double kExactTolerance = 1e-5;         // K = N must reproduce the dense FFN (docs/math.md §1.2)
 constexpr std::uint64_t kRouterSeed = 1234;      // Router::random seed of layer l is kRouterSeed + l
 constexpr std::uint64_t kPartitionSeed = 7;      // ExpertPartition::random seed of layer l is kPartitionSeed + l
 constexpr std::uint64_t kGeneratedSeed = 260;    // weights of the generated stand-in model
@@ -73,7 +73,7 @@ std::vector<std::ptrdiff_t> pick_tokens(std::ptrdiff_t vocab_size) {
 }
 
 /// Returns the FFN inputs of one layer: each chosen token's embedding e, RMS-normalized with the layer's
-/// rms_ffn weight w as llama2.c does before its FFN: x = e / sqrt(mean(e^2) + eps) * w (spec 1.1).
+/// rms_ffn weight w as llama2.c does before its FFN: x = e / sqrt(mean(e^2) + eps) * w (docs/math.md §1.1).
 /// Embeddings stand in for the true post-attention hidden states, which would need a full forward pass.
 fl::Matrix<float> ffn_inputs(fl::MatrixView<float const> embedding, fl::VectorView<float const> rms_weight,
                              std::vector<std::ptrdiff_t> const& tokens) {
@@ -271,7 +271,7 @@ int run(std::string const& path) {
     }
     std::fflush(stdout);
 
-    // Every other partition builder must be exact at K = N too (spec 1.2: one shared permutation).
+    // Every other partition builder must be exact at K = N too (docs/math.md §1.2: one shared permutation).
     auto const random_partition = fl::ffn::ExpertPartition::random(d_ff, kExperts, kPartitionSeed + l);
     std::vector<std::int32_t> round_robin(static_cast<std::size_t>(d_ff));  // neuron i -> expert i mod N (balanced)
     for (std::size_t i = 0; i < round_robin.size(); ++i) round_robin[i] = static_cast<std::int32_t>(i % kExperts);

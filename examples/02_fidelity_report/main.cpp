@@ -114,7 +114,7 @@ struct ConvConfig {
 // Evaluation
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Held-out metrics of one model against the dense one (issue 4 definitions).
+/// Held-out metrics of one model against the dense one (the fidelity report's definitions).
 struct Metrics {
   double top1_agreement = 0;  // argmax equals the dense model's argmax
   double next_token_acc = 0;  // argmax equals the sequence's next token

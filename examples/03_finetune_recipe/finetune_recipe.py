@@ -3,7 +3,7 @@
 examples/torch_ops): factorize every FFN into K-of-N experts, stage A trains the routers with the PAR loss
 (+ balance term) on the dense teacher's FFN inputs, stage B fine-tunes experts and routers by logit
 distillation (KL to the dense teacher's next-token distribution) on sequences sampled from the dense model, then
-measures on held-out sequences with the fidelity report's definitions (issue 4) and writes its CSV rows
+measures on held-out sequences with the fidelity report's definitions and writes its CSV rows
 (recovery = finetune).
 
 Usage (Debian's python with torch; 2 threads):
@@ -116,7 +116,7 @@ class DenseFfn(torch.nn.Module):
 
 class Llama(torch.nn.Module):
     """stories260K's transformer (RMSNorm eps 1e-5, RoPE on pairs (i, i+1), GQA, SwiGLU FFN, tied classifier).
-    Everything but the FFNs is frozen (spec 3.3)."""
+    Everything but the FFNs is frozen (docs/math.md §3.3)."""
 
     def __init__(self, cfg, w):
         super().__init__()
@@ -253,7 +253,7 @@ def sample_sequences(model, n, length, first_seed, batch=256):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation (issue 4 definitions)
+# Evaluation (the fidelity report's definitions)
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -360,7 +360,7 @@ def build_student(cfg, w, n, k, mode, seed, partition="contiguous", ffn_inputs=N
 
 
 def stage_a(teacher, student, seqs, k, steps, lr, batch_tokens, balance_ratio, log):
-    """Routers by PAR (+ balance) on the dense teacher's FFN inputs (spec 3.2): per layer, Adam on
+    """Routers by PAR (+ balance) on the dense teacher's FFN inputs (docs/math.md §3.2): per layer, Adam on
     L_PA + balance_ratio * L_bal (the paper's weights 0.05 and 0.01 give balance_ratio 0.2)."""
     with torch.no_grad():
         xs = []

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Runtime CPU dispatch (issue 8): one baseline x86-64 binary that runs the MoE FFN with AVX-512 or AVX2 code.
+// Runtime CPU dispatch: one baseline x86-64 binary that runs the MoE FFN with AVX-512 or AVX2 code.
 //
 // This program is compiled for plain x86-64 (no -march=native). It asks the CPU what it supports, dlopens
 // the best per-ISA module lib factorllm_moe_variant_<isa>.so (moe_variant.cpp, built once per ISA by

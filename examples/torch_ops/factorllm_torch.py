@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """PyTorch autograd Functions over factorllm's C++ kernels: the MoE FFN (forward and backward through the
 library's cpu_simd kernels in float32, the scalar oracle in float64), the PAR loss with its router gradient and
-the paper code's balance term (spec 3.2).
+the paper code's balance term (docs/math.md §3.2).
 
 Usage::
 
@@ -138,7 +138,7 @@ def moe_ffn(x, router_weight, router_bias, gate, up, down, mode="softmax_topk_re
 
 
 class ParLossFunction(torch.autograd.Function):
-    """(par_loss, balance_loss, label_accuracy, pseudo_labels) of one layer (spec 3.2); gradients reach only the
+    """(par_loss, balance_loss, label_accuracy, pseudo_labels) of one layer (docs/math.md §3.2); gradients reach only the
     router weight and bias (the teacher, the experts and x are constants of this loss, as in the paper code)."""
 
     @staticmethod
@@ -167,7 +167,7 @@ def par_loss(x, dense_gate, dense_up, dense_down, gate, up, down, router_weight,
 
 
 class BalanceLossFunction(torch.autograd.Function):
-    """L_bal = mean_{t,n} 1[n in TopK(p_t)] p_tn on router logits [n_tokens, n_experts] (spec 3.2)."""
+    """L_bal = mean_{t,n} 1[n in TopK(p_t)] p_tn on router logits [n_tokens, n_experts] (docs/math.md §3.2)."""
 
     @staticmethod
     def forward(ctx, logits, top_k):
@@ -188,7 +188,7 @@ def balance_loss(logits, top_k):
 
 def factorize(w_gate, w_up, w_down, n_experts, permutation=None):
     """Splits a dense SwiGLU FFN (nn.Linear layout: w_gate, w_up [d_ff, d_model], w_down [d_model, d_ff]) into
-    stacked experts with the library's semantics (spec 1.2): expert e owns the permuted neurons
+    stacked experts with the library's semantics (docs/math.md §1.2): expert e owns the permuted neurons
     permutation[e*m:(e+1)*m], m = d_ff / n_experts, the SAME permutation for gate rows, up rows and down columns
     (identity when None). Returns new contiguous tensors (gate, up [N, m, d]; down [N, d, m])."""
     d_ff, d = w_gate.shape
@@ -220,7 +220,7 @@ class MoeFfn(torch.nn.Module):
     @classmethod
     def from_dense(cls, w_gate, w_up, w_down, n_experts, top_k, mode="softmax_topk_renorm", permutation=None,
                    router_std=0.02, seed=0, **kw):
-        """Factorizes a dense FFN and adds a router with the paper's init N(0, router_std^2), bias 0 (spec 2.2)."""
+        """Factorizes a dense FFN and adds a router with the paper's init N(0, router_std^2), bias 0 (docs/math.md §2.2)."""
         gate, up, down = factorize(w_gate.detach(), w_up.detach(), w_down.detach(), n_experts, permutation)
         gen = torch.Generator().manual_seed(seed)
         rw = torch.randn(n_experts, w_gate.shape[1], generator=gen, dtype=w_gate.dtype) * router_std

@@ -337,7 +337,7 @@ std::vector<at::Tensor> par_impl(at::Tensor const& x, at::Tensor const& dg, at::
           labels};
 }
 
-/// PAR and balance losses of one layer (spec 3.2) with their router gradients. Returns (par_loss, balance_loss,
+/// PAR and balance losses of one layer (docs/math.md §3.2) with their router gradients. Returns (par_loss, balance_loss,
 /// label_accuracy, d par / d W_r, d par / d b_r, d balance / d W_r, d balance / d b_r, pseudo_labels [T, K]).
 std::vector<at::Tensor> par_loss(at::Tensor x, at::Tensor dense_gate, at::Tensor dense_up, at::Tensor dense_down,
                                  at::Tensor gate, at::Tensor up, at::Tensor down, at::Tensor router_weight,
@@ -385,7 +385,7 @@ std::vector<at::Tensor> balance_impl(at::Tensor const& logits, std::int64_t k) {
   return {torch::tensor(total * inv_nt, torch::TensorOptions().dtype(logits.scalar_type())), grad};
 }
 
-/// The paper code's balance term L_bal = mean_{t,n} 1[n in TopK(p_t)] p_tn (spec 3.2) on router logits
+/// The paper code's balance term L_bal = mean_{t,n} 1[n in TopK(p_t)] p_tn (docs/math.md §3.2) on router logits
 /// [n_tokens, n_experts], and its gradient w.r.t. the logits. Returns (loss, d loss / d logits).
 std::vector<at::Tensor> balance_loss(at::Tensor logits, std::int64_t top_k) {
   char const* fn = "balance_loss";

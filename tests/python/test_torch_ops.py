@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 SEED = 2023  # fixed; printed by main()
 
 
-# ---- Plain PyTorch references (spec 2.3, 3.2), computing every expert on every token then masking (paper code). ----
+# ---- Plain PyTorch references (docs/math.md §2.3, 3.2), computing every expert on every token then masking (paper code). ----
 
 def ref_weights(z, ids, mode, scale, renorm):
     n, k = z.shape[1], ids.shape[1]
@@ -125,7 +125,7 @@ class MoeFfnTest(unittest.TestCase):
                     self.assertLess(rel_err(y.double(), y_ref), tol_y)
                     for name, a, b in zip(("x", "router_weight", "router_bias", "gate", "up", "down"), ours_in, ref_in):
                         if mode == "code_ref" and name.startswith("router"):
-                            self.assertEqual(a.grad.abs().max().item(), 0.0, name)  # no router gradient (spec 2.3)
+                            self.assertEqual(a.grad.abs().max().item(), 0.0, name)  # no router gradient (docs/math.md §2.3)
                             continue
                         self.assertLess(rel_err(a.grad.double(), b.grad), tol_g, name)
 
@@ -202,7 +202,7 @@ class RouterLossTest(unittest.TestCase):
     def test_factorize_matches_library_semantics(self):
         x, dg, du, dd, gate, up, down, _, _ = self.problem(torch.float64)
         f = (F.silu(x @ dg.t()) * (x @ du.t())) @ dd.t()
-        self.assertLess(rel_err(ref_experts(x, gate, up, down).sum(1), f), 1e-13)  # sum of all experts = dense (spec 1.2)
+        self.assertLess(rel_err(ref_experts(x, gate, up, down).sum(1), f), 1e-13)  # sum of all experts = dense (docs/math.md §1.2)
 
     def test_par_loss_matches_plain_pytorch(self):
         # Tolerances: float64 (oracle) 1e-12 relative on losses and gradients; float32 inputs (the oracle still

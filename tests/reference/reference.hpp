@@ -23,7 +23,7 @@ struct Ffn {
 
 inline double silu(double a) { return a / (1.0 + std::exp(-a)); }
 
-/// F(x) restricted to the neurons in `neurons` (all of them for the dense FFN): spec 1.1 / 1.2.
+/// F(x) restricted to the neurons in `neurons` (all of them for the dense FFN): docs/math.md §1.1 / 1.2.
 inline Vec ffn_on_neurons(Ffn const& f, double const* x, std::vector<int> const& neurons) {
   Vec y(static_cast<std::size_t>(f.d_model), 0.0);
   for (int i : neurons) {
@@ -101,10 +101,10 @@ inline Vec combine_weights(std::string const& mode, Vec const& z, std::vector<in
   return w;
 }
 
-/// Router losses of spec 3.2 over T tokens, computed directly from the definitions.
+/// Router losses of docs/math.md §3.2 over T tokens, computed directly from the definitions.
 struct ParReference {
   double par = 0, balance = 0;
-  Vec grad_w_par, grad_b_par, grad_w_bal, grad_b_bal;  // analytic, spec 3.2 formulas (unclipped regime)
+  Vec grad_w_par, grad_b_par, grad_w_bal, grad_b_bal;  // analytic, docs/math.md §3.2 formulas (unclipped regime)
   std::vector<std::vector<int>> labels, router_sel;
   double accuracy = 0;
 };

@@ -130,7 +130,7 @@ struct RoutingView {
   }
 };
 
-// ---- Training (docs/math.md §3.2, and the MoE backward in docs/math.md §7) ----
+// ---- Training (docs/math.md §3.2, and the MoE backward in docs/math.md §2.5) ----
 
 /// Non-owning views of one MoE layer's trainable parameters, in the stacked layout of ExpertWeightsView and the
 /// nn.Linear layout of RouterView. Training changes the weights every step, so the training forward/backward

@@ -203,7 +203,7 @@ inline void check_partition_sizes(std::int64_t d_ff, std::int64_t n_experts, cha
   if (n_experts < 1) throw value_error(concat(fn, ": n_experts must be >= 1, got ", n_experts));
   if (d_ff % n_experts != 0)
     throw value_error(concat(fn, ": d_ff (", d_ff, ") is not divisible by n_experts (", n_experts,
-                             "); experts must be equal (spec 1.2)"));
+                             "); experts must be equal (docs/math.md §1.2)"));
 }
 
 inline void check_iterations(int iterations, char const* fn) {

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Factorization of a dense SwiGLU FFN into n_experts equal experts by one shared permutation (spec 1.2).
+// Factorization of a dense SwiGLU FFN into n_experts equal experts by one shared permutation (docs/math.md §1.2).
 #pragma once
 
 #include <cstddef>
@@ -77,7 +77,7 @@ class ExpertWeights {
   ExpertPartition partition_ = ExpertPartition::contiguous(1, 1);
 };
 
-/// Splits a dense SwiGLU FFN into partition.n_experts() experts (spec 1.2): expert e gets gate and up rows
+/// Splits a dense SwiGLU FFN into partition.n_experts() experts (docs/math.md §1.2): expert e gets gate and up rows
 /// and down columns permutation[e*m .. (e+1)*m). One permutation for all three matrices, so that
 /// sum_e E_e(x) = F(x) exactly up to float summation order. Copies; the dense weights are not modified.
 /// \throws shape_error if the dense shapes are inconsistent or d_ff differs from partition.d_ff().

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// ExpertPartition: one permutation of the d_ff intermediate neurons plus the number of experts (spec 1.2, 1.3).
+// ExpertPartition: one permutation of the d_ff intermediate neurons plus the number of experts (docs/math.md §1.2, 1.3).
 #pragma once
 
 #include <algorithm>
@@ -16,12 +16,12 @@ namespace ffn {
 
 /// How the d_ff intermediate neurons of a SwiGLU FFN are split into n_experts equal experts.
 ///
-/// Expert e owns the neurons permutation()[e * d_expert, (e + 1) * d_expert) (spec 1.2): the SAME
+/// Expert e owns the neurons permutation()[e * d_expert, (e + 1) * d_expert) (docs/math.md §1.2): the SAME
 /// permutation is applied to gate rows, up rows and down columns, which is what keeps the sum of all
 /// experts equal to the dense FFN. Immutable once built; every builder validates its input.
 class ExpertPartition {
  public:
-  /// Identity permutation: expert e owns neurons [e*m, (e+1)*m), as the paper's code does (spec 1.3, Q2).
+  /// Identity permutation: expert e owns neurons [e*m, (e+1)*m), as the paper's code does (docs/math.md §1.3, Q2).
   /// \throws value_error if n_experts < 1, d_ff < 1 or d_ff is not divisible by n_experts.
   static ExpertPartition contiguous(std::int64_t d_ff, std::int64_t n_experts) {
     check_sizes(d_ff, n_experts, "ExpertPartition::contiguous");
@@ -127,7 +127,7 @@ class ExpertPartition {
       throw value_error(detail::concat(function, ": d_ff ", d_ff, " exceeds the int32 index range"));
     if (d_ff % n_experts != 0)
       throw value_error(detail::concat(function, ": d_ff (", d_ff, ") is not divisible by n_experts (", n_experts,
-                                       "); experts must be equal (spec 1.2)"));
+                                       "); experts must be equal (docs/math.md §1.2)"));
   }
 
   std::vector<std::int32_t> perm_;

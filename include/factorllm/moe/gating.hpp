@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Gating: which experts a token uses (TopK) and with what weight they are combined (spec 2.3).
+// Gating: which experts a token uses (TopK) and with what weight they are combined (docs/math.md §2.3).
 //
 // Every mode selects the K experts with the largest selection score s_n = z_n + bias_n (z = router logits,
 // bias = the optional per-expert selection bias, zero when absent). Ties go to the lower expert index;
@@ -8,7 +8,7 @@
 //
 // | mode                  | w_n for n in S                                   | notes                                   |
 // |-----------------------|--------------------------------------------------|-----------------------------------------|
-// | code_ref              | floor(N / K)                                     | paper code (spec 2.3, Q6): unweighted   |
+// | code_ref              | floor(N / K)                                     | paper code (docs/math.md §2.3, Q6): unweighted   |
 // |                       |                                                  | sum; K=3 of 4 gives scale 1, not 4/3    |
 // | softmax_topk          | p_n = exp(z_n) / sum_{i=1..N} exp(z_i)           | full softmax, NOT renormalized          |
 // | softmax_topk_renorm   | p_n / sum_{i in S} p_i                           | Mixtral / llama.cpp llama-arch gating   |

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The linear router of one layer, z = W_r x + b_r with n_experts outputs (spec 2.2).
+// The linear router of one layer, z = W_r x + b_r with n_experts outputs (docs/math.md §2.2).
 #pragma once
 
 #include <cmath>
@@ -39,7 +39,7 @@ class Router {
     return Router(Matrix<T>(weight), Vector<T>(bias));
   }
 
-  /// The paper's random init (spec 2.2): W_r ~ N(0, stddev^2) with stddev 0.02 by default, b_r = 0,
+  /// The paper's random init (docs/math.md §2.2): W_r ~ N(0, stddev^2) with stddev 0.02 by default, b_r = 0,
   /// drawn from a seeded generator (identical on every platform).
   /// \throws value_error if d_model < 1, n_experts < 1, or stddev is negative or not finite.
   static Router random(std::ptrdiff_t d_model, std::ptrdiff_t n_experts, std::uint64_t seed, double stddev = 0.02) {

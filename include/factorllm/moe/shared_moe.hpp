@@ -6,7 +6,7 @@
 // routed part is an ordinary moe::MoeFfn (router, gating, any combine mode). With experts of equal size
 // d_expert = d_ff / (S + N), one token costs (S + K) / (S + N) of the dense FFN's FLOPs (router excluded, as
 // MoeFfn::ffn_flops_fraction). With K = N and code_ref gating (weight floor(N/N) = 1) the layer computes
-// sum of all S + N experts = the dense FFN (spec 1.2), up to float summation order.
+// sum of all S + N experts = the dense FFN (docs/math.md §1.2), up to float summation order.
 #pragma once
 
 #include <algorithm>
@@ -177,7 +177,7 @@ SharedExpertMoe<T, Backend> make_shared_moe(ffn::ExpertWeights<T> const& experts
                                      MoeFfn<T, Backend>(std::move(parts.second), std::move(router), std::move(gating)));
 }
 
-/// Builds a shared-expert layer by factorizing a dense FFN with a partition of S + N experts (spec 1.2) and taking
+/// Builds a shared-expert layer by factorizing a dense FFN with a partition of S + N experts (docs/math.md §1.2) and taking
 /// its FIRST n_shared experts as the shared ones: make_shared_moe(factorize(dense, partition), n_shared, ...).
 /// \throws as factorize and the overload above.
 template <class Backend = CpuScalar, class T>

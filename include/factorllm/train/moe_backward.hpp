@@ -2,7 +2,7 @@
 // Training the MoE layer: a forward on parameter views that records its routing, and the backward that turns
 // dL/dy into dL/dx, every expert's dL/dW (only from the tokens routed to it) and the router's dL/dW_r, dL/db_r.
 //
-// Gradient semantics (spec 2.3): TopK selection is piecewise constant, so gradients flow through the expert
+// Gradient semantics (docs/math.md §2.3): TopK selection is piecewise constant, so gradients flow through the expert
 // outputs and through the combine weights only. In the softmax-weighted modes (softmax_topk,
 // softmax_topk_renorm, topk_softmax) and sigmoid_topk the weights depend on the logits, so the router learns from
 // the task loss. In `code_ref` the weights are the constant floor(N/K): the router gets exactly zero gradient from

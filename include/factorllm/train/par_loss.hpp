@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// The Prior-Approximate Router (PAR) loss, the balance term and their analytic router gradients (spec 3.2).
+// The Prior-Approximate Router (PAR) loss, the balance term and their analytic router gradients (docs/math.md §3.2).
 //
 // The teacher f and the router both see the layer's real FFN input x. The paper's code feeds each layer's
-// dense-teacher OUTPUT forward as the next layer's router/teacher input (spec 6, quirk Q1); that is a bug
+// dense-teacher OUTPUT forward as the next layer's router/teacher input (docs/math.md §6, quirk Q1); that is a bug
 // and is deliberately not reproduced here. Reductions follow the batch-size-1 semantics of the code
 // (mean over all tokens; quirk Q4 is not reproduced).
 #pragma once

@@ -29,7 +29,7 @@ namespace kernel {
 /// given dw[j] = dL/dw_j for the K selected experts ids[j], writes dz[n] = dL/dz_n for all n_experts.
 /// Computed in double from the logits (shared by every backend: O(n_experts) per token).
 ///   code_ref              w constant                          -> dz = 0 (the paper code's router gets no
-///                                                                gradient from the LM loss: spec 2.3)
+///                                                                gradient from the LM loss: docs/math.md §2.3)
 ///   softmax_topk          w_j = s p_{id_j}, p = softmax(z)    -> dz = p (g - <p, g>), g_{id_j} = s dw_j
 ///   softmax_topk_renorm,  w_j = s r_j, r = softmax(z_S)       -> dz_{id_j} = s r_j (dw_j - <r, dw>), 0 off S
 ///   topk_softmax          (equal in exact arithmetic)
@@ -192,7 +192,7 @@ detail::WorkspaceLayout MoeBackward<CpuScalar>::workspace(MoeParamsView<W> const
 }
 
 /// Scalar MoE backward, the oracle (validated by train::moe_backward). With o_{t,j} = E_{id_j}(x_t) and
-/// y_t = sum_j w_tj o_{t,j} (spec 2.3), for each slot (t, j) routed to expert e:
+/// y_t = sum_j w_tj o_{t,j} (docs/math.md §2.3), for each slot (t, j) routed to expert e:
 ///   a = W_g x, b = W_u x, h = SiLU(a) b, g = W_d^T dy_t        (g = dL/dh before the combine weight)
 ///   dL/dw_tj = <g, h>;  dh = w_tj g;  da = dh b SiLU'(a);  db = dh SiLU(a)
 ///   dW_g += da x^T;  dW_u += db x^T;  dW_d += w_tj dy_t h^T;  dx_t += W_g^T da + W_u^T db
@@ -273,7 +273,7 @@ void MoeBackward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& 
       for (std::ptrdiff_t i = 0; i < m; ++i) grads.down(e, o, i) = static_cast<A>(dwd[o * m + i]);
   }
 
-  // Router: through the combine weights (spec 2.3 modes), then the linear router z = W_r x + b_r (spec 2.2).
+  // Router: through the combine weights (docs/math.md §2.3 modes), then the linear router z = W_r x + b_r (docs/math.md §2.2).
   std::fill(dwr, dwr + n * (d + 1), 0.0);
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     double* dzt = dz + t * n;

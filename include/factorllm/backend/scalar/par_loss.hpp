@@ -137,7 +137,7 @@ class ParRouterAccumulator {
   double clip(double v) const noexcept { return std::min(std::max(v, lo_), hi_); }
 
   std::ptrdiff_t n_, d_, k_;
-  ParTarget q_;  // spec 3.2 step 6 (q table)
+  ParTarget q_;  // docs/math.md §3.2 step 6 (q table)
   double lo_, hi_, inv_t_, inv_nt_;
   double *z_ = nullptr, *p_ = nullptr, *dz_par_ = nullptr, *dz_bal_ = nullptr;
   double *dw_par_ = nullptr, *db_par_ = nullptr, *dw_bal_ = nullptr, *db_bal_ = nullptr;

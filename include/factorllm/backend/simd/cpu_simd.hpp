@@ -4,7 +4,7 @@
 // Why xsimd (not Highway) for the kernels: the ISA is a template parameter (xsimd::batch<float, Arch>), which
 // fits a header-only library: the application instantiates CpuSimd<Arch> for the archs it compiles, and
 // `dispatch` (backend/dispatch.hpp) picks the best one the CPU reports at run time. Highway's dynamic dispatch
-// needs HWY_EXPORT tables in a .cc file that a header-only library cannot own (STYLE.md S2(d)).
+// needs HWY_EXPORT tables in a .cc file that a header-only library cannot own.
 // GEMMs (prefill) go through Eigen; threads through OpenMP (optional: without -fopenmp everything runs on
 // one thread and gives the same bits).
 #pragma once
