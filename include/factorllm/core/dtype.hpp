@@ -14,18 +14,35 @@
 #include <type_traits>
 
 namespace factorllm {
+namespace detail {
+
+/// What the 16-bit storage formats share: the bit pattern, construction from bits, bitwise equality and the
+/// explicit float conversion. Format F supplies to_float() and from_float_bits(float).
+template <class F>
+struct Storage16 {
+  std::uint16_t bits = 0;
+
+  /// Returns the float this value represents (exact).
+  explicit operator float() const noexcept { return static_cast<F const&>(*this).to_float(); }
+  static F from_bits(std::uint16_t b) noexcept {
+    F r;
+    r.bits = b;
+    return r;
+  }
+  friend bool operator==(F a, F b) noexcept { return a.bits == b.bits; }
+  friend bool operator!=(F a, F b) noexcept { return a.bits != b.bits; }
+};
+
+}  // namespace detail
 
 /// bfloat16 storage type: the upper 16 bits of an IEEE float. Arithmetic happens in float.
 /// Conversion from float rounds to nearest, ties to even; NaN stays NaN (quiet), infinities stay infinite.
-struct bf16 {
-  std::uint16_t bits = 0;
-
+struct bf16 : detail::Storage16<bf16> {
   bf16() = default;
   /// Converts a float with round-to-nearest-even.
-  explicit bf16(float value) noexcept : bits(from_float_bits(value)) {}
+  explicit bf16(float value) noexcept { bits = from_float_bits(value); }
 
   /// Returns the float this value represents (exact).
-  explicit operator float() const noexcept { return to_float(); }
   float to_float() const noexcept {
     std::uint32_t const u = static_cast<std::uint32_t>(bits) << 16;
     float f;
@@ -45,27 +62,17 @@ struct bf16 {
     u += 0x7fffu + lsb;  // round to nearest even; overflow to infinity is the IEEE result
     return static_cast<std::uint16_t>(u >> 16);
   }
-  static bf16 from_bits(std::uint16_t b) noexcept {
-    bf16 r;
-    r.bits = b;
-    return r;
-  }
-  friend bool operator==(bf16 a, bf16 b) noexcept { return a.bits == b.bits; }
-  friend bool operator!=(bf16 a, bf16 b) noexcept { return a.bits != b.bits; }
 };
-static_assert(sizeof(bf16) == 2, "bf16 must be two bytes");
+static_assert(sizeof(bf16) == 2 && std::is_trivially_copyable_v<bf16>, "bf16 must be two plain bytes");
 
 /// IEEE 754 binary16 storage type. Arithmetic happens in float. Conversion from float rounds to nearest, ties to
 /// even (subnormals included); values beyond the largest half (65504) become infinities; NaN stays a quiet NaN.
-struct f16 {
-  std::uint16_t bits = 0;
-
+struct f16 : detail::Storage16<f16> {
   f16() = default;
   /// Converts a float with round-to-nearest-even.
-  explicit f16(float value) noexcept : bits(from_float_bits(value)) {}
+  explicit f16(float value) noexcept { bits = from_float_bits(value); }
 
   /// Returns the float this value represents (exact: every half is a float).
-  explicit operator float() const noexcept { return to_float(); }
   float to_float() const noexcept {
     std::uint32_t const sign = static_cast<std::uint32_t>(bits & 0x8000u) << 16;
     std::uint32_t const exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
@@ -113,15 +120,8 @@ struct f16 {
     if (rest > half || (rest == half && (q & 1u))) ++q;
     return static_cast<std::uint16_t>(sign | q);
   }
-  static f16 from_bits(std::uint16_t b) noexcept {
-    f16 r;
-    r.bits = b;
-    return r;
-  }
-  friend bool operator==(f16 a, f16 b) noexcept { return a.bits == b.bits; }
-  friend bool operator!=(f16 a, f16 b) noexcept { return a.bits != b.bits; }
 };
-static_assert(sizeof(f16) == 2, "f16 must be two bytes");
+static_assert(sizeof(f16) == 2 && std::is_trivially_copyable_v<f16>, "f16 must be two plain bytes");
 
 /// Numeric traits of a weight/activation type: the type activations use with it and its conversions.
 /// Weights may be float, double (for oracles and gradient checks), bf16 or f16; activations are float,
