@@ -7,10 +7,12 @@
 #include <factorllm/core/tensor.hpp>
 #include <factorllm/core/workspace.hpp>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 using namespace factorllm;
 
@@ -113,6 +115,24 @@ TEST_CASE("Workspace cursor refuses to overrun", "[core][workspace]") {
   Workspace small(8);
   detail::WorkspaceCursor c2(small, "test");
   CHECK_THROWS_AS(c2.take<double>(100), backend_error);
+}
+
+TEST_CASE("views of contiguous containers: std::vector and std::array, size checked", "[core][view]") {
+  std::vector<float> v(6, 1.f);
+  MatrixView<float> m = matrix_view(v, 2, 3);
+  CHECK(m.data() == v.data());
+  CHECK(m.rows() == 2);
+  CHECK(m.cols() == 3);
+  std::vector<float> const& cv = v;
+  MatrixView<float const> cm = matrix_view(cv, 3, 2);
+  CHECK(cm.data() == v.data());
+  std::array<double, 4> a{1, 2, 3, 4};
+  CHECK(matrix_view(a, 2, 2)(1, 0) == 3.0);
+  CHECK(vector_view(v).extent(0) == 6);
+  CHECK_THROWS_WITH(matrix_view(v, 2, 2), Catch::Contains("has 6 elements, expected 4"));
+  CHECK_THROWS_AS(matrix_view(v, -1, 2), shape_error);
+  float raw[4] = {};
+  CHECK(matrix_view(raw, 2, 2).data() == raw);  // C arrays still take the pointer overload
 }
 
 TEST_CASE("Workspace wraps caller-owned memory of either memory space", "[core][workspace]") {

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <random>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -168,6 +169,15 @@ TEST_CASE("factorized model: inconsistent files are refused with format_error", 
   refused(variant("", "", "layers.0.ffn.router.bias"), "no tensor 'layers.0.ffn.router.bias'");
   std::vector<float> const wrong(6, 0.f);
   refused(variant("", "", "layers.0.ffn.router.weight", &wrong, {2, 3}), "has shape [2, 3], expected [2, 4]");
+  // Non-finite parameters (one NaN bias turned every output NaN): refused, naming the tensor and element.
+  std::vector<float> const nan_bias{0.f, std::numeric_limits<float>::quiet_NaN()};
+  refused(variant("", "", "layers.0.ffn.router.bias", &nan_bias, {2}), "'layers.0.ffn.router.bias' element 1 is not finite");
+  std::vector<float> inf_gate(32, 0.5f);
+  inf_gate[7] = std::numeric_limits<float>::infinity();
+  refused(variant("", "", "layers.0.ffn.experts.gate", &inf_gate, {2, 4, 4}), "'layers.0.ffn.experts.gate' element 7 is not finite");
+  std::vector<float> nan_weight(8, 0.25f);
+  nan_weight[0] = std::numeric_limits<float>::quiet_NaN();
+  refused(variant("", "", "layers.0.ffn.router.weight", &nan_weight, {2, 4}), "'layers.0.ffn.router.weight' element 0 is not finite");
   std::vector<float> const perm_f(8, 0.f);
   refused(variant("", "", "layers.0.ffn.permutation", &perm_f, {8}), "expected an integer type");
   // A permutation that repeats an index.

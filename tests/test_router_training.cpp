@@ -9,6 +9,7 @@
 #include <factorllm/train/router_training.hpp>
 
 #include <cmath>
+#include <limits>
 #include <initializer_list>
 #include <vector>
 
@@ -240,6 +241,15 @@ TEST_CASE("router training rejects bad inputs with the documented exceptions", "
     train::RouterTrainConfig c = cfg;
     bad(c);
     CHECK_THROWS_AS(train::train_router(r, x.cview(), w.view(), experts, 2, c), value_error);
+  }
+  // One NaN (or infinity) in the calibration data is refused, naming its row, and the router is left untouched.
+  for (float bad_value : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    auto x_nan = x;
+    x_nan(5, 2) = bad_value;
+    auto const before = r.weight()(0, 0);
+    CHECK_THROWS_WITH(train::train_router(r, x_nan.cview(), w.view(), experts, 2, cfg),
+                      Catch::Contains("'x' row 5 (column 2) is not finite"));
+    CHECK(r.weight()(0, 0) == before);
   }
   // router_from_partition: partition for another d_ff, bad scale.
   CHECK_THROWS_AS(train::router_from_partition(w.view(), ExpertPartition::contiguous(8, 4)), shape_error);

@@ -6,6 +6,7 @@
 #include <array>
 #include <sstream>
 #include <cstddef>
+#include <iterator>
 #include <limits>
 #include <type_traits>
 
@@ -209,6 +210,38 @@ MatrixView<T> matrix_view(T* data, std::ptrdiff_t rows, std::ptrdiff_t cols) {
 template <class T>
 VectorView<T> vector_view(T* data, std::ptrdiff_t n) {
   return VectorView<T>(data, {n});
+}
+
+namespace detail {
+/// The element type a contiguous container (std::vector, std::array, a span) exposes through std::data.
+/// (C arrays are excluded: they already decay to the pointer overloads.)
+template <class C, class = std::enable_if_t<!std::is_array_v<C>>>
+using container_element_t = std::remove_pointer_t<decltype(std::data(std::declval<C&>()))>;
+
+template <class C>
+void require_container_size(C const& c, std::ptrdiff_t count, char const* function) {
+  if (static_cast<std::ptrdiff_t>(std::size(c)) != count)
+    throw shape_error(concat(function, ": argument 'container' has ", std::size(c), " elements, expected ", count));
+}
+}  // namespace detail
+
+/// Views the elements of a contiguous container (std::vector, std::array, ...) as a dense row-major matrix; a
+/// const container gives a read-only view. The view does not own: the container must outlive it and keep its size.
+/// \throws shape_error unless the container holds exactly rows * cols elements.
+template <class C, class E = detail::container_element_t<C>, class = decltype(std::size(std::declval<C&>()))>
+MatrixView<E> matrix_view(C& container, std::ptrdiff_t rows, std::ptrdiff_t cols) {
+  if (rows < 0 || cols < 0)
+    throw shape_error(detail::concat("matrix_view: negative shape [", rows, ", ", cols, "]"));
+  if (cols != 0 && rows > std::numeric_limits<std::ptrdiff_t>::max() / cols)
+    throw shape_error(detail::concat("matrix_view: shape [", rows, ", ", cols, "] overflows"));
+  detail::require_container_size(container, rows * cols, "matrix_view");
+  return MatrixView<E>(std::data(container), {rows, cols});
+}
+
+/// Views all elements of a contiguous container as a vector.
+template <class C, class E = detail::container_element_t<C>, class = decltype(std::size(std::declval<C&>()))>
+VectorView<E> vector_view(C& container) {
+  return VectorView<E>(std::data(container), {static_cast<std::ptrdiff_t>(std::size(container))});
 }
 
 namespace detail {

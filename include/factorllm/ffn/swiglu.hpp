@@ -14,6 +14,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/tensor_view.hpp"
+#include "../core/type_traits.hpp"
 #include "../core/workspace.hpp"
 
 namespace factorllm {
@@ -61,12 +62,12 @@ std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_mod
 
 /// Computes y = F(x) for every row of x (docs/math.md §1.1).
 /// \param ffn  dense weights (validated)
-/// \param x    [n_tokens, d_model] inputs, any row stride
+/// \param x    [n_tokens, d_model] inputs, any row stride (a writable view converts)
 /// \param y    [n_tokens, d_model] outputs; must not alias x
 /// \param ws   scratch of at least swiglu_workspace_bytes(n_tokens, d_model, d_ff)
 /// NaN/Inf in a row of x propagate to that row of y only.
 template <class Backend = CpuScalar, class T, class A>
-void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Workspace& ws,
+void swiglu_forward(DenseFfnView<T> const& ffn, type_identity_t<MatrixView<A const>> x, MatrixView<A> y, Workspace& ws,
                     Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "swiglu_forward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<T>>, "swiglu_forward: activations must be activation_t<T>");
@@ -83,7 +84,8 @@ void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixVie
 
 /// Convenience overload that allocates its own workspace (one allocation per call; not for hot loops).
 template <class Backend = CpuScalar, class T, class A>
-void swiglu_forward(DenseFfnView<T> const& ffn, MatrixView<A const> x, MatrixView<A> y, Backend const& b = {}) {
+void swiglu_forward(DenseFfnView<T> const& ffn, type_identity_t<MatrixView<A const>> x, MatrixView<A> y,
+                    Backend const& b = {}) {
   ffn.validate("swiglu_forward");  // first, so that a bad FFN is a shape_error here too, not the size query's error
   Workspace ws(swiglu_workspace_bytes<Backend, T>(x.rows(), ffn.d_model(), ffn.d_ff()));
   swiglu_forward(ffn, x, y, ws, b);

@@ -179,6 +179,17 @@ std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& 
       auto down = f.read_float<3>(p + "experts.down", {n, d, d_expert});
       auto rw = f.read_float<2>(p + "router.weight", {n, d});
       auto rb = f.read_float<1>(p + "router.bias", {n});
+      // Every loaded parameter must be finite: one NaN weight or bias would silently turn every output NaN.
+      auto require_finite = [&](auto const& tensor, char const* name) {
+        for (std::ptrdiff_t i = 0; i < tensor.size(); ++i)
+          if (!std::isfinite(tensor.data()[i]))
+            throw format_error(detail::concat(f.source(), ": tensor '", p, name, "' element ", i, " is not finite"));
+      };
+      require_finite(gate, "experts.gate");
+      require_finite(up, "experts.up");
+      require_finite(down, "experts.down");
+      require_finite(rw, "router.weight");
+      require_finite(rb, "router.bias");
       moe::Gating g;
       g.mode = moe::combine_mode_from_string(detail::metadata_string(f, m + "combine_mode"));
       g.top_k = k;

@@ -47,10 +47,13 @@ class MoeFfn {
   using activation_type = activation_t<T>;
   using A = activation_type;
 
-  /// \throws shape_error if router and experts disagree on d_model or n_experts;
+  /// \throws shape_error if experts are empty or router and experts disagree on d_model or n_experts;
   ///         value_error if the gating is invalid for n_experts.
   MoeFfn(ffn::ExpertWeights<T> experts, Router<A> router, Gating gating)
       : experts_(std::move(experts)), router_(std::move(router)), gating_(std::move(gating)) {
+    if (experts_.n_experts() < 1 || experts_.d_model() < 1)
+      throw shape_error("MoeFfn: argument 'experts' is empty (a default-constructed ExpertWeights); expected "
+                        "n_experts >= 1 experts with d_model >= 1");
     if (router_.n_experts() != experts_.n_experts() || router_.d_model() != experts_.d_model())
       throw shape_error(detail::concat("MoeFfn: argument 'router' has shape ",
                                        detail::shape_string({router_.n_experts(), router_.d_model()}), ", expected ",

@@ -18,6 +18,7 @@
 #include "../core/error.hpp"
 #include "../core/kernel_args.hpp"
 #include "../core/tensor.hpp"
+#include "../core/type_traits.hpp"
 #include "../core/workspace.hpp"
 #include "../ffn/factorize.hpp"
 #include "../moe/router.hpp"
@@ -127,7 +128,7 @@ namespace train {
 /// \param top_k   K of the K-of-N gating; the MSE target is f / floor(N/K) (docs/math.md §3.2, quirk Q5)
 /// \throws shape_error / value_error on inconsistent inputs; backend_error if ws is too small.
 template <class Backend = CpuScalar, class W, class A>
-void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
+void par_loss(type_identity_t<MatrixView<A const>> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
               moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config, ParLossResult<A>& out,
               Workspace& ws, Backend const& = {}) {
   static_assert(is_backend_v<Backend>, "par_loss: unknown backend tag");
@@ -140,7 +141,7 @@ void par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::Exp
 
 /// Convenience overload: allocates the result and the workspace.
 template <class Backend = CpuScalar, class W, class A>
-ParLossResult<A> par_loss(MatrixView<A const> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
+ParLossResult<A> par_loss(type_identity_t<MatrixView<A const>> x, ffn::DenseFfnView<W> const& dense, ffn::ExpertWeights<W> const& experts,
                           moe::Router<A> const& router, std::ptrdiff_t top_k, ParLossConfig const& config = {},
                           Backend const& b = {}) {
   detail::validate_par_loss(x, dense, experts, router, top_k, config);

@@ -3,6 +3,7 @@
 // experts against the dense FFN, and FFN inputs and top_k against the experts.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 
 #include "../../core/error.hpp"
@@ -13,9 +14,23 @@
 namespace factorllm {
 namespace detail {
 
+/// Throws value_error naming the first row (and column) of `x` that holds a NaN or infinity: one bad calibration
+/// value would otherwise turn every loss and the trained parameters into NaN without an error.
+template <class A>
+void require_finite_rows(MatrixView<A const> x, char const* fn, char const* arg) {
+  for (std::ptrdiff_t t = 0; t < x.rows(); ++t) {
+    A const* row = x.row(t);
+    for (std::ptrdiff_t c = 0; c < x.cols(); ++c)
+      if (!std::isfinite(static_cast<double>(row[c])))
+        throw value_error(concat(fn, ": argument '", arg, "' row ", t, " (column ", c, ") is not finite; calibration "
+                                 "data must be finite"));
+  }
+}
+
 /// Checks that x [n_tokens >= 1, d_model] and top_k in [1, n_experts] fit non-empty experts; `fn` starts the
 /// message.
-/// \throws value_error for default-constructed experts, no tokens or a bad top_k; shape_error for a bad x.
+/// \throws value_error for default-constructed experts, no tokens, a bad top_k or a non-finite x; shape_error for a
+///         bad x.
 template <class T, class A>
 void validate_experts_x(MatrixView<A const> x, ffn::ExpertWeights<T> const& experts, std::ptrdiff_t top_k, char const* fn) {
   if (experts.gate_tensor().empty()) throw value_error(concat(fn, ": argument 'experts' holds no experts (default-constructed)"));
@@ -23,6 +38,7 @@ void validate_experts_x(MatrixView<A const> x, ffn::ExpertWeights<T> const& expe
   require_shape(x, {x.rows(), experts.d_model()}, fn, "x");
   if (top_k < 1 || top_k > experts.n_experts())
     throw value_error(concat(fn, ": top_k = ", top_k, " must be in [1, n_experts = ", experts.n_experts(), "]"));
+  require_finite_rows(x, fn, "x");
 }
 
 /// Checks the dense FFN and that the experts have its d_model and d_ff; `fn` starts the message.
