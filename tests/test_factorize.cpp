@@ -135,6 +135,9 @@ TEMPLATE_TEST_CASE("each expert matches the reference expert, all experts sum to
       }
       Matrix<A> yd({n_tokens, d});
       ffn::swiglu_forward(w.view(), x.cview(), yd.view());
+      Matrix<A> x_copy = x, yw({n_tokens, d});
+      ffn::swiglu_forward(w.view(), x_copy.view(), yw.view());  // a writable x view is accepted as well
+      for (std::ptrdiff_t i = 0; i < yd.size(); ++i) REQUIRE(yw[i] == yd[i]);
       INFO("n=" << n);
       CHECK(ref::rel_l2(acc, yd.data(), acc.size()) < tol);
     }

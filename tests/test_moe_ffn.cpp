@@ -149,6 +149,12 @@ TEST_CASE("K = N with code_ref equals dense on every layer of the real model", "
   }
 }
 
+TEST_CASE("MoeFfn names empty experts in its error", "[moe][errors]") {
+  moe::Gating g;
+  CHECK_THROWS_WITH((moe::MoeFfn<float, CpuScalar>(ffn::ExpertWeights<float>(), moe::Router<float>::random(4, 2, 1), g)),
+                    Catch::Contains("argument 'experts' is empty"));
+}
+
 TEST_CASE("MoE edge cases: no tokens, idle experts, one expert for all", "[moe][forward]") {
   int const d = 8, d_ff = 16;
   fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 9));

@@ -144,6 +144,16 @@ TEST_CASE("label accuracy is 1 when K = N and reflects set equality", "[train][p
   CHECK(r.label_accuracy == Approx(static_cast<double>(same) / p.n_tokens));
 }
 
+TEST_CASE("par_loss takes a writable x view as it takes a read-only one", "[train][par]") {
+  Problem p(4, 91);
+  auto const router = p.router(p.rw, p.rb);
+  Matrix<double> x = p.x;
+  auto const a = train::par_loss(x.cview(), p.w.view(), p.experts, router, 2);
+  auto const b = train::par_loss(x.view(), p.w.view(), p.experts, router, 2);  // MatrixView<double>, not <double const>
+  CHECK(a.total_loss == b.total_loss);
+  CHECK(a.grad_weight(0, 0) == b.grad_weight(0, 0));
+}
+
 TEST_CASE("par_loss validates its arguments", "[train][par][errors]") {
   Problem p(4, 90);
   auto const router = p.router(p.rw, p.rb);
