@@ -16,6 +16,15 @@
 namespace factorllm {
 namespace detail {
 
+/// std::bit_cast (C++20) for the 32-bit words the conversions below work on.
+template <class To, class From>
+To bit_cast(From const& from) noexcept {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
 /// What the 16-bit storage formats share: the bit pattern, construction from bits, bitwise equality and the
 /// explicit float conversion. Format F supplies to_float() and from_float_bits(float).
 template <class F>
@@ -44,16 +53,12 @@ struct bf16 : detail::Storage16<bf16> {
 
   /// Returns the float this value represents (exact).
   float to_float() const noexcept {
-    std::uint32_t const u = static_cast<std::uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+    return detail::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
   }
 
   /// Returns the bf16 bit pattern nearest to `value` (ties to even).
   static std::uint16_t from_float_bits(float value) noexcept {
-    std::uint32_t u;
-    std::memcpy(&u, &value, sizeof u);
+    std::uint32_t u = detail::bit_cast<std::uint32_t>(value);
     if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) {
       // NaN: keep the sign and force a quiet-NaN payload so truncation cannot turn it into infinity.
       return static_cast<std::uint16_t>((u >> 16) | 0x0040u);
@@ -93,15 +98,12 @@ struct f16 : detail::Storage16<f16> {
       }
       u = sign | (static_cast<std::uint32_t>(113 - shift) << 23) | ((m & 0x3ffu) << 13);
     }
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+    return detail::bit_cast<float>(u);
   }
 
   /// Returns the half bit pattern nearest to `value` (ties to even).
   static std::uint16_t from_float_bits(float value) noexcept {
-    std::uint32_t u;
-    std::memcpy(&u, &value, sizeof u);
+    std::uint32_t u = detail::bit_cast<std::uint32_t>(value);
     std::uint32_t const sign = (u >> 16) & 0x8000u, abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN: the canonical quiet NaN
     if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504: infinity
