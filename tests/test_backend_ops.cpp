@@ -14,6 +14,7 @@
 #include <factorllm/backend/simd/combine.hpp>
 #include <factorllm/backend/simd/router.hpp>
 #include <factorllm/backend/simd/swiglu.hpp>
+#include <factorllm/detail/threads.hpp>
 #include <factorllm/ffn/factorize.hpp>
 #include <factorllm/moe/moe_ffn.hpp>
 
@@ -178,7 +179,7 @@ void check_expert_swiglu(int d, int d_ff, int n, int k, int t) {
   using Step = kernel::ExpertSwiglu<B>;
   using Out = typename Step::template output_t<W, float>;
   std::vector<Out> out(static_cast<std::size_t>(t * k * d));
-  Workspace ws(Step::template workspace<W, float>(t * k, d, n, experts.d_expert()).bytes());
+  Workspace ws(Step::template workspace<W, float>(t * k, d, n, experts.d_expert(), detail::max_threads()).bytes());
   Step::run(experts.view(), matrix_view<float const>(x.data(), t, d), k, vector_view<std::int64_t const>(offsets.data(), n + 1),
             vector_view<std::int32_t const>(slots.data(), t * k), matrix_view(out.data(), t * k, d), ws.span());
   auto const& perm = partition.permutation();

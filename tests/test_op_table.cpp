@@ -50,7 +50,7 @@ struct MoeForward<Fused> {
   static constexpr bool implemented = true;
   template <class W, class A>
   static detail::WorkspaceLayout workspace(std::ptrdiff_t max_tokens, std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
-                                           std::ptrdiff_t d_expert, std::ptrdiff_t top_k) {
+                                           std::ptrdiff_t d_expert, std::ptrdiff_t top_k, int /*max_threads*/) {
     auto const s = static_cast<std::size_t>(max_tokens * top_k);
     return detail::WorkspaceLayout()
         .add(sizeof(A), static_cast<std::size_t>(max_tokens * n_experts))

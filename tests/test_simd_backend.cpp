@@ -164,3 +164,36 @@ TEST_CASE("cpu_simd refuses a workspace sized for fewer tokens or threads", "[si
   Workspace small(layer.workspace_bytes(5));
   CHECK_THROWS_AS(layer.forward(x.cview(), y.view(), small), backend_error);
 }
+
+TEST_CASE("cpu_simd workspace: sized per thread count, and a too-small one names both thread counts", "[simd][workspace]") {
+  int const d = 32, d_ff = 64, n = 4, k = 2, t = 16;
+  fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 71));
+  moe::Gating g;
+  g.mode = moe::CombineMode::softmax_topk_renorm;
+  g.top_k = k;
+  moe::MoeFfn<float, Simd> layer(ffn::factorize(w.view(), ffn::ExpertPartition::random(d_ff, n, 72)),
+                                 moe::Router<float>::random(d, n, 73, 1.0), g);
+  CHECK(layer.workspace_bytes(t, 4) > layer.workspace_bytes(t, 1));  // one panel per thread
+  CHECK(layer.workspace_bytes(t) == layer.workspace_bytes(t, detail::max_threads()));
+  CHECK_THROWS_AS(layer.workspace_bytes(t, 0), value_error);
+  auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(t * d), 74, 1.0), t, d);
+  Matrix<float> y1({t, d}), y2({t, d});
+#if defined(_OPENMP)
+  int const saved = omp_get_max_threads();
+  Workspace small(layer.workspace_bytes(t, 1));
+  Workspace both(layer.workspace_bytes(t, 2));
+  omp_set_num_threads(2);
+  CHECK_THROWS_WITH(layer.forward(x.cview(), y1.view(), small),
+                    Catch::Contains("on 2 OpenMP thread(s)") && Catch::Contains("it fits 1 thread(s)") &&
+                        Catch::Contains("workspace_bytes(max_tokens, max_threads)"));
+  layer.forward(x.cview(), y1.view(), both);
+  omp_set_num_threads(1);
+  layer.forward(x.cview(), y2.view(), both);  // a workspace for 2 threads serves 1 as well, with the same bits
+  omp_set_num_threads(saved);
+  for (std::ptrdiff_t i = 0; i < y1.size(); ++i) REQUIRE(y1[i] == y2[i]);
+#else
+  Workspace ws(layer.workspace_bytes(t, 1));
+  layer.forward(x.cview(), y1.view(), ws);
+  WARN("built without OpenMP: only the size queries and a one-thread forward are checked");
+#endif
+}

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -24,6 +25,7 @@
 #include "../core/error.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/workspace.hpp"
+#include "../detail/threads.hpp"
 #include "../ffn/factorize.hpp"
 #include "gating.hpp"
 #include "router.hpp"
@@ -72,10 +74,21 @@ class MoeFfn {
   /// Fraction of the dense FFN's FLOPs one token costs in the experts: top_k / n_experts.
   double ffn_flops_fraction() const noexcept { return static_cast<double>(top_k()) / static_cast<double>(n_experts()); }
 
-  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens on this backend.
+  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens on this backend, from threads whose
+  /// OpenMP team has at most as many threads as the calling thread's now (per-thread scratch is part of it). A
+  /// workspace used from threads with larger teams (another std::thread, after omp_set_num_threads) needs
+  /// workspace_bytes(max_tokens, max_threads).
   /// \throws value_error if max_tokens < 0 or so large that the size would overflow.
-  std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const {
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const { return workspace_bytes(max_tokens, detail::max_threads()); }
+
+  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens from threads whose OpenMP team has up
+  /// to max_threads threads.
+  /// \throws value_error if max_tokens < 0, max_threads < 1, or the size would overflow.
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens, int max_threads) const {
     if (max_tokens < 0) throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens must be >= 0, got ", max_tokens));
+    if (max_threads < 1 || max_threads > kMaxThreads)
+      throw value_error(detail::concat("MoeFfn::workspace_bytes: max_threads must be in [1, ", kMaxThreads, "], got ",
+                                       max_threads));
     // Every region holds at most max_tokens * top_k * max(d_model, d_expert, n_experts) elements of at most 8 bytes,
     // and there are fewer than 32 regions: this bound keeps every size computation of every backend in range.
     std::ptrdiff_t const widest = top_k() * std::max({d_model(), d_expert(), n_experts()});
@@ -83,11 +96,13 @@ class MoeFfn {
       throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens = ", max_tokens,
                                        " is too large: the workspace size would overflow"));
     if constexpr (kFused) {
-      return kernel::MoeForward<Backend>::template workspace<T, A>(max_tokens, d_model(), n_experts(), d_expert(), top_k())
+      return kernel::MoeForward<Backend>::template workspace<T, A>(max_tokens, d_model(), n_experts(), d_expert(), top_k(),
+                                                                   max_threads)
           .bytes();
     } else {
       detail::WorkspaceLayout layout = step_layout(max_tokens);
-      return layout.bytes() + ExpertStep::template workspace<T, A>(max_tokens * top_k(), d_model(), n_experts(), d_expert())
+      return layout.bytes() + ExpertStep::template workspace<T, A>(max_tokens * top_k(), d_model(), n_experts(),
+                                                                   d_expert(), max_threads)
                                   .bytes();
     }
   }
@@ -103,9 +118,7 @@ class MoeFfn {
     detail::require_shape(x, {x.rows(), d_model()}, "MoeFfn::forward", "x");
     detail::require_shape(y, {x.rows(), d_model()}, "MoeFfn::forward", "y");
     detail::require_workspace_space<Backend>(ws, "MoeFfn::forward");
-    if (ws.bytes() < workspace_bytes(x.rows()))
-      throw backend_error(detail::concat("MoeFfn::forward: workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
-                                         " tokens (needs ", workspace_bytes(x.rows()), "; use workspace_bytes())"));
+    if (ws.bytes() < workspace_bytes(x.rows())) throw_workspace_too_small(ws.bytes(), x.rows());
     std::ptrdiff_t const n_tokens = x.rows(), n = n_experts(), k = top_k(), n_slots = n_tokens * k;
     if constexpr (kFused) {
       // A fused kernel writes the routing straight into the record's storage (views, so a device kernel can too).
@@ -148,6 +161,21 @@ class MoeFfn {
 
  private:
   static constexpr bool kFused = kernel::has_op_v<kernel::MoeForward, Backend>;
+  static constexpr int kMaxThreads = 4096;
+
+  /// Names the call's thread count and the largest one the workspace would have served.
+  [[noreturn]] void throw_workspace_too_small(std::size_t bytes, std::ptrdiff_t n_tokens) const {
+    int const threads = detail::max_threads();
+    int fits = 0;
+    for (int t = threads - 1; t >= 1 && fits == 0; --t)
+      if (workspace_bytes(n_tokens, t) <= bytes) fits = t;
+    throw backend_error(detail::concat(
+        "MoeFfn::forward: workspace of ", bytes, " bytes is too small for ", n_tokens, " tokens on ", threads,
+        " OpenMP thread(s) (needs ", workspace_bytes(n_tokens, threads), "; ",
+        fits > 0 ? detail::concat("it fits ", fits, " thread(s): it was sized on a thread with a smaller team") : std::string(
+                                                                                "it fits no thread count"),
+        "); size it with workspace_bytes(max_tokens, max_threads)"));
+  }
   using ExpertStep = kernel::ExpertSwiglu<Backend>;
   /// What the backend's expert step writes (double for the oracle, float for CpuSimd).
   using Out = typename ExpertStep::template output_t<T, A>;

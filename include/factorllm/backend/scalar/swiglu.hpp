@@ -78,7 +78,7 @@ struct ExpertSwiglu<CpuScalar> {
   /// One expert's hidden row, in double.
   template <class W, class A>
   static detail::WorkspaceLayout workspace(std::ptrdiff_t /*n_slots*/, std::ptrdiff_t /*d_model*/,
-                                           std::ptrdiff_t /*n_experts*/, std::ptrdiff_t d_expert) {
+                                           std::ptrdiff_t /*n_experts*/, std::ptrdiff_t d_expert, int /*max_threads*/) {
     return detail::WorkspaceLayout().add(sizeof(double), static_cast<std::size_t>(d_expert));
   }
   template <class W, class A>

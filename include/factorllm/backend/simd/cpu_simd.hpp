@@ -26,6 +26,7 @@
 #endif
 
 #include "../../core/dtype.hpp"
+#include "../../detail/threads.hpp"
 #include "../tags.hpp"
 #include "cpu_features.hpp"
 
@@ -50,22 +51,6 @@ struct CpuSimd : CpuScalar {
 using DefaultCpu = CpuSimd<>;
 
 namespace detail {
-
-/// Threads an OpenMP region may use (1 without OpenMP).
-inline int max_threads() noexcept {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-inline int thread_id() noexcept {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 /// Runs body(task) for task in [0, n_tasks) on the OpenMP team, dynamically scheduled. Inside the region the
 /// team's threads set their own OpenMP thread budget to 1 (omp_set_num_threads acts on the calling implicit

@@ -243,11 +243,12 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
                                       typename ExpertSwiglu<CpuScalar>::template output_t<W, A>>;
 
   /// Gathered inputs, gate/up activations, jobs and task starts, one panel per thread.
+  /// \param max_threads  the OpenMP team size of the callers this workspace must serve (one panel each)
   template <class W, class A>
   static detail::WorkspaceLayout workspace(std::ptrdiff_t n_slots, std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
-                                           std::ptrdiff_t d_expert) {
+                                           std::ptrdiff_t d_expert, int max_threads) {
     if constexpr (!simd_swiglu_supports_v<W, A>) {
-      return ExpertSwiglu<CpuScalar>::workspace<W, A>(n_slots, d_model, n_experts, d_expert);
+      return ExpertSwiglu<CpuScalar>::workspace<W, A>(n_slots, d_model, n_experts, d_expert, max_threads);
     } else {
       auto const s = static_cast<std::size_t>(n_slots), n = static_cast<std::size_t>(n_experts),
                  d = static_cast<std::size_t>(d_model), m = static_cast<std::size_t>(d_expert);
@@ -257,7 +258,7 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
           .add(sizeof(float), s * m)                 // h_up
           .add(sizeof(detail::SwigluJob<W>), n)      // jobs
           .add(sizeof(std::ptrdiff_t), n + 1)        // task starts
-          .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
+          .add(sizeof(float), static_cast<std::size_t>(max_threads) *
                                   static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)));
     }
   }
