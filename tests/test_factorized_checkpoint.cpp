@@ -111,6 +111,13 @@ TEST_CASE("factorized model: save and load restore permutation, experts, routers
   std::string const path = temp_path("factorized.safetensors");
   io::save_factorized(path, layers);
   CHECK(io::load_factorized(path).size() == 3);
+  // Layers held elsewhere are saved by pointer, with the same bytes; a null pointer is named.
+  std::vector<fl::moe::MoeFfn<float, fl::CpuScalar> const*> pointers{&layers[0], &layers[1], &layers[2]};
+  CHECK(io::factorized_tensors(pointers).serialize() == io::factorized_tensors(layers).serialize());
+  io::save_factorized(path, pointers);
+  CHECK(io::load_factorized(path).size() == 3);
+  pointers[1] = nullptr;
+  CHECK_THROWS_WITH(io::factorized_tensors(pointers), Catch::Contains("'layers' entry 1 is null"));
   std::filesystem::remove(path);
 
   io::FactorizedSaveOptions reserved;

@@ -58,11 +58,14 @@ inline std::string float_text(float v) {
 /// experts.down [N, d_model, d_expert]; router.weight F32 [N, d_model]; router.bias F32 [N];
 /// gating.selection_bias F32 [N] (only when the gating has one). __metadata__: format, format_version, n_layers,
 /// and per layer layers.{l}.n_experts, .top_k, .combine_mode, .output_scale, .sigmoid_renormalize.
-/// \throws value_error for an empty layer list, bad options or reserved metadata keys.
+/// The layers are given by pointer, so an engine that holds its layers elsewhere need not copy them.
+/// \throws value_error for an empty layer list, a null layer, bad options or reserved metadata keys.
 template <class T, class Backend>
-SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend>> const& layers,
+SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend> const*> const& layers,
                                      FactorizedSaveOptions const& options = {}) {
   if (layers.empty()) throw value_error("factorized_tensors: no layers");
+  for (std::size_t l = 0; l < layers.size(); ++l)
+    if (layers[l] == nullptr) throw value_error(detail::concat("factorized_tensors: argument 'layers' entry ", l, " is null"));
   SafetensorsDtype const ed = options.expert_dtype;
   if (ed != SafetensorsDtype::f32 && ed != SafetensorsDtype::f16 && ed != SafetensorsDtype::bf16)
     throw value_error(detail::concat("factorized_tensors: expert_dtype ", to_string(ed), " is not F32, F16 or BF16"));
@@ -76,7 +79,7 @@ SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend>> const&
   w.set_metadata("format_version", kFactorizedFormatVersion);
   w.set_metadata("n_layers", std::to_string(layers.size()));
   for (std::size_t l = 0; l < layers.size(); ++l) {
-    auto const& layer = layers[l];
+    auto const& layer = *layers[l];
     std::string const p = factorized_prefix(l), m = "layers." + std::to_string(l) + ".";
     auto const& ex = layer.experts();
     auto const& perm = ex.partition().permutation();
@@ -100,11 +103,21 @@ SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend>> const&
   return w;
 }
 
-/// Saves a factorized model (see factorized_tensors for the layout) to `path`.
-/// \throws value_error as factorized_tensors; format_error when the file cannot be written.
+/// factorized_tensors for layers held in one vector.
 template <class T, class Backend>
-void save_factorized(std::string const& path, std::vector<moe::MoeFfn<T, Backend>> const& layers,
-                     FactorizedSaveOptions const& options = {}) {
+SafetensorsWriter factorized_tensors(std::vector<moe::MoeFfn<T, Backend>> const& layers,
+                                     FactorizedSaveOptions const& options = {}) {
+  std::vector<moe::MoeFfn<T, Backend> const*> pointers;
+  pointers.reserve(layers.size());
+  for (auto const& layer : layers) pointers.push_back(&layer);
+  return factorized_tensors(pointers, options);
+}
+
+/// Saves a factorized model (see factorized_tensors for the layout) to `path`; `layers` is a vector of layers or
+/// of pointers to them.
+/// \throws value_error as factorized_tensors; format_error when the file cannot be written.
+template <class Layers>
+void save_factorized(std::string const& path, Layers const& layers, FactorizedSaveOptions const& options = {}) {
   factorized_tensors(layers, options).save(path);
 }
 
