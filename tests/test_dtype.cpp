@@ -5,6 +5,7 @@
 
 #include <factorllm/core/dtype.hpp>
 #include <factorllm/core/kernel_args.hpp>
+#include <factorllm/core/tensor.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -106,4 +107,26 @@ TEST_CASE("weight formats: traits and block sizes", "[dtype]") {
   CHECK(std::string(dtype_traits<f16>::name()) == "f16");
   CHECK(to_double(f16(0.25f)) == 0.25);
   CHECK(from_double<f16>(3.0).bits == 0x4200);
+}
+
+TEST_CASE("format conversion: Tensor::copy_from and convert round to nearest even, widen exactly", "[dtype][convert]") {
+  float const values[] = {1.0f, 1.00390625f, -3.14159f, 65504.0f, 1e-6f, 0.0f};  // 1 + 2^-8: a bf16 tie
+  Matrix<float> src({2, 3});
+  for (int i = 0; i < 6; ++i) src[i] = values[i];
+  Matrix<bf16> b({2, 3});
+  b.copy_from(src.cview());  // float view into a bf16 tensor (used to fail to compile)
+  Matrix<f16> h = convert<f16>(src.cview());
+  for (int i = 0; i < 6; ++i) {
+    CHECK(b[i] == bf16(values[i]));
+    CHECK(h[i] == f16(values[i]));
+  }
+  CHECK(b[1].bits == bf16(1.0f).bits);  // the tie went to even
+  Matrix<float> back = convert<float>(b.cview());
+  Matrix<double> wide = convert<double>(h.cview());
+  for (int i = 0; i < 6; ++i) {
+    CHECK(back[i] == b[i].to_float());
+    CHECK(wide[i] == static_cast<double>(h[i].to_float()));
+  }
+  Matrix<bf16> again = convert<bf16>(back.cview());
+  for (int i = 0; i < 6; ++i) CHECK(again[i] == b[i]);  // bf16 -> float -> bf16 is the identity
 }

@@ -27,6 +27,21 @@ bool is_permutation_of_iota(std::vector<std::int32_t> p) {
 
 }  // namespace
 
+TEST_CASE("convert_format gives the experts factorize gives from the converted dense FFN, bit for bit", "[ffn][factorize]") {
+  int const d = 12, d_ff = 24, n = 3;
+  fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 61));
+  fixture::DenseWeights<bf16> wb(ref::random_ffn(d, d_ff, 61));  // the same values rounded to bf16
+  auto const part = ffn::ExpertPartition::random(d_ff, n, 62);
+  auto const converted = ffn::convert_format<bf16>(ffn::factorize(w.view(), part));
+  auto const direct = ffn::factorize(wb.view(), part);
+  REQUIRE(converted.partition().permutation() == direct.partition().permutation());
+  for (std::ptrdiff_t i = 0; i < direct.gate_tensor().size(); ++i) {
+    REQUIRE(converted.gate_tensor()[i] == direct.gate_tensor()[i]);
+    REQUIRE(converted.up_tensor()[i] == direct.up_tensor()[i]);
+  }
+  for (std::ptrdiff_t i = 0; i < direct.down_tensor().size(); ++i) REQUIRE(converted.down_tensor()[i] == direct.down_tensor()[i]);
+}
+
 TEST_CASE("partition builders produce valid balanced permutations", "[ffn][partition]") {
   auto const c = ExpertPartition::contiguous(12, 3);
   CHECK(c.d_expert() == 4);

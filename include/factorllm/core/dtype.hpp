@@ -197,4 +197,18 @@ inline T from_double(double v) noexcept {
   }
 }
 
+/// Converts one element between storage types: exact when widening (bf16/f16 -> f32 -> f64), round to nearest even
+/// when narrowing to bf16 or f16 (a double rounds through float first); other arithmetic types convert as
+/// static_cast does.
+template <class To, class From>
+inline To convert_element(From v) noexcept {
+  if constexpr (std::is_same_v<To, std::remove_const_t<From>>) {
+    return v;
+  } else if constexpr (is_weight_format_v<To> && is_weight_format_v<From>) {
+    return from_double<To>(to_double(v));
+  } else {
+    return static_cast<To>(v);
+  }
+}
+
 }  // namespace factorllm

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "dtype.hpp"
 #include "error.hpp"
 #include "tensor_view.hpp"
 
@@ -126,7 +127,8 @@ class Tensor {
   T& operator[](std::ptrdiff_t i) noexcept { return data_[i]; }
   T const& operator[](std::ptrdiff_t i) const noexcept { return data_[i]; }
 
-  /// Copies a view of the same extents into this tensor.
+  /// Copies a view of the same extents into this tensor, converting each element to T (convert_element: exact
+  /// widening, round-to-nearest-even narrowing, e.g. a float view into a bf16 or f16 tensor).
   template <class U>
   void copy_from(TensorView<U, Rank> const& src) {
     detail::require_shape(src, extents_, "Tensor::copy_from", "src");
@@ -141,7 +143,7 @@ class Tensor {
     for (int k = dim + 1; k < Rank; ++k) dst_stride *= extents_[k];
     for (std::ptrdiff_t i = 0; i < extents_[dim]; ++i) {
       if (dim == Rank - 1) {
-        data_[dst_off + i] = src.data()[src_off + i];
+        data_[dst_off + i] = convert_element<T>(src.data()[src_off + i]);
       } else {
         copy_rec(src, dim + 1, src_off + i * src.stride(dim), dst_off + i * dst_stride);
       }
@@ -157,5 +159,14 @@ template <class T>
 using Matrix = Tensor<T, 2>;
 template <class T>
 using Vector = Tensor<T, 1>;
+
+/// Returns an owning copy of `src` in storage type To (e.g. convert<bf16>(float_view)), element by element as
+/// convert_element does.
+template <class To, class From, int Rank>
+Tensor<To, Rank> convert(TensorView<From, Rank> const& src) {
+  Tensor<To, Rank> out(src.extents());
+  out.copy_from(src);
+  return out;
+}
 
 }  // namespace factorllm

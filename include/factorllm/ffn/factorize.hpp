@@ -136,5 +136,13 @@ DenseFfn<T> unfactorize(ExpertWeights<T> const& experts) {
   return dense;
 }
 
+/// Returns the experts in weight format To (e.g. f32 experts as bf16 or f16), with the same partition; narrowing
+/// rounds each weight to nearest even.
+template <class To, class From>
+ExpertWeights<To> convert_format(ExpertWeights<From> const& experts) {
+  return ExpertWeights<To>(convert<To>(experts.gate_tensor().cview()), convert<To>(experts.up_tensor().cview()),
+                           convert<To>(experts.down_tensor().cview()), experts.partition());
+}
+
 }  // namespace ffn
 }  // namespace factorllm
