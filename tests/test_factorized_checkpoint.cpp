@@ -108,6 +108,30 @@ TEST_CASE("factorized model: save and load restore permutation, experts, routers
       CHECK(std::equal(ya.data(), ya.data() + ya.size(), yb.data()));
     }
   }
+  // A file saved in BF16 (or F16) loads back in that format, bit for bit (values like 0.3 are not exact in bf16).
+  {
+    auto const base = small_layer(4, 8, 12, 4, gating(CombineMode::softmax_topk_renorm, 2), false);
+    fl::ffn::ExpertWeights<float> ex = base.experts();
+    for (std::ptrdiff_t i = 0; i < ex.gate_tensor().size(); ++i) {
+      ex.mutable_gate_tensor()[i] = 0.3f + 0.01f * static_cast<float>(i % 7);
+      ex.mutable_up_tensor()[i] = -0.7f + 0.03f * static_cast<float>(i % 5);
+    }
+    std::vector<fl::moe::MoeFfn<float, fl::CpuScalar>> odd;
+    odd.emplace_back(ex, base.router(), base.gating());
+    io::FactorizedSaveOptions opts;
+    opts.expert_dtype = SafetensorsDtype::bf16;
+    Bytes const bytes = io::factorized_tensors(odd, opts).serialize();
+    auto const file = SafetensorsFile::parse(bytes.data(), bytes.size());
+    auto const back = io::load_factorized<fl::CpuScalar, fl::bf16>(file);
+    auto const want = fl::ffn::convert_format<fl::bf16>(odd[0].experts());
+    REQUIRE(back.size() == 1);
+    for (std::ptrdiff_t i = 0; i < want.gate_tensor().size(); ++i) REQUIRE(back[0].experts().gate_tensor()[i] == want.gate_tensor()[i]);
+    opts.expert_dtype = SafetensorsDtype::f16;
+    Bytes const bytes16 = io::factorized_tensors(odd, opts).serialize();
+    auto const back16 = io::load_factorized<fl::CpuScalar, fl::f16>(SafetensorsFile::parse(bytes16.data(), bytes16.size()));
+    auto const want16 = fl::ffn::convert_format<fl::f16>(odd[0].experts());
+    for (std::ptrdiff_t i = 0; i < want16.up_tensor().size(); ++i) REQUIRE(back16[0].experts().up_tensor()[i] == want16.up_tensor()[i]);
+  }
   std::string const path = temp_path("factorized.safetensors");
   io::save_factorized(path, layers);
   CHECK(io::load_factorized(path).size() == 3);

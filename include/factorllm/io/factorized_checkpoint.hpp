@@ -13,6 +13,7 @@
 #include <string>
 #include <system_error>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -141,12 +142,14 @@ inline std::string const& metadata_string(SafetensorsFile const& f, std::string 
 }
 }  // namespace detail
 
-/// Rebuilds the MoE layers of a factorized-model file (written by save_factorized). Experts come back as float.
-/// Every layer is fully validated (metadata, tensor names, shapes, dtypes, permutation, gating) before the next is
-/// read; the result is returned only once every layer is built, so a failure leaves nothing behind.
+/// Rebuilds the MoE layers of a factorized-model file (written by save_factorized), with experts in weight format T:
+/// float by default; bf16 or f16 keep a file saved in that format bit for bit (a float file is rounded to nearest
+/// even). Every layer is fully validated (metadata, tensor names, shapes, dtypes, finiteness, permutation, gating)
+/// before the next is read; the result is returned only once every layer is built, so a failure leaves nothing.
 /// \throws format_error naming the file and the problem.
-template <class Backend = CpuScalar>
-std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& f) {
+template <class Backend = CpuScalar, class T = float>
+std::vector<moe::MoeFfn<T, Backend>> load_factorized(SafetensorsFile const& f) {
+  static_assert(std::is_same_v<activation_t<T>, float>, "load_factorized: experts must be f32, bf16 or f16");
   if (detail::metadata_string(f, "format") != kFactorizedFormat)
     throw format_error(detail::concat(f.source(), ": __metadata__ 'format' is '", detail::metadata_string(f, "format"),
                                       "', expected '", kFactorizedFormat, "'"));
@@ -156,7 +159,7 @@ std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& 
   // Every layer has its own tensors, so the tensor count bounds n_layers before anything is reserved.
   auto const n_layers =
       detail::metadata_int(f, "n_layers", 1, std::max<std::int64_t>(1, static_cast<std::int64_t>(f.tensors().size())));
-  std::vector<moe::MoeFfn<float, Backend>> layers;
+  std::vector<moe::MoeFfn<T, Backend>> layers;
   layers.reserve(static_cast<std::size_t>(n_layers));
   for (std::int64_t l = 0; l < n_layers; ++l) {
     std::string const p = factorized_prefix(static_cast<std::size_t>(l)), m = "layers." + std::to_string(l) + ".";
@@ -221,7 +224,11 @@ std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& 
         g.selection_bias = f.to_float(p + "gating.selection_bias");
       }
       ffn::ExpertWeights<float> experts(std::move(gate), std::move(up), std::move(down), std::move(partition));
-      layers.emplace_back(std::move(experts), moe::Router<float>(std::move(rw), std::move(rb)), std::move(g));
+      if constexpr (std::is_same_v<T, float>) {
+        layers.emplace_back(std::move(experts), moe::Router<float>(std::move(rw), std::move(rb)), std::move(g));
+      } else {
+        layers.emplace_back(ffn::convert_format<T>(experts), moe::Router<float>(std::move(rw), std::move(rb)), std::move(g));
+      }
     } catch (format_error const&) {
       throw;
     } catch (error const& e) {
@@ -234,9 +241,9 @@ std::vector<moe::MoeFfn<float, Backend>> load_factorized(SafetensorsFile const& 
 }
 
 /// Loads a factorized-model file from disk (see the overload above). \throws format_error.
-template <class Backend = CpuScalar>
-std::vector<moe::MoeFfn<float, Backend>> load_factorized(std::string const& path) {
-  return load_factorized<Backend>(SafetensorsFile::load(path));
+template <class Backend = CpuScalar, class T = float>
+std::vector<moe::MoeFfn<T, Backend>> load_factorized(std::string const& path) {
+  return load_factorized<Backend, T>(SafetensorsFile::load(path));
 }
 
 }  // namespace io
