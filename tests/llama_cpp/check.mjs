@@ -10,7 +10,11 @@
 //  1. @huggingface/gguf parses the file: GGUF v3, the llama hyper-parameters, the sentencepiece vocabulary, the MoE
 //     keys (expert_count, expert_used_count, PER-EXPERT feed_forward_length) and every tensor with its ggml shape
 //     and type.
-//  2. llama.cpp greedy generation from BOS gives exactly our engine's tokens (all greedy_steps of them, >= 64).
+//  2. llama.cpp greedy generation from BOS gives exactly our engine's tokens (all greedy_steps of them, >= 64). The
+//     one exception is a near-tie: where the paths part after at least 32 equal steps and llama.cpp's own
+//     probabilities for its token and ours differ by at most 2 x the tolerance below (each engine may move each
+//     probability by the tolerance, so such a tie can flip; with F16 weights ggml rounds activations to F16 and
+//     its SIMD kernels differ between AVX2 and AVX-512 machines).
 //  3. llama.cpp's next-token probabilities on a teacher-forced sequence agree with ours: max |p_llama - p_ours|
 //     over every position and every token <= the tolerance below.
 //  4. llama.cpp's detokenizer prints our text for the greedy tokens, and its tokenizer encodes a probe text (spaces,
@@ -32,6 +36,7 @@ import {gguf} from "@huggingface/gguf";
 const kTolerance = {F32: 1e-4, F16: 5e-3};
 const kGgmlType = {F32: 0, F16: 1};
 const kMinGreedySteps = 64;
+const kMinGreedyAgreeAtTie = 32;
 
 const exportDir = process.argv[2];
 if (!exportDir) {
@@ -158,14 +163,25 @@ async function runLlamaCpp(llama, model, exact) {
     }
     argmaxAgree += best === bestRef;
   }
-  await context.dispose();
-  // llama.cpp's own tokenizer and detokenizer on the exported vocabulary.
-  const text = lm.detokenize(greedy);
-  const probeTokens = Array.from(lm.tokenize(ref.tokenizer_probe.text));
-  await lm.dispose();
   let agree = 0;
   while (agree < greedy.length && greedy[agree] === model.greedy_tokens[agree]) ++agree;
-  return {greedy, agree, maxDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length, text, probeTokens};
+  // Where the greedy paths part, llama.cpp's probability gap between its token and ours on the shared prefix: a gap
+  // within what the weight type's rounding may move two probabilities (2 x tolerance) is a near-tie, not a bug.
+  let gap = null;
+  if (agree < greedy.length && agree < model.greedy_tokens.length) {
+    await seq.clearHistory();
+    const prefix = [ref.bos, ...greedy.slice(0, agree)];
+    const pre = await seq.controlledEvaluate(prefix.map((t) => [t, {generateNext: {logits: true}}]));
+    const p = softmax(pre[prefix.length - 1].next.logits, ref.vocab_size);
+    gap = p[greedy[agree]] - p[model.greedy_tokens[agree]];
+  }
+  await context.dispose();
+  // llama.cpp's own tokenizer and detokenizer on the exported vocabulary: its text for its greedy tokens, and for ours.
+  const text = lm.detokenize(greedy);
+  const oursText = lm.detokenize(model.greedy_tokens);
+  const probeTokens = Array.from(lm.tokenize(ref.tokenizer_probe.text));
+  await lm.dispose();
+  return {greedy, agree, gap, maxDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length, text, oursText, probeTokens};
 }
 
 // One thread: the model is tiny, and ggml's worker threads spin while they wait for each other, which on a loaded
@@ -189,14 +205,22 @@ for (const model of ref.models) {
   console.log(`  llama.cpp (F32 KV cache, no flash attention, ${Date.now() - t0} ms): greedy tokens equal for ${r.agree}/${r.greedy.length}; ` +
               `teacher-forced max |dp| = ${r.maxDiff.toExponential(2)} (tolerance ${tol}), ` +
               `argmax agreement ${(100 * r.argmaxAgree).toFixed(1)}%`);
-  if (r.agree !== model.greedy_tokens.length || r.greedy.length !== model.greedy_tokens.length)
-    fail(`${model.name}: llama.cpp greedy diverges at step ${r.agree}: ` +
-         `llama.cpp ${r.greedy.slice(r.agree, r.agree + 5)} vs ours ${model.greedy_tokens.slice(r.agree, r.agree + 5)}`);
+  if (r.agree !== model.greedy_tokens.length || r.greedy.length !== model.greedy_tokens.length) {
+    const where = `llama.cpp greedy diverges at step ${r.agree}: ` +
+                  `llama.cpp ${r.greedy.slice(r.agree, r.agree + 5)} vs ours ${model.greedy_tokens.slice(r.agree, r.agree + 5)}`;
+    if (r.gap !== null && r.gap <= 2 * tol && r.agree >= kMinGreedyAgreeAtTie)
+      console.log(`  ${where}; accepted as a near-tie: llama.cpp's probability gap between the two tokens is ` +
+                  `${r.gap.toExponential(2)} <= 2 x tolerance, after ${r.agree} equal steps`);
+    else
+      fail(`${model.name}: ${where}` + (r.gap === null ? "" : ` (llama.cpp's probability gap ${r.gap.toExponential(2)})`));
+  }
   if (!(r.maxDiff <= tol)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${tol}`);
   // Text: llama.cpp's detokenizer on its own greedy tokens must print what our decoder prints (up to the leading
   // space sentencepiece adds after BOS); its tokenizer must encode the probe text as ours does.
   console.log(`  llama.cpp text: ${JSON.stringify(r.text.slice(0, 160))}...`);
-  if (r.text.trimStart() !== model.greedy_text.trimStart())
+  if (r.oursText.trimStart() !== model.greedy_text.trimStart())
+    fail(`${model.name}: llama.cpp's detokenizer prints our greedy tokens differently:\n    ${JSON.stringify(r.oursText)}\n    ${JSON.stringify(model.greedy_text)}`);
+  if (r.agree === r.greedy.length && r.text.trimStart() !== model.greedy_text.trimStart())
     fail(`${model.name}: llama.cpp's detokenized text differs from ours:\n    ${JSON.stringify(r.text)}\n    ${JSON.stringify(model.greedy_text)}`);
   if (JSON.stringify(r.probeTokens) !== JSON.stringify(ref.tokenizer_probe.tokens))
     fail(`${model.name}: llama.cpp tokenizes the probe text as ${r.probeTokens}, ours as ${ref.tokenizer_probe.tokens}`);
