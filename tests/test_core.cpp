@@ -136,21 +136,23 @@ TEST_CASE("views of contiguous containers: std::vector and std::array, size chec
 }
 
 TEST_CASE("Workspace wraps caller-owned memory of either memory space", "[core][workspace]") {
-  alignas(64) static std::byte buffer[4 * kAlignment];
-  Workspace ws = Workspace::wrap(buffer, sizeof buffer);
+  alignas(64) static std::byte storage[4 * kAlignment];
+  std::byte* const buffer = storage;  // a pointer, so that Catch prints addresses, not the bytes of an array
+  std::size_t const size = sizeof storage;
+  Workspace ws = Workspace::wrap(buffer, size);
   CHECK(ws.data() == buffer);
-  CHECK(ws.bytes() == sizeof buffer);
+  CHECK(ws.bytes() == size);
   CHECK(ws.space() == MemorySpace::host);
   CHECK_FALSE(ws.owns_memory());
   WorkspaceSpan const span = ws.span();
   CHECK(span.data == buffer);
-  CHECK(span.bytes == sizeof buffer);
+  CHECK(span.bytes == size);
   detail::WorkspaceCursor cursor(span, "test");
   CHECK(reinterpret_cast<std::byte*>(cursor.take<float>(3)) == buffer);
   CHECK(cursor.rest().data == buffer + kAlignment);  // regions are 64-byte aligned
   CHECK(cursor.rest().bytes == 3 * kAlignment);
-  CHECK_NOTHROW(ws.reserve(sizeof buffer));  // already large enough
-  CHECK_THROWS_WITH(ws.reserve(sizeof buffer + 1), Catch::Contains("cannot grow"));
+  CHECK_NOTHROW(ws.reserve(size));  // already large enough
+  CHECK_THROWS_WITH(ws.reserve(size + 1), Catch::Contains("cannot grow"));
   CHECK(Workspace::wrap(buffer, 64, MemorySpace::device).space() == MemorySpace::device);
   CHECK_THROWS_WITH(Workspace::wrap(nullptr, 64), Catch::Contains("argument 'data' is null"));
   CHECK_THROWS_WITH(Workspace::wrap(buffer + 1, 64), Catch::Contains("64-byte aligned"));
