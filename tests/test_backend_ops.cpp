@@ -220,7 +220,7 @@ TEMPLATE_LIST_TEST_CASE("op swiglu (dense FFN) matches the reference", "[ops]", 
     fixture::DenseWeights<float> dense(ref::random_ffn(d, d_ff, 41));
     auto const x = to_float(ref::randn(static_cast<std::size_t>(t * d), 42, 1.0));
     std::vector<float> y(static_cast<std::size_t>(t * d));
-    Workspace ws(kernel::Swiglu<B>::template workspace<float, float>(t, d, d_ff).bytes());
+    Workspace ws(kernel::Swiglu<B>::template workspace<float, float>(t, d, d_ff, detail::max_threads()).bytes());
     kernel::Swiglu<B>::run(dense.gate.cview(), dense.up.cview(), dense.down.cview(), matrix_view<float const>(x.data(), t, d),
                            matrix_view(y.data(), t, d), ws.span());
     ref::Vec want;

@@ -130,6 +130,7 @@ struct Small {
   moe::Router<float> router = moe::Router<float>::random(d, n, 6, 1.0);
   moe::Gating gating = [] {
     moe::Gating g;
+    g.mode = moe::CombineMode::code_ref;
     g.top_k = 2;
     return g;
   }();
@@ -430,20 +431,20 @@ TEST_CASE("bad input: routing, dispatch, combine, MoeFfn", "[bad_input][moe]") {
   }
 
   SECTION("MoeFfn(experts, router, gating)") {
-    CHECK_THROWS_AS(moe::MoeFfn<float>(s.experts, moe::Router<float>::random(8, 3, 1), s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float>(s.experts, moe::Router<float>::random(9, 4, 1), s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float>(s.experts, moe::Router<float>{}, s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float>(ffn::ExpertWeights<float>{}, s.router, s.gating), shape_error);
+    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(8, 3, 1), s.gating), shape_error);
+    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(9, 4, 1), s.gating), shape_error);
+    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>{}, s.gating), shape_error);
+    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(ffn::ExpertWeights<float>{}, s.router, s.gating), shape_error);
     moe::Gating g = s.gating;
     g.top_k = 5;
     CHECK_THROWS_AS((moe::MoeFfn<float, CpuSimd<>>(s.experts, s.router, g)), value_error);
     g.top_k = 2;
     g.selection_bias = {1.f};
-    CHECK_THROWS_AS(moe::MoeFfn<float>(s.experts, s.router, g), shape_error);
+    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, s.router, g), shape_error);
   }
 
   SECTION("MoeFfn::workspace_bytes") {
-    moe::MoeFfn<float> const scalar(s.experts, s.router, s.gating);
+    moe::MoeFfn<float, CpuScalar> const scalar(s.experts, s.router, s.gating);
     moe::MoeFfn<float, CpuSimd<>> const simd(s.experts, s.router, s.gating);
     CHECK_THROWS_AS(scalar.workspace_bytes(-1), value_error);
     CHECK_THROWS_AS(simd.workspace_bytes(-1), value_error);
@@ -453,7 +454,7 @@ TEST_CASE("bad input: routing, dispatch, combine, MoeFfn", "[bad_input][moe]") {
   }
 
   SECTION("MoeFfn::forward") {
-    moe::MoeFfn<float> const scalar(s.experts, s.router, s.gating);
+    moe::MoeFfn<float, CpuScalar> const scalar(s.experts, s.router, s.gating);
     moe::MoeFfn<float, CpuSimd<>> const simd(s.experts, s.router, s.gating);
     Matrix<float> y({3, 8}), bad_x({3, 9}), bad_y({2, 8});
     CHECK_THROWS_AS(scalar.forward(bad_x.cview(), y.view()), shape_error);

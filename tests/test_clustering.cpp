@@ -192,8 +192,9 @@ TEST_CASE("clustered partitions keep K = N exact and are valid for every expert 
     for (auto const& p : {ffn::cluster_weights(w.view(), n, 2), ffn::cluster_activations(w.view(), x.cview(), n, 2)}) {
       require_balanced(p, d_ff, n);
       moe::Gating g;
+      g.mode = moe::CombineMode::code_ref;
       g.top_k = n;
-      moe::MoeFfn<double> layer(ffn::factorize(w.view(), p), moe::Router<double>::random(d, n, 1), g);
+      moe::MoeFfn<double, CpuScalar> layer(ffn::factorize(w.view(), p), moe::Router<double>::random(d, n, 1), g);
       layer.forward(x.cview(), ym.view());
       REQUIRE(ref::rel_l2(ym.data(), yd.data(), static_cast<std::size_t>(ym.size())) < 1e-12);
     }

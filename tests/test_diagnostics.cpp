@@ -28,9 +28,10 @@ TEST_CASE("subset labels: factorized experts with K = N give the dense FFN, diag
   auto const x = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(n_tokens * d), 352, 1.0), n_tokens, d);
   auto const router = moe::Router<double>::random(d, n, 353, 0.5);
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 2;
   g.output_scale = 0.5;  // plain sum of the K selected experts (code_ref weight floor(4/2) = 2)
-  moe::MoeFfn<double> const layer(experts, router, g);
+  moe::MoeFfn<double, CpuScalar> const layer(experts, router, g);
   auto const diag = train::diagnose_layer(layer, x.cview(), w.view(), {}, train::LabelKind::subset);
   // The router's TopK of the raw logits against the subset labels, by hand.
   auto const labels = train::subset_oracle_labels(x.cview(), w.view(), experts, 2);
@@ -77,7 +78,8 @@ TEST_CASE("load_histogram and load_entropy", "[train][diagnostics]") {
   Vector<float> rb({n});
   rb[2] = 1.0f;
   moe::Gating g;
-  moe::MoeFfn<float> layer(ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, n)), moe::Router<float>(rw, rb), g);
+  g.mode = moe::CombineMode::code_ref;
+  moe::MoeFfn<float, CpuScalar> layer(ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, n)), moe::Router<float>(rw, rb), g);
   auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(n_tokens * d), 121, 1.0), n_tokens, d);
   Matrix<float> y({n_tokens, d});
   moe::RoutingRecord<float> rec;
@@ -96,7 +98,7 @@ TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced, K < N mat
   auto const router = moe::Router<A>::random(d, n, 133, 0.5);
   moe::Gating g;
   g.top_k = n;
-  auto const all = train::diagnose_layer(moe::MoeFfn<TestType>(experts, router, g), x.cview(), w.view());
+  auto const all = train::diagnose_layer(moe::MoeFfn<TestType, CpuScalar>(experts, router, g), x.cview(), w.view());
   CHECK(all.n_tokens == n_tokens);
   CHECK(all.relative_error < (std::is_same_v<A, double> ? 1e-12 : 1e-6));
   CHECK(all.label_accuracy == 1.0);
@@ -104,7 +106,7 @@ TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced, K < N mat
   CHECK(all.load_entropy_normalized == Approx(1.0));
   g.top_k = 2;
   g.mode = moe::CombineMode::softmax_topk_renorm;
-  auto const two = train::diagnose_layer(moe::MoeFfn<TestType>(experts, router, g), x.cview(), w.view());
+  auto const two = train::diagnose_layer(moe::MoeFfn<TestType, CpuScalar>(experts, router, g), x.cview(), w.view());
   auto const par = train::par_loss(x.cview(), w.view(), experts, router, 2);
   CHECK(two.label_accuracy == par.label_accuracy);
   CHECK(two.par_loss == Approx(par.par_loss));
@@ -123,13 +125,14 @@ TEST_CASE("diagnose_layer of a shared-expert layer", "[train][diagnostics]") {
   auto const x = fixture::to_matrix<double>(ref::randn(static_cast<std::size_t>(n_tokens * d), 137, 1.0), n_tokens, d);
   auto const router = moe::Router<double>::random(d, 4, 138, 0.5);
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 4;  // K = N routed with code_ref: the layer is the dense FFN
-  auto const all = train::diagnose_layer(moe::make_shared_moe(w.view(), part, 1, router, g), x.cview(), w.view());
+  auto const all = train::diagnose_layer(moe::make_shared_moe<CpuScalar>(w.view(), part, 1, router, g), x.cview(), w.view());
   CHECK(all.relative_error < 1e-12);
   CHECK(all.label_accuracy == 1.0);
   CHECK(all.load == std::vector<std::int64_t>(4, n_tokens));
   g.top_k = 2;
-  auto const layer = moe::make_shared_moe(w.view(), part, 1, router, g);
+  auto const layer = moe::make_shared_moe<CpuScalar>(w.view(), part, 1, router, g);
   auto const two = train::diagnose_layer(layer, x.cview(), w.view());
   // Router labels against the routed experts' own sum.
   auto const routed = layer.routed().experts();
@@ -147,7 +150,8 @@ TEST_CASE("diagnostics reject bad inputs with the documented exceptions", "[trai
   auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(5 * d), 141, 1.0), 5, d);
   fixture::DenseWeights<float> w_other(ref::random_ffn(d, 8, 142));
   moe::Gating g;
-  moe::MoeFfn<float> layer(experts, moe::Router<float>::random(d, n, 1), g);
+  g.mode = moe::CombineMode::code_ref;
+  moe::MoeFfn<float, CpuScalar> layer(experts, moe::Router<float>::random(d, n, 1), g);
   CHECK_THROWS_AS(train::diagnose_layer(layer, x.cview().slice_rows(0, 0), w.view()), value_error);
   CHECK_THROWS_AS(train::diagnose_layer(layer, x.cview(), w_other.view()), shape_error);
 }

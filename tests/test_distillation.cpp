@@ -66,7 +66,7 @@ TEST_CASE("distill_loss_and_grad matches the loss definition and central finite 
       auto const again = train::distill_loss_and_grad(experts, router, g, x.cview(), w.view(), grads);
       CHECK(again == loss);
       Matrix<double> ym({n_tokens, d}), yd({n_tokens, d});
-      moe::MoeFfn<double>(experts, router, g).forward(x.cview(), ym.view());
+      moe::MoeFfn<double, CpuScalar>(experts, router, g).forward(x.cview(), ym.view());
       ffn::swiglu_forward(w.view(), x.cview(), yd.view());
       double want = 0;
       for (std::ptrdiff_t i = 0; i < ym.size(); ++i) want += (ym[i] - yd[i]) * (ym[i] - yd[i]);
@@ -106,6 +106,7 @@ TEST_CASE("recover_distill lowers the loss, touches only used experts, is determ
   auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(n_tokens * d), 232, 1.0), n_tokens, d);
   auto const router = moe::Router<float>::random(d, n, 233, 0.5);
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 1;
   train::DistillConfig cfg;
   cfg.steps = 150;
@@ -123,7 +124,7 @@ TEST_CASE("recover_distill lowers the loss, touches only used experts, is determ
   // The report is the MoE layer's error with the written-back weights.
   {
     Matrix<float> ym({n_tokens, d}), yd({n_tokens, d});
-    moe::MoeFfn<float>(e1, router, g).forward(x.cview(), ym.view());
+    moe::MoeFfn<float, CpuScalar>(e1, router, g).forward(x.cview(), ym.view());
     ffn::swiglu_forward(w.view(), x.cview(), yd.view());
     CHECK(ref::rel_l2(ym.data(), yd.data(), static_cast<std::size_t>(ym.size())) == Approx(rep.final_relative_error).epsilon(1e-4));
   }

@@ -72,6 +72,26 @@ TEST_CASE("every combine mode matches its formula for every K of N", "[moe][gati
   }
 }
 
+TEST_CASE("the default gating is the Mixtral convention: K weights summing to 1 (issue 13, item 11)", "[moe][gating]") {
+  Gating const g;
+  CHECK(g.mode == CombineMode::softmax_topk_renorm);
+  CHECK(g.top_k == 1);
+  CHECK(g.output_scale == 1.0f);
+  CHECK(g.selection_bias.empty());
+  // Behaviour, not only the field: 2 of 4 give positive weights that sum to 1 (code_ref would give 2 and 2).
+  Gating two;
+  two.top_k = 2;
+  double const z[4] = {0.3, -1.0, 2.0, 0.5};
+  Matrix<std::int32_t> ids({1, 2});
+  Matrix<double> w({1, 2});
+  moe::select_experts(matrix_view(z, 1, 4), two, ids.view(), w.view());
+  CHECK(ids(0, 0) == 2);
+  CHECK(ids(0, 1) == 3);
+  CHECK(w(0, 0) > 0.0);
+  CHECK(w(0, 1) > 0.0);
+  CHECK(w(0, 0) + w(0, 1) == Approx(1.0).epsilon(1e-15));
+}
+
 TEST_CASE("code_ref scale is floor(N/K): K=3 of 4 gives 1 (docs/math.md §2.3, Q6)", "[moe][gating]") {
   CHECK(Gating::code_ref_scale(4, 1) == 4.0);
   CHECK(Gating::code_ref_scale(4, 2) == 2.0);

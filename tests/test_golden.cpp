@@ -93,7 +93,7 @@ void check_case(json const& c, double tol) {
     moe::Gating g;
     g.mode = moe::combine_mode_from_string(mode);
     g.top_k = k;
-    moe::MoeFfn<T> layer(experts, router, g);
+    moe::MoeFfn<T, CpuScalar> layer(experts, router, g);
     moe::RoutingRecord<A> rec;
     Workspace ws(layer.workspace_bytes(n_tokens));
     layer.forward(x.cview(), y.view(), ws, &rec);

@@ -212,7 +212,7 @@ TEST_CASE("training forward equals MoeFfn::forward (scalar, double: same routing
   for (auto mode : {CombineMode::code_ref, CombineMode::softmax_topk_renorm, CombineMode::sigmoid_topk}) {
     auto const g = make_gating(mode, 2);
     ffn::ExpertWeights<double> ex(layer.gate, layer.up, layer.down, ffn::ExpertPartition::contiguous(n * m, n));
-    moe::MoeFfn<double> ref_layer(std::move(ex), moe::Router<double>(layer.rw, layer.rb), g);
+    moe::MoeFfn<double, CpuScalar> ref_layer(std::move(ex), moe::Router<double>(layer.rw, layer.rb), g);
     Matrix<double> y1({t, d}), y2({t, d});
     moe::RoutingRecord<double> r1, r2;
     Workspace w1(ref_layer.workspace_bytes(t));

@@ -74,7 +74,7 @@ TEMPLATE_TEST_CASE("MoE forward matches the double reference for every mode, K a
           g.mode = moe::combine_mode_from_string(mode);
           g.top_k = k;
           g.output_scale = 0.75f;
-          moe::MoeFfn<TestType> layer(experts, router_from<A>(rw, rb, n, d), g);
+          moe::MoeFfn<TestType, CpuScalar> layer(experts, router_from<A>(rw, rb, n, d), g);
           Matrix<A> y({n_tokens, d});
           Workspace ws(layer.workspace_bytes(n_tokens));
           moe::RoutingRecord<A> rec;
@@ -110,8 +110,9 @@ TEMPLATE_TEST_CASE("K = N with code_ref equals the dense FFN for every partition
   for (int n : {1, 2, 3, 4, 8, 12}) {
     for (auto const& part : fixture::every_partition_builder(d_ff, n)) {
       moe::Gating g;
+      g.mode = moe::CombineMode::code_ref;
       g.top_k = n;
-      moe::MoeFfn<TestType> layer(ffn::factorize(w.view(), part), moe::Router<TestType>::random(d, n, 5), g);
+      moe::MoeFfn<TestType, CpuScalar> layer(ffn::factorize(w.view(), part), moe::Router<TestType>::random(d, n, 5), g);
       layer.forward(x.cview(), ym.view());
       INFO("n=" << n);
       REQUIRE(ref::rel_l2(ym.data(), yd.data(), static_cast<std::size_t>(ym.size())) < tol);
@@ -139,8 +140,9 @@ TEST_CASE("K = N with code_ref equals dense on every layer of the real model", "
     for (int n : {1, 2, 4}) {  // 172 = 4 * 43
       for (auto const& part : fixture::every_partition_builder(cfg.hidden_dim, n)) {
         moe::Gating g;
+        g.mode = moe::CombineMode::code_ref;
         g.top_k = n;
-        moe::MoeFfn<float> layer(ffn::factorize(ckpt.ffn(l), part), moe::Router<float>::random(d, n, 1), g);
+        moe::MoeFfn<float, CpuScalar> layer(ffn::factorize(ckpt.ffn(l), part), moe::Router<float>::random(d, n, 1), g);
         layer.forward(x.cview(), ym.view());
         INFO("layer " << l << " n=" << n);
         REQUIRE(ref::rel_l2(ym.data(), yd.data(), static_cast<std::size_t>(ym.size())) < 1e-6);
@@ -151,6 +153,7 @@ TEST_CASE("K = N with code_ref equals dense on every layer of the real model", "
 
 TEST_CASE("MoeFfn names empty experts in its error", "[moe][errors]") {
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   CHECK_THROWS_WITH((moe::MoeFfn<float, CpuScalar>(ffn::ExpertWeights<float>(), moe::Router<float>::random(4, 2, 1), g)),
                     Catch::Contains("argument 'experts' is empty"));
 }
@@ -160,12 +163,13 @@ TEST_CASE("MoE edge cases: no tokens, idle experts, one expert for all", "[moe][
   fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 9));
   auto const experts = ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, 4));
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 1;
   // Router that always picks expert 2: zero weights, bias favouring 2.
   Matrix<float> rw({4, d});
   Vector<float> rb({4});
   rb[2] = 1.0f;
-  moe::MoeFfn<float> layer(experts, moe::Router<float>(rw, rb), g);
+  moe::MoeFfn<float, CpuScalar> layer(experts, moe::Router<float>(rw, rb), g);
   Matrix<float> x0({0, d}), y0({0, d});
   Workspace ws(layer.workspace_bytes(0));
   CHECK_NOTHROW(layer.forward(x0.cview(), y0.view(), ws));
@@ -179,7 +183,7 @@ TEST_CASE("MoE edge cases: no tokens, idle experts, one expert for all", "[moe][
   ffn::swiglu_forward(experts.expert(2), x.cview(), ye.view());
   for (std::ptrdiff_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == Approx(4.0f * ye[i]).margin(1e-6));  // code_ref scale 4
   // N = 1, K = 1: a single expert is the dense FFN.
-  moe::MoeFfn<float> single(ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, 1)), moe::Router<float>::random(d, 1, 2), g);
+  moe::MoeFfn<float, CpuScalar> single(ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, 1)), moe::Router<float>::random(d, 1, 2), g);
   Matrix<float> yd({5, d});
   single.forward(x.cview(), y.view());
   ffn::swiglu_forward(w.view(), x.cview(), yd.view());
@@ -192,7 +196,7 @@ TEST_CASE("a NaN in one token does not poison the others", "[moe][nan]") {
   moe::Gating g;
   g.mode = CombineMode::softmax_topk_renorm;
   g.top_k = 2;
-  moe::MoeFfn<float> layer(ffn::factorize(w.view(), ExpertPartition::random(d_ff, 4, 3)), moe::Router<float>::random(d, 4, 4, 1.0), g);
+  moe::MoeFfn<float, CpuScalar> layer(ffn::factorize(w.view(), ExpertPartition::random(d_ff, 4, 3)), moe::Router<float>::random(d, 4, 4, 1.0), g);
   auto x = fixture::to_matrix<float>(ref::randn(4 * d, 1, 1.0), 4, d);
   Matrix<float> y_clean({4, d}), y({4, d});
   layer.forward(x.cview(), y_clean.view());
@@ -211,13 +215,14 @@ TEST_CASE("MoeFfn validates its arguments", "[moe][errors]") {
   fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 9));
   auto const experts = ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, 4));
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 2;
-  CHECK_THROWS_AS(moe::MoeFfn<float>(experts, moe::Router<float>::random(d, 3, 1), g), shape_error);
-  CHECK_THROWS_AS(moe::MoeFfn<float>(experts, moe::Router<float>::random(d + 1, 4, 1), g), shape_error);
+  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 3, 1), g), shape_error);
+  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d + 1, 4, 1), g), shape_error);
   g.top_k = 5;
-  CHECK_THROWS_AS(moe::MoeFfn<float>(experts, moe::Router<float>::random(d, 4, 1), g), value_error);
+  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 4, 1), g), value_error);
   g.top_k = 2;
-  moe::MoeFfn<float> layer(experts, moe::Router<float>::random(d, 4, 1), g);
+  moe::MoeFfn<float, CpuScalar> layer(experts, moe::Router<float>::random(d, 4, 1), g);
   Matrix<float> x({3, d}), y({3, d}), bad({3, d + 1});
   CHECK_THROWS_AS(layer.forward(bad.cview(), y.view()), shape_error);
   CHECK_THROWS_AS(layer.forward(x.cview(), bad.view()), shape_error);

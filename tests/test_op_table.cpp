@@ -63,7 +63,8 @@ struct MoeForward<Fused> {
   }
   template <class W, class A>
   static void run(ExpertWeightsView<W> const& experts, RouterView<A> router, GatingParams const& gating,
-                  MatrixView<A const> x, MatrixView<A> y, WorkspaceSpan ws, RoutingView<A> const* record) {
+                  MatrixView<A const> x, MatrixView<A> y, WorkspaceSpan ws, RoutingView<A> const* record,
+                  Executor const& = Executor::openmp()) {
     ++g_fused_calls;
     std::ptrdiff_t const t = x.rows(), n = experts.n_experts(), k = gating.top_k, d = experts.d_model();
     detail::WorkspaceCursor cursor(ws, "fused probe");
@@ -201,6 +202,7 @@ TEST_CASE("fronts refuse a workspace in the wrong memory space", "[backend]") {
   int const d = 8, d_ff = 8, n = 2;
   fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 5));
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   moe::MoeFfn<float, CpuScalar> layer(ffn::factorize(w.view(), ffn::ExpertPartition::contiguous(d_ff, n)),
                                       moe::Router<float>::random(d, n, 6), g);
   Workspace owned(layer.workspace_bytes(1));

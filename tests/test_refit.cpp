@@ -63,7 +63,7 @@ ref::Vec solve(ref::Vec m, ref::Vec b, int p, int q) {
   return b;
 }
 
-double rel_moe_error(moe::MoeFfn<double> const& layer, Matrix<double> const& x, ffn::DenseFfnView<double> const& dense) {
+double rel_moe_error(moe::MoeFfn<double, CpuScalar> const& layer, Matrix<double> const& x, ffn::DenseFfnView<double> const& dense) {
   Matrix<double> ym({x.extent(0), x.extent(1)}), yd({x.extent(0), x.extent(1)});
   layer.forward(x.cview(), ym.view());
   ffn::swiglu_forward(dense, x.cview(), yd.view());
@@ -130,10 +130,10 @@ TEST_CASE("recover_refit equals a direct normal-equations solve and lowers the e
     CHECK_FALSE(same_bits(experts.down_tensor(), before));
     CHECK(rep.final_relative_error < rep.initial_relative_error);
     CHECK(rep.initial_relative_error ==
-          Approx(rel_moe_error(moe::MoeFfn<double>(ffn::factorize(L.w.view(), L.part), L.router(), L.gating), L.x, L.w.view()))
+          Approx(rel_moe_error(moe::MoeFfn<double, CpuScalar>(ffn::factorize(L.w.view(), L.part), L.router(), L.gating), L.x, L.w.view()))
               .epsilon(1e-9));
     CHECK(rep.final_relative_error ==
-          Approx(rel_moe_error(moe::MoeFfn<double>(experts, L.router(), L.gating), L.x, L.w.view())).epsilon(1e-9));
+          Approx(rel_moe_error(moe::MoeFfn<double, CpuScalar>(experts, L.router(), L.gating), L.x, L.w.view())).epsilon(1e-9));
   }
 }
 
@@ -162,6 +162,7 @@ TEST_CASE("recover_refit: ridge limits, unused experts, K = N, bf16 and float we
   }
   SECTION("K = N with code_ref: the factorization is already exact and stays so") {
     moe::Gating g;
+    g.mode = moe::CombineMode::code_ref;
     g.top_k = L.n;
     auto experts = ffn::factorize(L.w.view(), L.part);
     auto const rep = train::recover_refit(experts, L.router(), g, L.x.cview(), L.w.view(), 1e-3);

@@ -32,8 +32,9 @@ TEMPLATE_TEST_CASE("SharedExpertMoe with K = N routed and code_ref equals the de
       for (auto const& part : fixture::every_partition_builder(d_ff, n_all)) {
         INFO("experts " << n_all << " shared " << s);
         moe::Gating g;
+        g.mode = moe::CombineMode::code_ref;
         g.top_k = n_all - s;
-        auto const layer = moe::make_shared_moe(w.view(), part, s, moe::Router<TestType>::random(d, n_all - s, 5), g);
+        auto const layer = moe::make_shared_moe<CpuScalar>(w.view(), part, s, moe::Router<TestType>::random(d, n_all - s, 5), g);
         CHECK(layer.ffn_flops_fraction() == 1.0);
         layer.forward(x.cview(), ym.view());
         REQUIRE(ref::rel_l2(ym.data(), yd.data(), static_cast<std::size_t>(ym.size())) < tol);
@@ -58,7 +59,7 @@ TEST_CASE("SharedExpertMoe = shared experts' sum + the routed MoeFfn, FLOPs (S +
     moe::Gating g;
     g.mode = CombineMode::softmax_topk_renorm;
     g.top_k = k;
-    auto const layer = moe::make_shared_moe(w.view(), part, s, router, g);
+    auto const layer = moe::make_shared_moe<CpuScalar>(w.view(), part, s, router, g);
     CHECK(layer.n_shared() == s);
     CHECK(layer.n_routed() == n_all - s);
     CHECK(layer.top_k() == k);
@@ -93,7 +94,8 @@ TEST_CASE("SharedExpertMoe: no tokens, workspace too small, builder errors", "[m
   fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 320));
   auto const part = ExpertPartition::contiguous(d_ff, 4);
   moe::Gating g;
-  auto const layer = moe::make_shared_moe(w.view(), part, 1, moe::Router<float>::random(d, 3, 1), g);
+  g.mode = moe::CombineMode::code_ref;
+  auto const layer = moe::make_shared_moe<CpuScalar>(w.view(), part, 1, moe::Router<float>::random(d, 3, 1), g);
   Matrix<float> x({0, d}), y({0, d});
   Workspace ws0(layer.workspace_bytes(0));
   layer.forward(x.cview(), y.view(), ws0);  // no tokens: nothing to do, no error
@@ -104,17 +106,18 @@ TEST_CASE("SharedExpertMoe: no tokens, workspace too small, builder errors", "[m
   Matrix<float> y_bad({4, d + 1});
   CHECK_THROWS_AS(layer.forward(x4.cview(), y_bad.view()), shape_error);
   CHECK_THROWS_AS(layer.workspace_bytes(-1), value_error);
-  CHECK_THROWS_AS(moe::make_shared_moe(w.view(), part, 0, moe::Router<float>::random(d, 4, 1), g), value_error);
-  CHECK_THROWS_AS(moe::make_shared_moe(w.view(), part, 4, moe::Router<float>::random(d, 1, 1), g), value_error);
-  CHECK_THROWS_AS(moe::make_shared_moe(w.view(), part, 1, moe::Router<float>::random(d, 4, 1), g), shape_error);
+  CHECK_THROWS_AS(moe::make_shared_moe<CpuScalar>(w.view(), part, 0, moe::Router<float>::random(d, 4, 1), g), value_error);
+  CHECK_THROWS_AS(moe::make_shared_moe<CpuScalar>(w.view(), part, 4, moe::Router<float>::random(d, 1, 1), g), value_error);
+  CHECK_THROWS_AS(moe::make_shared_moe<CpuScalar>(w.view(), part, 1, moe::Router<float>::random(d, 4, 1), g), shape_error);
   moe::Gating big;
+  big.mode = moe::CombineMode::code_ref;
   big.top_k = 4;
-  CHECK_THROWS_AS(moe::make_shared_moe(w.view(), part, 1, moe::Router<float>::random(d, 3, 1), big), value_error);
-  CHECK_THROWS_AS(moe::make_shared_moe(w.view(), ExpertPartition::contiguous(12, 4), 1, moe::Router<float>::random(d, 3, 1), g),
+  CHECK_THROWS_AS(moe::make_shared_moe<CpuScalar>(w.view(), part, 1, moe::Router<float>::random(d, 3, 1), big), value_error);
+  CHECK_THROWS_AS(moe::make_shared_moe<CpuScalar>(w.view(), ExpertPartition::contiguous(12, 4), 1, moe::Router<float>::random(d, 3, 1), g),
                   shape_error);
   // Shared and routed experts of different sizes.
   auto const routed = ffn::factorize(w.view(), ExpertPartition::contiguous(d_ff, 3));
   auto const shared = moe::split_experts(ffn::factorize(w.view(), part), 1).first;
-  CHECK_THROWS_AS((moe::SharedExpertMoe<float>(shared, moe::MoeFfn<float>(routed, moe::Router<float>::random(d, 3, 1), g))),
+  CHECK_THROWS_AS((moe::SharedExpertMoe<float, CpuScalar>(shared, moe::MoeFfn<float, CpuScalar>(routed, moe::Router<float>::random(d, 3, 1), g))),
                   shape_error);
 }

@@ -4,9 +4,13 @@
 #include <catch2/catch.hpp>
 
 #include <factorllm/backend/dispatch.hpp>
+#include <factorllm/io/factorized_checkpoint.hpp>
 #include <factorllm/moe/moe_ffn.hpp>
+#include <factorllm/moe/shared_moe.hpp>
 
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -157,6 +161,7 @@ TEST_CASE("dispatch picks the first available backend", "[simd][dispatch]") {
 TEST_CASE("cpu_simd refuses a workspace sized for fewer tokens or threads", "[simd][errors]") {
   fixture::DenseWeights<float> w(ref::random_ffn(32, 64, 9));
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;
   g.top_k = 1;
   moe::MoeFfn<float, Simd> layer(ffn::factorize(w.view(), ffn::ExpertPartition::contiguous(64, 4)),
                                  moe::Router<float>::random(32, 4, 3), g);
@@ -196,4 +201,38 @@ TEST_CASE("cpu_simd workspace: sized per thread count, and a too-small one names
   layer.forward(x.cview(), y1.view(), ws);
   WARN("built without OpenMP: only the size queries and a one-thread forward are checked");
 #endif
+}
+
+TEST_CASE("the layer types and the loader default to DefaultCpu; to_backend moves a layer (issue 13, item 5)", "[simd][moe]") {
+  static_assert(std::is_same_v<moe::MoeFfn<float>, moe::MoeFfn<float, DefaultCpu>>, "MoeFfn defaults to DefaultCpu");
+  static_assert(std::is_same_v<moe::SharedExpertMoe<float>, moe::SharedExpertMoe<float, DefaultCpu>>,
+                "SharedExpertMoe defaults to DefaultCpu");
+  static_assert(std::is_same_v<decltype(io::load_factorized(std::string())), std::vector<moe::MoeFfn<float, DefaultCpu>>>,
+                "load_factorized defaults to DefaultCpu");
+  int const d = 64, d_ff = 256, n = 4, n_tokens = 9;
+  fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 71));
+  moe::Gating g;
+  g.top_k = 2;
+  moe::MoeFfn<float, CpuScalar> oracle(ffn::factorize(w.view(), ffn::ExpertPartition::random(d_ff, n, 72)),
+                                       moe::Router<float>::random(d, n, 73, 1.0), g);
+  auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(n_tokens * d), 74, 1.0), n_tokens, d);
+  Matrix<float> y_oracle({n_tokens, d}), y_fast({n_tokens, d}), y_back({n_tokens, d});
+  oracle.forward(x.cview(), y_oracle.view());
+
+  moe::MoeFfn<float, CpuScalar> copy = oracle;
+  float const* gate_before = copy.experts().gate_tensor().data();
+  float const* router_before = copy.router().weight().data();
+  moe::MoeFfn<float> fast = std::move(copy).to_backend<DefaultCpu>();
+  CHECK(fast.experts().gate_tensor().data() == gate_before);  // moved, not copied
+  CHECK(fast.router().weight().data() == router_before);
+  fast.forward(x.cview(), y_fast.view());
+  CHECK(ref::rel_l2(y_fast.data(), y_oracle.data(), static_cast<std::size_t>(y_fast.size())) < kTol);
+
+  // An lvalue copies (the source stays usable) and the round trip is the oracle again, bit for bit.
+  moe::MoeFfn<float, CpuScalar> back = fast.to_backend<CpuScalar>();
+  CHECK(back.experts().gate_tensor().data() != fast.experts().gate_tensor().data());
+  back.forward(x.cview(), y_back.view());
+  CHECK(std::memcmp(y_back.data(), y_oracle.data(), sizeof(float) * static_cast<std::size_t>(y_back.size())) == 0);
+  CHECK(back.gating().mode == g.mode);
+  CHECK(back.top_k() == 2);
 }

@@ -42,6 +42,7 @@ int main() {
 
   // All experts, unweighted (code_ref with top_k = n_experts: scale floor(N/N) = 1) is exactly the dense FFN.
   moe::Gating all;
+  all.mode = moe::CombineMode::code_ref;
   all.top_k = n_experts;
   moe::MoeFfn<float, DefaultCpu> full(layer.experts(), layer.router(), all);
   Workspace ws_all(full.workspace_bytes(max_tokens));

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "dtype.hpp"
+#include "executor.hpp"
 #include "error.hpp"
 #include "tensor_view.hpp"
 

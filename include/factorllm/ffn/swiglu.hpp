@@ -41,12 +41,13 @@ struct DenseFfnView {
   }
 };
 
-/// Returns the workspace bytes `swiglu_forward` needs on Backend for these sizes.
+/// Returns the workspace bytes `swiglu_forward` needs on Backend for these sizes, for calls through executors of
+/// up to exec.n_workers() workers (per-worker scratch is part of it).
 /// \throws value_error if n_tokens < 0, d_model < 1, d_ff < 1, or the size would overflow.
 /// \tparam T  weight format (the scratch of some backends depends on it; f32 by default)
 template <class Backend = CpuScalar, class T = float>
 std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff,
-                                   Backend const& = {}) {
+                                   Backend const& = {}, Executor const& exec = Executor::openmp()) {
   if (n_tokens < 0 || d_model < 1 || d_ff < 1)
     throw value_error(detail::concat("swiglu_workspace_bytes: need n_tokens >= 0, d_model >= 1, d_ff >= 1; got ",
                                      n_tokens, ", ", d_model, ", ", d_ff));
@@ -57,29 +58,30 @@ std::size_t swiglu_workspace_bytes(std::ptrdiff_t n_tokens, std::ptrdiff_t d_mod
   if (widest > kMaxElements || n_tokens > kMaxElements / widest)
     throw value_error(detail::concat("swiglu_workspace_bytes: n_tokens ", n_tokens, " x d_model ", d_model, " x d_ff ",
                                      d_ff, " is too large: the workspace size would overflow"));
-  return kernel::Swiglu<Backend>::template workspace<T, activation_t<T>>(n_tokens, d_model, d_ff).bytes();
+  return kernel::Swiglu<Backend>::template workspace<T, activation_t<T>>(n_tokens, d_model, d_ff, exec.n_workers()).bytes();
 }
 
 /// Computes y = F(x) for every row of x (docs/math.md §1.1).
 /// \param ffn  dense weights (validated)
 /// \param x    [n_tokens, d_model] inputs, any row stride (a writable view converts)
 /// \param y    [n_tokens, d_model] outputs; must not alias x
-/// \param ws   scratch of at least swiglu_workspace_bytes(n_tokens, d_model, d_ff)
+/// \param ws   scratch of at least swiglu_workspace_bytes(n_tokens, d_model, d_ff, Backend{}, exec)
+/// \param exec who runs the kernel's tasks (OpenMP by default; the result is the same bits for any executor)
 /// NaN/Inf in a row of x propagate to that row of y only.
 template <class Backend = CpuScalar, class T, class A>
 void swiglu_forward(DenseFfnView<T> const& ffn, type_identity_t<MatrixView<A const>> x, MatrixView<A> y, Workspace& ws,
-                    Backend const& = {}) {
+                    Backend const& = {}, Executor const& exec = Executor::openmp()) {
   static_assert(is_backend_v<Backend>, "swiglu_forward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<T>>, "swiglu_forward: activations must be activation_t<T>");
   ffn.validate("swiglu_forward");
   detail::require_shape(x, {x.rows(), ffn.d_model()}, "swiglu_forward", "x");
   detail::require_shape(y, {x.rows(), ffn.d_model()}, "swiglu_forward", "y");
   detail::require_workspace_space<Backend>(ws, "swiglu_forward");
-  std::size_t const need = swiglu_workspace_bytes<Backend, T>(x.rows(), ffn.d_model(), ffn.d_ff());
+  std::size_t const need = swiglu_workspace_bytes<Backend, T>(x.rows(), ffn.d_model(), ffn.d_ff(), Backend{}, exec);
   if (ws.bytes() < need)
     throw backend_error(detail::concat("swiglu_forward: workspace of ", ws.bytes(), " bytes is too small for ", x.rows(),
                                        " tokens (needs ", need, "; use swiglu_workspace_bytes())"));
-  kernel::Swiglu<Backend>::run(ffn.gate, ffn.up, ffn.down, x, y, ws.span());
+  kernel::Swiglu<Backend>::run(ffn.gate, ffn.up, ffn.down, x, y, ws.span(), exec);
 }
 
 /// Convenience overload that allocates its own workspace (one allocation per call; not for hot loops).

@@ -147,7 +147,7 @@ inline std::string const& metadata_string(SafetensorsFile const& f, std::string 
 /// even). Every layer is fully validated (metadata, tensor names, shapes, dtypes, finiteness, permutation, gating)
 /// before the next is read; the result is returned only once every layer is built, so a failure leaves nothing.
 /// \throws format_error naming the file and the problem.
-template <class Backend = CpuScalar, class T = float>
+template <class Backend = DefaultCpu, class T = float>
 std::vector<moe::MoeFfn<T, Backend>> load_factorized(SafetensorsFile const& f) {
   static_assert(std::is_same_v<activation_t<T>, float>, "load_factorized: experts must be f32, bf16 or f16");
   if (detail::metadata_string(f, "format") != kFactorizedFormat)
@@ -241,7 +241,7 @@ std::vector<moe::MoeFfn<T, Backend>> load_factorized(SafetensorsFile const& f) {
 }
 
 /// Loads a factorized-model file from disk (see the overload above). \throws format_error.
-template <class Backend = CpuScalar, class T = float>
+template <class Backend = DefaultCpu, class T = float>
 std::vector<moe::MoeFfn<T, Backend>> load_factorized(std::string const& path) {
   return load_factorized<Backend, T>(SafetensorsFile::load(path));
 }

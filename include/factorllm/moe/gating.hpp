@@ -43,9 +43,11 @@ using factorllm::CombineMode;
 using factorllm::combine_mode_from_string;
 using factorllm::to_string;
 
-/// The gating configuration of one MoE layer.
+/// The gating configuration of one MoE layer. The default mode is softmax_topk_renorm, the Mixtral / llama.cpp
+/// convention (the K selected weights are positive and sum to 1); the paper code's unweighted x floor(N/K) rule is
+/// kept by name as code_ref (docs/math.md §2.3) and is the mode in which K = N reproduces the dense FFN exactly.
 struct Gating {
-  CombineMode mode = CombineMode::code_ref;
+  CombineMode mode = CombineMode::softmax_topk_renorm;
   /// Number of experts per token, 1 <= top_k <= n_experts.
   std::ptrdiff_t top_k = 1;
   /// sigmoid_topk only: divide the K sigmoid weights by their sum.

@@ -39,8 +39,10 @@ namespace moe {
 /// Only the selected experts run on each token. Immutable after construction and safe to share across
 /// threads; each concurrent caller brings its own Workspace.
 /// \tparam T        weight format of the experts (f32, f64, bf16, f16: core/dtype.hpp)
-/// \tparam Backend  backend tag selecting the kernels (CpuScalar is the oracle)
-template <class T, class Backend = CpuScalar>
+/// \tparam Backend  backend tag selecting the kernels: by default DefaultCpu, the SIMD backend for the best ISA this
+///                  translation unit is compiled for; CpuScalar is the double-accumulating oracle (to_backend moves
+///                  a layer between them)
+template <class T, class Backend = DefaultCpu>
 class MoeFfn {
   static_assert(is_backend_v<Backend>, "MoeFfn: unknown backend tag");
 
@@ -74,16 +76,36 @@ class MoeFfn {
   /// Fraction of the dense FFN's FLOPs one token costs in the experts: top_k / n_experts.
   double ffn_flops_fraction() const noexcept { return static_cast<double>(top_k()) / static_cast<double>(n_experts()); }
 
+  /// The same layer on backend Other (e.g. the CpuScalar oracle to check a DefaultCpu layer, or back). Called on an
+  /// rvalue it moves the weights: nothing is copied or re-validated beyond the constructor's cheap shape checks;
+  /// on an lvalue it copies them. Both backends must keep weights in the same memory space (a device backend needs
+  /// a device copy, which this function does not make: it fails to compile).
+  template <class Other>
+  MoeFfn<T, Other> to_backend() && {
+    static_assert_same_memory_space<Other>();
+    return MoeFfn<T, Other>(std::move(experts_), std::move(router_), std::move(gating_));
+  }
+  template <class Other>
+  MoeFfn<T, Other> to_backend() const& {
+    static_assert_same_memory_space<Other>();
+    return MoeFfn<T, Other>(experts_, router_, gating_);
+  }
+
   /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens on this backend, from threads whose
   /// OpenMP team has at most as many threads as the calling thread's now (per-thread scratch is part of it). A
   /// workspace used from threads with larger teams (another std::thread, after omp_set_num_threads) needs
-  /// workspace_bytes(max_tokens, max_threads).
+  /// workspace_bytes(max_tokens, max_threads); one used with a custom executor, workspace_bytes(max_tokens, exec).
   /// \throws value_error if max_tokens < 0 or so large that the size would overflow.
   std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const { return workspace_bytes(max_tokens, detail::max_threads()); }
 
-  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens from threads whose OpenMP team has up
-  /// to max_threads threads.
+  /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens through executors of up to max_threads
+  /// workers (an OpenMP team of max_threads threads, or Executor::custom(..., max_threads)).
   /// \throws value_error if max_tokens < 0, max_threads < 1, or the size would overflow.
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens, Executor const& exec) const {
+    return workspace_bytes(max_tokens, exec.n_workers());
+  }
+
+  /// As workspace_bytes(max_tokens, exec) for an executor of max_threads workers.
   std::size_t workspace_bytes(std::ptrdiff_t max_tokens, int max_threads) const {
     if (max_tokens < 0) throw value_error(detail::concat("MoeFfn::workspace_bytes: max_tokens must be >= 0, got ", max_tokens));
     if (max_threads < 1 || max_threads > kMaxThreads)
@@ -114,11 +136,19 @@ class MoeFfn {
   /// \param ws      scratch of at least workspace_bytes(n_tokens) bytes in the backend's memory space
   ///                (backend_error otherwise)
   /// \param record  optional: receives the routing decisions of this call
+  /// The kernels' tasks run on OpenMP with the calling thread's team (Executor::openmp()).
   void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, RoutingRecord<A>* record = nullptr) const {
+    forward(x, y, ws, Executor::openmp(), record);
+  }
+
+  /// forward on the caller's executor (e.g. its own thread pool: Executor::custom). The output is bitwise the same
+  /// for every executor and worker count (core/executor.hpp). ws must hold workspace_bytes(n_tokens, exec).
+  void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, Executor const& exec,
+               RoutingRecord<A>* record = nullptr) const {
     detail::require_shape(x, {x.rows(), d_model()}, "MoeFfn::forward", "x");
     detail::require_shape(y, {x.rows(), d_model()}, "MoeFfn::forward", "y");
     detail::require_workspace_space<Backend>(ws, "MoeFfn::forward");
-    if (ws.bytes() < workspace_bytes(x.rows())) throw_workspace_too_small(ws.bytes(), x.rows());
+    if (ws.bytes() < workspace_bytes(x.rows(), exec)) throw_workspace_too_small(ws.bytes(), x.rows(), exec);
     std::ptrdiff_t const n_tokens = x.rows(), n = n_experts(), k = top_k(), n_slots = n_tokens * k;
     if constexpr (kFused) {
       // A fused kernel writes the routing straight into the record's storage (views, so a device kernel can too).
@@ -128,7 +158,7 @@ class MoeFfn {
         routing = record->view();
       }
       kernel::MoeForward<Backend>::run(experts_.view(), router_.view(), gating_.params(), x, y, ws.span(),
-                                       record != nullptr ? &routing : nullptr);
+                                       record != nullptr ? &routing : nullptr, exec);
     } else {
       detail::WorkspaceCursor cursor(ws, "MoeFfn::forward");
       RoutingView<A> routing{matrix_view(cursor.take<A>(static_cast<std::size_t>(n_tokens * n)), n_tokens, n),
@@ -139,15 +169,15 @@ class MoeFfn {
       VectorView<std::int32_t> rows = vector_view(cursor.take<std::int32_t>(static_cast<std::size_t>(n_slots)), n_slots);
       MatrixView<Out> expert_out =
           matrix_view(cursor.take<Out>(static_cast<std::size_t>(n_slots * d_model())), n_slots, d_model());
-      kernel::RouterLogits<Backend>::run(x, router_.view(), routing.logits);                                  // 1
+      kernel::RouterLogits<Backend>::run(x, router_.view(), routing.logits, exec);                            // 1
       kernel::SelectExperts<Backend>::run(MatrixView<A const>(routing.logits), gating_.params(), routing.ids,
                                           routing.weights);                                                   // 2
       kernel::GroupByExpert<Backend>::run(MatrixView<std::int32_t const>(routing.ids), n, routing.offsets,
                                           routing.slots, rows);                                               // 3
       ExpertStep::run(experts_.view(), x, k, VectorView<std::int64_t const>(routing.offsets),
-                      VectorView<std::int32_t const>(routing.slots), expert_out, cursor.rest());              // 4
+                      VectorView<std::int32_t const>(routing.slots), expert_out, cursor.rest(), exec);        // 4
       kernel::Combine<Backend>::run(MatrixView<A const>(routing.weights), MatrixView<Out const>(expert_out),
-                                    VectorView<std::int32_t const>(rows), y);                                 // 5
+                                    VectorView<std::int32_t const>(rows), y, exec);                           // 5
       if (record != nullptr)
         record->assign(routing.logits, routing.ids, routing.weights, routing.offsets, routing.slots);
     }
@@ -160,18 +190,26 @@ class MoeFfn {
   }
 
  private:
+  template <class Other>
+  static constexpr void static_assert_same_memory_space() {
+    static_assert(is_backend_v<Other>, "MoeFfn::to_backend: unknown backend tag");
+    static_assert(backend_traits<Other>::memory_space == backend_traits<Backend>::memory_space,
+                  "MoeFfn::to_backend: the backends keep weights in different memory spaces; copy the weights to "
+                  "the other space and construct the layer there");
+  }
   static constexpr bool kFused = kernel::has_op_v<kernel::MoeForward, Backend>;
-  static constexpr int kMaxThreads = 4096;
+  static constexpr int kMaxThreads = Executor::max_workers;
 
   /// Names the call's thread count and the largest one the workspace would have served.
-  [[noreturn]] void throw_workspace_too_small(std::size_t bytes, std::ptrdiff_t n_tokens) const {
-    int const threads = detail::max_threads();
+  [[noreturn]] void throw_workspace_too_small(std::size_t bytes, std::ptrdiff_t n_tokens, Executor const& exec) const {
+    int const threads = exec.n_workers();
+    char const* unit = exec.is_openmp() ? " OpenMP thread(s)" : " executor worker(s)";
     int fits = 0;
     for (int t = threads - 1; t >= 1 && fits == 0; --t)
       if (workspace_bytes(n_tokens, t) <= bytes) fits = t;
     throw backend_error(detail::concat(
         "MoeFfn::forward: workspace of ", bytes, " bytes is too small for ", n_tokens, " tokens on ", threads,
-        " OpenMP thread(s) (needs ", workspace_bytes(n_tokens, threads), "; ",
+        unit, " (needs ", workspace_bytes(n_tokens, threads), "; ",
         fits > 0 ? detail::concat("it fits ", fits, " thread(s): it was sized on a thread with a smaller team") : std::string(
                                                                                 "it fits no thread count"),
         "); size it with workspace_bytes(max_tokens, max_threads)"));

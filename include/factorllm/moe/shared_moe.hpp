@@ -36,7 +36,7 @@ namespace moe {
 /// Immutable after construction and safe to share across threads; each concurrent caller brings its own Workspace.
 /// \tparam T        weight type (float, double, bf16)
 /// \tparam Backend  backend of both the routed layer and the shared experts' SwiGLU
-template <class T, class Backend = CpuScalar>
+template <class T, class Backend = DefaultCpu>
 class SharedExpertMoe {
   static_assert(is_backend_v<Backend>, "SharedExpertMoe: unknown backend tag");
 
@@ -75,8 +75,11 @@ class SharedExpertMoe {
   /// Bytes of scratch `forward` needs for calls of up to max_tokens tokens: the routed layer's workspace or one
   /// shared expert's SwiGLU workspace (they run one after the other), then one [max_tokens, d_model] buffer.
   /// \throws value_error if max_tokens < 0 or so large that the size would overflow.
-  std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const {
-    std::size_t const head = scratch_offset(max_tokens);
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens) const { return workspace_bytes(max_tokens, Executor::openmp()); }
+
+  /// As above, for calls through executors of up to exec.n_workers() workers.
+  std::size_t workspace_bytes(std::ptrdiff_t max_tokens, Executor const& exec) const {
+    std::size_t const head = scratch_offset(max_tokens, exec);
     std::size_t const buffer = detail::WorkspaceLayout()
                                    .add(sizeof(A), static_cast<std::size_t>(max_tokens) * static_cast<std::size_t>(d_model()))
                                    .bytes();
@@ -92,19 +95,27 @@ class SharedExpertMoe {
   /// \param ws      scratch of at least workspace_bytes(n_tokens) bytes (backend_error otherwise)
   /// \param record  optional: receives the routed layer's routing of this call (routed expert ids 0 .. N-1)
   void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, RoutingRecord<A>* record = nullptr) const {
+    forward(x, y, ws, Executor::openmp(), record);
+  }
+
+  /// forward on the caller's executor (bitwise the same output for any executor); ws must hold
+  /// workspace_bytes(n_tokens, exec).
+  void forward(MatrixView<A const> x, MatrixView<A> y, Workspace& ws, Executor const& exec,
+               RoutingRecord<A>* record = nullptr) const {
     detail::require_shape(x, {x.rows(), d_model()}, "SharedExpertMoe::forward", "x");
     detail::require_shape(y, {x.rows(), d_model()}, "SharedExpertMoe::forward", "y");
     std::ptrdiff_t const n_tokens = x.rows(), d = d_model();
-    if (ws.bytes() < workspace_bytes(n_tokens))
+    if (ws.bytes() < workspace_bytes(n_tokens, exec))
       throw backend_error(detail::concat("SharedExpertMoe::forward: workspace of ", ws.bytes(), " bytes is too small for ",
-                                         n_tokens, " tokens (needs ", workspace_bytes(n_tokens), "; use workspace_bytes())"));
-    routed_.forward(x, y, ws, record);
+                                         n_tokens, " tokens on ", exec.n_workers(), " worker(s) (needs ",
+                                         workspace_bytes(n_tokens, exec), "; use workspace_bytes(max_tokens, exec))"));
+    routed_.forward(x, y, ws, exec, record);
     if (n_tokens == 0) return;
     // The buffer lies past the region the routed layer and the SwiGLU kernel use (their cursors start at the
     // workspace's beginning and take exactly their reported layout), so it survives both calls.
-    MatrixView<A> tmp = matrix_view(reinterpret_cast<A*>(ws.data() + scratch_offset(n_tokens)), n_tokens, d);
+    MatrixView<A> tmp = matrix_view(reinterpret_cast<A*>(ws.data() + scratch_offset(n_tokens, exec)), n_tokens, d);
     for (std::ptrdiff_t s = 0; s < n_shared(); ++s) {
-      ffn::swiglu_forward(shared_.expert(s), x, tmp, ws, Backend{});
+      ffn::swiglu_forward(shared_.expert(s), x, tmp, ws, Backend{}, exec);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
         A* yr = y.row(t);
         A const* tr = tmp.row(t);
@@ -120,11 +131,11 @@ class SharedExpertMoe {
   }
 
  private:
-  std::size_t scratch_offset(std::ptrdiff_t max_tokens) const {
+  std::size_t scratch_offset(std::ptrdiff_t max_tokens, Executor const& exec) const {
     if (max_tokens < 0)
       throw value_error(detail::concat("SharedExpertMoe::workspace_bytes: max_tokens must be >= 0, got ", max_tokens));
-    std::size_t const routed = routed_.workspace_bytes(max_tokens);
-    std::size_t const swiglu = ffn::swiglu_workspace_bytes(max_tokens, d_model(), d_expert(), Backend{});
+    std::size_t const routed = routed_.workspace_bytes(max_tokens, exec);
+    std::size_t const swiglu = ffn::swiglu_workspace_bytes<Backend, T>(max_tokens, d_model(), d_expert(), Backend{}, exec);
     return detail::align_up(std::max(routed, swiglu));
   }
 
@@ -164,7 +175,7 @@ std::pair<ffn::ExpertWeights<T>, ffn::ExpertWeights<T>> split_experts(ffn::Exper
 /// \param router   the router of the N routed experts [N, d_model]
 /// \throws value_error unless 1 <= n_shared < S + N or for an invalid gating; shape_error if the router is not
 ///         [N, d_model].
-template <class Backend = CpuScalar, class T>
+template <class Backend = DefaultCpu, class T>
 SharedExpertMoe<T, Backend> make_shared_moe(ffn::ExpertWeights<T> const& experts, std::int64_t n_shared,
                                             Router<activation_t<T>> router, Gating gating) {
   auto parts = split_experts(experts, n_shared);
@@ -180,7 +191,7 @@ SharedExpertMoe<T, Backend> make_shared_moe(ffn::ExpertWeights<T> const& experts
 /// Builds a shared-expert layer by factorizing a dense FFN with a partition of S + N experts (docs/math.md §1.2) and taking
 /// its FIRST n_shared experts as the shared ones: make_shared_moe(factorize(dense, partition), n_shared, ...).
 /// \throws as factorize and the overload above.
-template <class Backend = CpuScalar, class T>
+template <class Backend = DefaultCpu, class T>
 SharedExpertMoe<T, Backend> make_shared_moe(ffn::DenseFfnView<T> const& dense, ffn::ExpertPartition const& partition,
                                             std::int64_t n_shared, Router<activation_t<T>> router, Gating gating) {
   return make_shared_moe<Backend>(ffn::factorize(dense, partition), n_shared, std::move(router), std::move(gating));

@@ -164,11 +164,13 @@ std::size_t moe_backward_workspace_bytes(MoeParamsView<W> const& params, std::pt
 /// \param record  out: this call's routing (resized only when the shapes change)
 /// \param ws      scratch of at least moe_forward_workspace_bytes(params, top_k, n_tokens) bytes
 /// \param saved   optional out: pre-activations [n_tokens * top_k, d_expert] in record.slots order
+/// \param exec    who runs the kernel's tasks (OpenMP by default; the results are the same bits for any executor)
 /// \throws shape_error / value_error for inconsistent arguments; backend_error if ws is too small.
 template <class Backend = CpuScalar, class W, class A>
 void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, MatrixView<A const> x, MatrixView<A> y,
                  moe::RoutingRecord<A>& record, Workspace& ws,
-                 type_identity_t<MoeActivations<A>>* saved = nullptr, Backend const& b = {}) {
+                 type_identity_t<MoeActivations<A>>* saved = nullptr, Backend const& b = {},
+                 Executor const& exec = Executor::openmp()) {
   static_assert(is_backend_v<Backend>, "moe_forward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<W>>, "moe_forward: activations must be activation_t<W>");
   char const* fn = "moe_forward";
@@ -188,7 +190,7 @@ void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, Matr
     saved_view = saved->view();
   }
   kernel::MoeTrainForward<Backend>::run(params, gating.params(), x, y, record.view(), saved != nullptr ? &saved_view : nullptr,
-                                        ws.span());
+                                        ws.span(), exec);
 }
 
 /// Computes the gradients of a loss L w.r.t. the inputs and parameters of the MoE layer, given dL/dy and the
@@ -203,12 +205,14 @@ void moe_forward(MoeParamsView<W> const& params, moe::Gating const& gating, Matr
 /// \param grads   outputs (see MoeGradsView): x [n_tokens, d_model] (any row stride), weights and router dense
 /// \param ws      scratch of at least moe_backward_workspace_bytes(params, top_k, n_tokens) bytes
 /// \param saved   optional: the forward's pre-activations (then two GEMMs per expert are skipped)
+/// \param exec    who runs the kernel's tasks (OpenMP by default; the results are the same bits for any executor)
 /// \throws shape_error for a mis-shaped argument (naming it, expected vs given), value_error for a record that
 ///         does not fit this call, backend_error if ws is too small.
 template <class Backend = CpuScalar, class W, class A>
 void moe_backward(MoeParamsView<W> const& params, moe::Gating const& gating, moe::RoutingRecord<A> const& record,
                   MatrixView<A const> x, MatrixView<A const> dy, MoeGradsView<A> const& grads, Workspace& ws,
-                  type_identity_t<MoeActivations<A>> const* saved = nullptr, Backend const& b = {}) {
+                  type_identity_t<MoeActivations<A>> const* saved = nullptr, Backend const& b = {},
+                  Executor const& exec = Executor::openmp()) {
   static_assert(is_backend_v<Backend>, "moe_backward: unknown backend tag");
   static_assert(std::is_same_v<A, activation_t<W>>, "moe_backward: activations must be activation_t<W>");
   char const* fn = "moe_backward";
@@ -241,14 +245,15 @@ void moe_backward(MoeParamsView<W> const& params, moe::Gating const& gating, moe
   MoeActivationsView<A const> saved_view;
   if (saved != nullptr) saved_view = saved->cview();
   kernel::MoeBackward<Backend>::run(params, gating.params(), record.cview(), x, dy, saved != nullptr ? &saved_view : nullptr,
-                                    grads, ws.span());
+                                    grads, ws.span(), exec);
 }
 
 /// moe_backward for a moe::MoeFfn whose forward recorded `record` (views its experts and router).
 template <class Backend = CpuScalar, class T, class LayerBackend, class A>
 void moe_backward(moe::MoeFfn<T, LayerBackend> const& layer, moe::RoutingRecord<A> const& record, MatrixView<A const> x,
-                  MatrixView<A const> dy, MoeGradsView<A> const& grads, Workspace& ws, Backend const& b = {}) {
-  moe_backward(params_view(layer.experts(), layer.router()), layer.gating(), record, x, dy, grads, ws, nullptr, b);
+                  MatrixView<A const> dy, MoeGradsView<A> const& grads, Workspace& ws, Backend const& b = {},
+                  Executor const& exec = Executor::openmp()) {
+  moe_backward(params_view(layer.experts(), layer.router()), layer.gating(), record, x, dy, grads, ws, nullptr, b, exec);
 }
 
 }  // namespace train

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../../core/dtype.hpp"
+#include "../../core/executor.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../ops.hpp"
 
@@ -21,7 +22,7 @@ struct Combine<CpuScalar> {
   static constexpr bool implemented = true;
   template <class A, class E>
   static void run(MatrixView<A const> weights, MatrixView<E const> expert_out, VectorView<std::int32_t const> rows,
-                  MatrixView<A> y) {
+                  MatrixView<A> y, Executor const& = Executor::openmp()) {
     std::ptrdiff_t const k = weights.cols(), d_model = y.cols();
     bool const grouped = rows.extent(0) != 0;
     for (std::ptrdiff_t t = 0; t < y.rows(); ++t) {

@@ -102,7 +102,7 @@ struct MoeTrainForward<CpuScalar> {
   static detail::WorkspaceLayout workspace(MoeParamsView<W> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
   template <class W, class A>
   static void run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x, MatrixView<A> y,
-                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws);
+                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws, Executor const& = Executor::openmp());
 };
 
 template <class W>
@@ -121,7 +121,7 @@ detail::WorkspaceLayout MoeTrainForward<CpuScalar>::workspace(MoeParamsView<W> c
 template <class W, class A>
 void MoeTrainForward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x,
                                      MatrixView<A> y, RoutingView<A> record, MoeActivationsView<A> const* saved,
-                                     WorkspaceSpan ws) {
+                                     WorkspaceSpan ws, Executor const&) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert();
   detail::WorkspaceCursor cursor(ws, "moe_forward (train, cpu_scalar)");
   MatrixView<double> slot_out = matrix_view(cursor.take<double>(static_cast<std::size_t>(n_tokens * k * d)), n_tokens * k, d);
@@ -173,7 +173,7 @@ struct MoeBackward<CpuScalar> {
   template <class W, class A>
   static void run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
                   MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
-                  MoeGradsView<A> const& grads, WorkspaceSpan ws);
+                  MoeGradsView<A> const& grads, WorkspaceSpan ws, Executor const& = Executor::openmp());
 };
 
 template <class W>
@@ -201,7 +201,7 @@ detail::WorkspaceLayout MoeBackward<CpuScalar>::workspace(MoeParamsView<W> const
 template <class W, class A>
 void MoeBackward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
                                  MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
-                                 MoeGradsView<A> const& grads, WorkspaceSpan ws) {
+                                 MoeGradsView<A> const& grads, WorkspaceSpan ws, Executor const&) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert();
   detail::WorkspaceCursor cursor(ws, "moe_backward (cpu_scalar)");
   double* dx = cursor.take<double>(static_cast<std::size_t>(n_tokens * d));

@@ -18,7 +18,7 @@ template <>
 struct RouterLogits<CpuScalar> {
   static constexpr bool implemented = true;
   template <class R, class A>
-  static void run(MatrixView<A const> x, RouterView<R> router, MatrixView<A> logits) {
+  static void run(MatrixView<A const> x, RouterView<R> router, MatrixView<A> logits, Executor const& = Executor::openmp()) {
     std::ptrdiff_t const n_experts = router.n_experts(), d_model = router.d_model();
     for (std::ptrdiff_t t = 0; t < x.rows(); ++t) {
       A const* xr = x.row(t);

@@ -47,14 +47,15 @@ struct Swiglu<CpuScalar> {
   static constexpr bool implemented = true;
   /// One row of hidden activations and one output row, in double.
   template <class W, class A>
-  static detail::WorkspaceLayout workspace(std::ptrdiff_t /*n_tokens*/, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden) {
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t /*n_tokens*/, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden,
+                                           int /*max_workers*/) {
     return detail::WorkspaceLayout()
         .add(sizeof(double), static_cast<std::size_t>(d_hidden))
         .add(sizeof(double), static_cast<std::size_t>(d_model));
   }
   template <class W, class A>
   static void run(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<A const> x,
-                  MatrixView<A> y, WorkspaceSpan ws) {
+                  MatrixView<A> y, WorkspaceSpan ws, Executor const& = Executor::openmp()) {
     std::ptrdiff_t const d_model = gate.cols();
     detail::WorkspaceCursor cursor(ws, "swiglu");
     double* hidden = cursor.take<double>(static_cast<std::size_t>(gate.rows()));
@@ -84,7 +85,7 @@ struct ExpertSwiglu<CpuScalar> {
   template <class W, class A>
   static void run(ExpertWeightsView<W> const& experts, MatrixView<A const> x, std::ptrdiff_t top_k,
                   VectorView<std::int64_t const> offsets, VectorView<std::int32_t const> slots,
-                  MatrixView<double> expert_out, WorkspaceSpan ws) {
+                  MatrixView<double> expert_out, WorkspaceSpan ws, Executor const& = Executor::openmp()) {
     detail::WorkspaceCursor cursor(ws, "expert_swiglu (cpu_scalar)");
     double* hidden = cursor.take<double>(static_cast<std::size_t>(experts.d_expert()));
     for (std::ptrdiff_t e = 0; e < experts.n_experts(); ++e)  // only chosen experts run

@@ -5,8 +5,8 @@
 // fits a header-only library: the application instantiates CpuSimd<Arch> for the archs it compiles, and
 // `dispatch` (backend/dispatch.hpp) picks the best one the CPU reports at run time. Highway's dynamic dispatch
 // needs HWY_EXPORT tables in a .cc file that a header-only library cannot own.
-// GEMMs (prefill) go through Eigen; threads through OpenMP (optional: without -fopenmp everything runs on
-// one thread and gives the same bits).
+// GEMMs (prefill) go through Eigen; tasks through an Executor (core/executor.hpp: OpenMP by default, or the
+// caller's pool; without -fopenmp everything runs on one thread and gives the same bits).
 #pragma once
 
 #include <cstddef>
@@ -26,6 +26,7 @@
 #endif
 
 #include "../../core/dtype.hpp"
+#include "../../core/executor.hpp"
 #include "../../detail/threads.hpp"
 #include "../tags.hpp"
 #include "cpu_features.hpp"
@@ -51,25 +52,6 @@ struct CpuSimd : CpuScalar {
 using DefaultCpu = CpuSimd<>;
 
 namespace detail {
-
-/// Runs body(task) for task in [0, n_tasks) on the OpenMP team, dynamically scheduled. Inside the region the
-/// team's threads set their own OpenMP thread budget to 1 (omp_set_num_threads acts on the calling implicit
-/// task only, so the caller's setting is untouched): Eigen then never starts a nested parallel GEMM, whose
-/// blocking (and so its summation order) would depend on the thread count. Without OpenMP Eigen is serial.
-template <class Body>
-void run_serial_eigen_tasks(std::ptrdiff_t n_tasks, Body&& body) {
-  if (n_tasks <= 0) return;
-#if defined(_OPENMP)
-#pragma omp parallel
-  {
-    omp_set_num_threads(1);
-#pragma omp for schedule(dynamic, 1)
-    for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
-  }
-#else
-  for (std::ptrdiff_t task = 0; task < n_tasks; ++task) body(task);
-#endif
-}
 
 /// Widens n bf16 values to float (exact: a bf16 is the upper half of a float).
 inline void widen_bf16(bf16 const* FLLM_RESTRICT src, float* FLLM_RESTRICT dst, std::ptrdiff_t n) noexcept {

@@ -6,7 +6,7 @@
 // or output columns); every output element is written by exactly one task, and sums across tasks (the
 // combine-weight gradient, the per-token sums over the K slots) are reduced afterwards in a fixed order.
 // Eigen's own GEMM threading is kept off inside our regions (its blocking depends on its thread count):
-// see run_serial_eigen_tasks.
+// the Executor holds it serial inside every task (core/executor.hpp).
 //
 // Backward cost per routed slot, in units of one d_model x d_expert multiply-add pass: 2 (recompute W_g x, W_u x;
 // 0 when the forward saved them) + 1 (g = W_d^T dy) + 3 (dW_g, dW_u, dW_d) + 2 (dx) = 8 (6 with saved).
@@ -38,6 +38,8 @@ namespace detail {
 /// results never depend on the thread count. Measured on the TinyLlama FFN shape (1 thread, AVX-512): 128 gives
 /// 70 GFLOP/s, 256 gives 75 (Eigen's packing amortized over wider panels), 512 no more while halving the tasks.
 inline constexpr std::ptrdiff_t kTrainBlock = 256;
+/// Rows (tokens or slots) per task of the per-row passes (gather, combine, router gradients).
+inline constexpr std::ptrdiff_t kRowsPerTask = 16;
 
 /// Views rows x cols floats at p with row stride ld as a row-major Eigen matrix (read-only / writable).
 inline ConstMapF cmap_f(float const* p, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t ld) {
@@ -88,13 +90,13 @@ struct MoeTrainForward<CpuSimd<Arch>> {
   }
   template <class W, class A>
   static void run(MoeParamsView<W> const& p, GatingParams const& gating, MatrixView<A const> x, MatrixView<A> y,
-                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws) {
-    MoeTrainForward<CpuScalar>::run(p, gating, x, y, record, saved, ws);
+                  RoutingView<A> record, MoeActivationsView<A> const* saved, WorkspaceSpan ws, Executor const& exec = Executor::openmp()) {
+    MoeTrainForward<CpuScalar>::run(p, gating, x, y, record, saved, ws, exec);
   }
   static detail::WorkspaceLayout workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
   static void run(MoeParamsView<float> const& p, GatingParams const& gating, MatrixView<float const> x,
                   MatrixView<float> y, RoutingView<float> record, MoeActivationsView<float> const* saved,
-                  WorkspaceSpan ws);
+                  WorkspaceSpan ws, Executor const& exec = Executor::openmp());
 };
 
 template <class Arch>
@@ -117,7 +119,8 @@ detail::WorkspaceLayout MoeTrainForward<CpuSimd<Arch>>::workspace(MoeParamsView<
 template <class Arch>
 void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams const& gating,
                                          MatrixView<float const> x, MatrixView<float> y, RoutingView<float> record,
-                                         MoeActivationsView<float> const* saved, WorkspaceSpan ws) {
+                                         MoeActivationsView<float> const* saved, WorkspaceSpan ws,
+                                         Executor const& exec) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert(),
                        n_slots = n_tokens * k;
   detail::WorkspaceCursor cursor(ws, "moe_forward (train, cpu_simd)");
@@ -132,7 +135,7 @@ void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingPa
 
   MatrixView<float> logits = record.logits;
   // Step 1, z = x W_r^T + b_r: one task (N is small); run inside a region so Eigen stays serial.
-  detail::run_serial_eigen_tasks(n_tokens > 0 ? 1 : 0, [&](std::ptrdiff_t) {
+  exec.run(n_tokens > 0 ? 1 : 0, [&](std::ptrdiff_t, int) {
     detail::map_f(logits.data(), n_tokens, n, n).noalias() =
         detail::cmap_f(x.data(), n_tokens, d, x.row_stride()) * detail::cmap_f(p.router_weight.data(), n, d, d).transpose();
     for (std::ptrdiff_t t = 0; t < n_tokens; ++t)
@@ -149,7 +152,7 @@ void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingPa
   }
   // Step 4, phase 1: blocks of kTrainBlock neurons of one expert.
   std::ptrdiff_t n_tasks = detail::plan_tasks(offsets, n, m, false, starts);
-  detail::run_serial_eigen_tasks(n_tasks, [&](std::ptrdiff_t task) {
+  exec.run(n_tasks, [&](std::ptrdiff_t task, int) {
     std::ptrdiff_t e, blk;
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, i0 = blk * detail::kTrainBlock,
@@ -166,7 +169,7 @@ void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingPa
   });
   // Step 4, phase 2: blocks of kTrainBlock output columns of one expert.
   n_tasks = detail::plan_tasks(offsets, n, d, false, starts);
-  detail::run_serial_eigen_tasks(n_tasks, [&](std::ptrdiff_t task) {
+  exec.run(n_tasks, [&](std::ptrdiff_t task, int) {
     std::ptrdiff_t e, blk;
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, o0 = blk * detail::kTrainBlock,
@@ -175,10 +178,7 @@ void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingPa
         detail::cmap_f(hid + r0 * m, c, m, m) * detail::cmap_f(p.down.data() + (e * d + o0) * m, bw, m, m).transpose();
   });
   // Step 5: y_t = sum_j w_tj o_{t,j}, j in order (one writer per row).
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
+  exec.run_blocked(n_tokens, detail::kRowsPerTask, [&](std::ptrdiff_t t) {
     float* yr = y.row(t);
     for (std::ptrdiff_t j = 0; j < k; ++j) {
       float const wj = record.weights(t, j);
@@ -189,7 +189,7 @@ void MoeTrainForward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingPa
         for (std::ptrdiff_t c = 0; c < d; ++c) yr[c] += wj * oj[c];
       }
     }
-  }
+  });
 }
 
 /// Scratch of the CpuSimd backward for up to max_tokens tokens (S = max_tokens * top_k slots,
@@ -205,13 +205,13 @@ struct MoeBackward<CpuSimd<Arch>> {
   template <class W, class A>
   static void run(MoeParamsView<W> const& p, GatingParams const& gating, RoutingView<A const> record,
                   MatrixView<A const> x, MatrixView<A const> dy, MoeActivationsView<A const> const* saved,
-                  MoeGradsView<A> const& grads, WorkspaceSpan ws) {
-    MoeBackward<CpuScalar>::run(p, gating, record, x, dy, saved, grads, ws);
+                  MoeGradsView<A> const& grads, WorkspaceSpan ws, Executor const& exec = Executor::openmp()) {
+    MoeBackward<CpuScalar>::run(p, gating, record, x, dy, saved, grads, ws, exec);
   }
   static detail::WorkspaceLayout workspace(MoeParamsView<float> const& p, std::ptrdiff_t top_k, std::ptrdiff_t max_tokens);
   static void run(MoeParamsView<float> const& p, GatingParams const& gating, RoutingView<float const> record,
                   MatrixView<float const> x, MatrixView<float const> dy, MoeActivationsView<float const> const* saved,
-                  MoeGradsView<float> const& grads, WorkspaceSpan ws);
+                  MoeGradsView<float> const& grads, WorkspaceSpan ws, Executor const& exec = Executor::openmp());
 };
 
 template <class Arch>
@@ -245,7 +245,7 @@ template <class Arch>
 void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams const& gating,
                                      RoutingView<float const> record, MatrixView<float const> x,
                                      MatrixView<float const> dy, MoeActivationsView<float const> const* saved,
-                                     MoeGradsView<float> const& grads, WorkspaceSpan ws) {
+                                     MoeGradsView<float> const& grads, WorkspaceSpan ws, Executor const& exec) {
   std::ptrdiff_t const n_tokens = x.rows(), n = p.n_experts(), k = gating.top_k, d = p.d_model(), m = p.d_expert(),
                        n_slots = n_tokens * k, nb = (m + detail::kTrainBlock - 1) / detail::kTrainBlock;
   detail::WorkspaceCursor cursor(ws, "moe_backward (cpu_simd)");
@@ -262,19 +262,16 @@ void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams
   std::ptrdiff_t* starts = cursor.take<std::ptrdiff_t>(static_cast<std::size_t>(n + 1));
   std::int64_t const* offsets = record.offsets.data();
 
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-  for (std::ptrdiff_t r = 0; r < n_slots; ++r) {  // gather x and dy rows in group order
+  exec.run_blocked(n_slots, detail::kRowsPerTask, [&](std::ptrdiff_t r) {  // gather x and dy rows in group order
     std::int32_t const s = record.slots(r);
     row_of_slot[s] = static_cast<std::int32_t>(r);
     std::copy(x.row(s / k), x.row(s / k) + d, xg + r * d);
     std::copy(dy.row(s / k), dy.row(s / k) + d, gy + r * d);
-  }
+  });
 
   // Phase 1: every expert (empty ones only zero their gradients) x blocks of neurons.
   std::ptrdiff_t n_tasks = detail::plan_tasks(offsets, n, m, true, starts);
-  detail::run_serial_eigen_tasks(n_tasks, [&](std::ptrdiff_t task) {
+  exec.run(n_tasks, [&](std::ptrdiff_t task, int) {
     std::ptrdiff_t e, blk;
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, i0 = blk * detail::kTrainBlock,
@@ -332,7 +329,7 @@ void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams
 
   // Phase 2: dX_e = dA W_g + dB W_u per block of output columns, into the (now free) gathered-dy buffer.
   n_tasks = detail::plan_tasks(offsets, n, d, false, starts);
-  detail::run_serial_eigen_tasks(n_tasks, [&](std::ptrdiff_t task) {
+  exec.run(n_tasks, [&](std::ptrdiff_t task, int) {
     std::ptrdiff_t e, blk;
     detail::task_to_block(starts, n, task, e, blk);
     std::ptrdiff_t const r0 = offsets[e], c = offsets[e + 1] - r0, o0 = blk * detail::kTrainBlock,
@@ -344,10 +341,7 @@ void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams
 
   // Phase 3: per token, dL/dw -> dz (router path), dx = sum_j dX_{t,j} + W_r^T dz. One writer per token.
   bool const router_grad = gating.mode != CombineMode::code_ref;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-  for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
+  exec.run_blocked(n_tokens, detail::kRowsPerTask, [&](std::ptrdiff_t t) {
     double* dwt = dw_slot + t * k;
     double* dzt = dz_d + t * n;
     float* dxr = grads.x.row(t);
@@ -377,11 +371,11 @@ void MoeBackward<CpuSimd<Arch>>::run(MoeParamsView<float> const& p, GatingParams
       float const* wr = p.router_weight.data() + e * d;
       for (std::ptrdiff_t c = 0; c < d; ++c) dxr[c] += dze * wr[c];
     }
-  }
+  });
 
   // Phase 4: dW_r = dZ^T X per block of input columns; db_r = column sums of dZ in token order (double).
   std::ptrdiff_t const n_col_tasks = (d + detail::kTrainBlock - 1) / detail::kTrainBlock;
-  detail::run_serial_eigen_tasks(n_col_tasks, [&](std::ptrdiff_t blk) {
+  exec.run(n_col_tasks, [&](std::ptrdiff_t blk, int) {
     std::ptrdiff_t const c0 = blk * detail::kTrainBlock, bw = std::min(d, c0 + detail::kTrainBlock) - c0;
     auto dwr = detail::map_f(grads.router_weight.data() + c0, n, bw, d);
     if (n_tokens == 0) {

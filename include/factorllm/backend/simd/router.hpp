@@ -26,14 +26,15 @@ struct RouterLogits<CpuSimd<Arch>> {
   static constexpr bool implemented = true;
   /// Other activation/router types (double) run the oracle.
   template <class R, class A>
-  static void run(MatrixView<A const> x, RouterView<R> router, MatrixView<A> logits) {
-    RouterLogits<CpuScalar>::run(x, router, logits);
+  static void run(MatrixView<A const> x, RouterView<R> router, MatrixView<A> logits, Executor const& exec = Executor::openmp()) {
+    RouterLogits<CpuScalar>::run(x, router, logits, exec);
   }
-  static void run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits);
+  static void run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits, Executor const& exec = Executor::openmp());
 };
 
 template <class Arch>
-void RouterLogits<CpuSimd<Arch>>::run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits) {
+void RouterLogits<CpuSimd<Arch>>::run(MatrixView<float const> x, RouterView<float> router, MatrixView<float> logits,
+                                      Executor const& exec) {
   MatrixView<float const> const w = router.weight;
   VectorView<float const> const bias = router.bias;
   using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -49,7 +50,7 @@ void RouterLogits<CpuSimd<Arch>>::run(MatrixView<float const> x, RouterView<floa
   constexpr std::ptrdiff_t kRouterBlock = 64;
   Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> wm(w.data(), n_experts, d, Eigen::OuterStride<>(w.row_stride()));
   Eigen::Map<Eigen::RowVectorXf const> b(bias.data(), bias.extent(0));
-  detail::run_serial_eigen_tasks((n_tokens + kRouterBlock - 1) / kRouterBlock, [&](std::ptrdiff_t blk) {
+  exec.run((n_tokens + kRouterBlock - 1) / kRouterBlock, [&](std::ptrdiff_t blk, int) {
     std::ptrdiff_t const t0 = blk * kRouterBlock, rows = std::min(kRouterBlock, n_tokens - t0);
     Eigen::Map<RowMajor const, 0, Eigen::OuterStride<>> xm(x.row(t0), rows, d, Eigen::OuterStride<>(x.row_stride()));
     Eigen::Map<RowMajor, 0, Eigen::OuterStride<>> zm(logits.row(t0), rows, n_experts,

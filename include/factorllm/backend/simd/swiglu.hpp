@@ -137,13 +137,13 @@ void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0,
 }
 
 /// Runs all jobs: every phase-1 task, a barrier, every phase-2 task. Tasks are fixed blocks of task_rows()
-/// weight rows; threads take them dynamically (the block boundaries, not the schedule, fix the results).
-/// Always inside a team with Eigen held serial: a lone task outside one let Eigen start its own nested
-/// parallel GEMM (on 2 cores, a 32-row dense stories260K FFN took 7 ms instead of 65 us).
-/// `panels` holds max_threads() panels of `panel_floats` each.
+/// weight rows; the executor's workers take them in any order (the block boundaries, not the schedule, fix the
+/// results). The executor holds Eigen serial inside every task: a lone task with Eigen free started its own
+/// nested parallel GEMM (on 2 cores, a 32-row dense stories260K FFN took 7 ms instead of 65 us).
+/// `panels` holds exec.n_workers() panels of `panel_floats` each, one per worker.
 template <class Arch, class W>
 void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdiff_t d, float* panels,
-                     std::ptrdiff_t panel_floats, std::ptrdiff_t* task_starts) {
+                     std::ptrdiff_t panel_floats, std::ptrdiff_t* task_starts, Executor const& exec) {
   // task_starts[j] = first phase-1 task of job j; phase-2 tasks are counted the same way afterwards.
   auto count_tasks = [&](bool phase1) {
     std::ptrdiff_t n = 0;
@@ -159,10 +159,10 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
   for (int phase = 1; phase <= 2; ++phase) {
     std::ptrdiff_t const n_tasks = count_tasks(phase == 1);
     if (n_tasks == 0) continue;
-    run_serial_eigen_tasks(n_tasks, [&](std::ptrdiff_t task) {
+    exec.run(n_tasks, [&](std::ptrdiff_t task, int worker) {
       std::ptrdiff_t const j = std::upper_bound(task_starts, task_starts + n_jobs + 1, task) - task_starts - 1;
       std::ptrdiff_t const b = task - task_starts[j];
-      float* panel = panels + static_cast<std::ptrdiff_t>(thread_id()) * panel_floats;
+      float* panel = panels + static_cast<std::ptrdiff_t>(worker) * panel_floats;
       if (phase == 1) {
         std::ptrdiff_t const i0 = b * task_rows(jobs[j]), i1 = std::min(jobs[j].m, i0 + task_rows(jobs[j]));
         swiglu_phase1<Arch>(jobs[j], d, i0, i1, panel);
@@ -187,11 +187,13 @@ inline constexpr bool simd_swiglu_supports_v =
 template <class Arch>
 struct Swiglu<CpuSimd<Arch>> {
   static constexpr bool implemented = true;
-  /// Gate/up activations for every row, packed input and output, one panel per thread.
+  /// Gate/up activations for every row, packed input and output, one panel per worker.
+  /// \param max_workers  the executor's n_workers() of the calls this workspace must serve (one panel each)
   template <class W, class A>
-  static detail::WorkspaceLayout workspace(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden) {
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t n_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_hidden,
+                                           int max_workers) {
     if constexpr (!simd_swiglu_supports_v<W, A>) {
-      return Swiglu<CpuScalar>::workspace<W, A>(n_tokens, d_model, d_hidden);
+      return Swiglu<CpuScalar>::workspace<W, A>(n_tokens, d_model, d_hidden, max_workers);
     } else {
       auto const t = static_cast<std::size_t>(n_tokens), m = static_cast<std::size_t>(d_hidden),
                  d = static_cast<std::size_t>(d_model);
@@ -200,7 +202,7 @@ struct Swiglu<CpuSimd<Arch>> {
           .add(sizeof(float), t * m)  // h_up
           .add(sizeof(float), t * d)  // packed input (views may be strided)
           .add(sizeof(float), t * d)  // packed output
-          .add(sizeof(float), static_cast<std::size_t>(detail::max_threads()) *
+          .add(sizeof(float), static_cast<std::size_t>(max_workers) *
                                   static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
           .add(sizeof(std::ptrdiff_t), 2);
     }
@@ -208,9 +210,9 @@ struct Swiglu<CpuSimd<Arch>> {
 
   template <class W, class A>
   static void run(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<A const> x,
-                  MatrixView<A> y, WorkspaceSpan ws) {
+                  MatrixView<A> y, WorkspaceSpan ws, Executor const& exec = Executor::openmp()) {
     if constexpr (!simd_swiglu_supports_v<W, A>) {
-      Swiglu<CpuScalar>::run(gate, up, down, x, y, ws);
+      Swiglu<CpuScalar>::run(gate, up, down, x, y, ws, exec);
     } else {
       std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), m = gate.rows();
       if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous())
@@ -221,11 +223,11 @@ struct Swiglu<CpuSimd<Arch>> {
       float* xin = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
       float* out = cursor.take<float>(static_cast<std::size_t>(n_tokens * d));
       std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
-      float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
+      float* panels = cursor.take<float>(static_cast<std::size_t>(exec.n_workers() * panel_floats));
       auto* starts = cursor.take<std::ptrdiff_t>(2);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
       detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
-      detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts);
+      detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts, exec);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
     }
   }
@@ -242,8 +244,8 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
   using output_t = std::conditional_t<simd_swiglu_supports_v<W, A>, float,
                                       typename ExpertSwiglu<CpuScalar>::template output_t<W, A>>;
 
-  /// Gathered inputs, gate/up activations, jobs and task starts, one panel per thread.
-  /// \param max_threads  the OpenMP team size of the callers this workspace must serve (one panel each)
+  /// Gathered inputs, gate/up activations, jobs and task starts, one panel per worker.
+  /// \param max_threads  the executor's n_workers() of the calls this workspace must serve (one panel each)
   template <class W, class A>
   static detail::WorkspaceLayout workspace(std::ptrdiff_t n_slots, std::ptrdiff_t d_model, std::ptrdiff_t n_experts,
                                            std::ptrdiff_t d_expert, int max_threads) {
@@ -266,9 +268,9 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
   template <class W, class A, class O>
   static void run(ExpertWeightsView<W> const& experts, MatrixView<A const> x, std::ptrdiff_t top_k,
                   VectorView<std::int64_t const> offsets, VectorView<std::int32_t const> slots, MatrixView<O> expert_out,
-                  WorkspaceSpan ws) {
+                  WorkspaceSpan ws, Executor const& exec = Executor::openmp()) {
     if constexpr (!simd_swiglu_supports_v<W, A>) {
-      ExpertSwiglu<CpuScalar>::run(experts, x, top_k, offsets, slots, expert_out, ws);
+      ExpertSwiglu<CpuScalar>::run(experts, x, top_k, offsets, slots, expert_out, ws, exec);
     } else {
       static_assert(std::is_same_v<O, float>, "expert_swiglu (cpu_simd): expert_out must be float");
       if (!experts.is_contiguous())
@@ -282,7 +284,7 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
       auto* jobs = cursor.take<detail::SwigluJob<W>>(static_cast<std::size_t>(n));
       std::ptrdiff_t* starts = cursor.take<std::ptrdiff_t>(static_cast<std::size_t>(n + 1));
       std::ptrdiff_t const panel_floats = detail::swiglu_panel_floats(d, m);
-      float* panels = cursor.take<float>(static_cast<std::size_t>(detail::max_threads() * panel_floats));
+      float* panels = cursor.take<float>(static_cast<std::size_t>(exec.n_workers() * panel_floats));
       for (std::ptrdiff_t r = 0; r < n_slots; ++r) {  // gather in grouped order
         float const* src = x.row(slots(r) / top_k);
         std::copy(src, src + d, xg + r * d);
@@ -294,7 +296,7 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
                                        experts.down.data() + e * d * m, m, xg + r0 * d, c, hg + r0 * m, hu + r0 * m,
                                        out + r0 * d};
       }
-      detail::run_swiglu_jobs<Arch>(jobs, n, d, panels, panel_floats, starts);
+      detail::run_swiglu_jobs<Arch>(jobs, n, d, panels, panel_floats, starts, exec);
     }
   }
 };
