@@ -31,12 +31,14 @@ __all__ = [
 ]
 
 def blas_in_use():
-    """The BLAS shared objects this process mapped (torch's CPU matmuls go through it), comma-separated."""
+    """The BLAS shared objects this process mapped (torch's CPU matmuls go through it), comma-separated: mapped
+    files whose name (not folder: a checkout may live under .../wt-blas/) contains "blas", resolved."""
     try:
         with open("/proc/self/maps") as f:
-            return ", ".join(sorted({os.path.realpath(l.split()[-1]) for l in f if "blas" in l.lower() and "/" in l}))
+            paths = {os.path.realpath(l.split()[-1]) for l in f if "/" in l}
     except OSError:
         return ""
+    return ", ".join(sorted(p for p in paths if "blas" in os.path.basename(p).lower()))
 
 
 def prefer_optimized_blas(note_prefix="note: "):
