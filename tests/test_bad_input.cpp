@@ -431,16 +431,16 @@ TEST_CASE("bad input: routing, dispatch, combine, MoeFfn", "[bad_input][moe]") {
   }
 
   SECTION("MoeFfn(experts, router, gating)") {
-    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(8, 3, 1), s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(9, 4, 1), s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>{}, s.gating), shape_error);
-    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(ffn::ExpertWeights<float>{}, s.router, s.gating), shape_error);
+    CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(8, 3, 1), s.gating)), shape_error);
+    CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>::random(9, 4, 1), s.gating)), shape_error);
+    CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(s.experts, moe::Router<float>{}, s.gating)), shape_error);
+    CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(ffn::ExpertWeights<float>{}, s.router, s.gating)), shape_error);
     moe::Gating g = s.gating;
     g.top_k = 5;
     CHECK_THROWS_AS((moe::MoeFfn<float, CpuSimd<>>(s.experts, s.router, g)), value_error);
     g.top_k = 2;
     g.selection_bias = {1.f};
-    CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(s.experts, s.router, g), shape_error);
+    CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(s.experts, s.router, g)), shape_error);
   }
 
   SECTION("MoeFfn::workspace_bytes") {

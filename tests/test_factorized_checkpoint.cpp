@@ -80,7 +80,7 @@ TEST_CASE("factorized model: save and load restore permutation, experts, routers
     CHECK(file.metadata().at("layers.1.combine_mode") == "sigmoid_topk");
     CHECK(file.info("layers.0.ffn.experts.gate").dtype == dtype);
     CHECK(file.info("layers.0.ffn.router.weight").dtype == SafetensorsDtype::f32);
-    auto const back = io::load_factorized<CpuScalar>(file);
+    auto const back = io::load_factorized<fl::CpuScalar>(file);
     REQUIRE(back.size() == layers.size());
     for (std::size_t l = 0; l < layers.size(); ++l) {
       auto const& a = layers[l];
@@ -134,12 +134,12 @@ TEST_CASE("factorized model: save and load restore permutation, experts, routers
   }
   std::string const path = temp_path("factorized.safetensors");
   io::save_factorized(path, layers);
-  CHECK(io::load_factorized<CpuScalar>(path).size() == 3);
+  CHECK(io::load_factorized<fl::CpuScalar>(path).size() == 3);
   // Layers held elsewhere are saved by pointer, with the same bytes; a null pointer is named.
   std::vector<fl::moe::MoeFfn<float, fl::CpuScalar> const*> pointers{&layers[0], &layers[1], &layers[2]};
   CHECK(io::factorized_tensors(pointers).serialize() == io::factorized_tensors(layers).serialize());
   io::save_factorized(path, pointers);
-  CHECK(io::load_factorized<CpuScalar>(path).size() == 3);
+  CHECK(io::load_factorized<fl::CpuScalar>(path).size() == 3);
   pointers[1] = nullptr;
   CHECK_THROWS_WITH(io::factorized_tensors(pointers), Catch::Contains("'layers' entry 1 is null"));
   std::filesystem::remove(path);
@@ -179,14 +179,14 @@ TEST_CASE("factorized model: inconsistent files are refused with format_error", 
   auto refused = [](SafetensorsFile const& f, std::string const& fragment) {
     INFO("expecting '" << fragment << "'");
     try {
-      (void)io::load_factorized<CpuScalar>(f);
+      (void)io::load_factorized<fl::CpuScalar>(f);
       FAIL("no exception");
     } catch (fl::format_error const& e) {
       INFO(e.what());
       CHECK(std::string(e.what()).find(fragment) != std::string::npos);
     }
   };
-  CHECK_NOTHROW(io::load_factorized<CpuScalar>(variant("", "")));
+  CHECK_NOTHROW(io::load_factorized<fl::CpuScalar>(variant("", "")));
   refused(variant("format", "something.else"), "expected 'factorllm.moe'");
   refused(variant("format_version", "2"), "format_version '2' is not supported");
   refused(variant("n_layers", "2"), "no tensor 'layers.1.ffn.permutation'");

@@ -217,10 +217,10 @@ TEST_CASE("MoeFfn validates its arguments", "[moe][errors]") {
   moe::Gating g;
   g.mode = moe::CombineMode::code_ref;
   g.top_k = 2;
-  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 3, 1), g), shape_error);
-  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d + 1, 4, 1), g), shape_error);
+  CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 3, 1), g)), shape_error);
+  CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d + 1, 4, 1), g)), shape_error);
   g.top_k = 5;
-  CHECK_THROWS_AS(moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 4, 1), g), value_error);
+  CHECK_THROWS_AS((moe::MoeFfn<float, CpuScalar>(experts, moe::Router<float>::random(d, 4, 1), g)), value_error);
   g.top_k = 2;
   moe::MoeFfn<float, CpuScalar> layer(experts, moe::Router<float>::random(d, 4, 1), g);
   Matrix<float> x({3, d}), y({3, d}), bad({3, d + 1});
