@@ -61,7 +61,7 @@ struct SwigluJob {
 
 /// Weights one stored element of W holds (32 for the block formats).
 template <class W>
-inline constexpr std::ptrdiff_t kWeightsPerElement = dtype_traits<W>::block_weights;
+inline constexpr std::ptrdiff_t kWeightsPerElement = block_weights_v<W>;
 
 /// Rows of weights one task of this job covers.
 template <class W>
