@@ -4,7 +4,8 @@
 // all measured in the same run so that the reported figures are ratios.
 //
 // Shapes: TinyLlama FFN (d 2048, d_ff 5632, N 4, K 1..3), LLaMA-7B FFN (d 4096, d_ff 11008, N 8, K 2),
-// stories260K (d 64, d_ff 172, N 4). T in {1, 8, 32, 128, 512}; weights f32 and bf16 (generated).
+// stories260K (d 64, d_ff 172, N 4). T in {1, 8, 32, 128, 512}; weights f32 and bf16 (generated), and f16, q8_0,
+// q4_0 (generated in float, then converted; ggml's reference rounding) where the shape's sizes are multiples of 32.
 // For T <= 8 each iteration uses the next of L copies of the layer, L chosen so that the copies exceed twice
 // the last-level cache: weights come from DRAM, as in real decoding of a many-layer model.
 //
@@ -139,6 +140,22 @@ struct Layer {
   std::unique_ptr<fl::moe::MoeFfn<W, Simd>> moe;
 };
 
+/// Bytes one weight of format W takes (a block format stores 32 weights and a scale in one element).
+template <class W>
+constexpr double bytes_per_weight() { return static_cast<double>(sizeof(W)) / static_cast<double>(fl::block_weights_v<W>); }
+
+template <class W>
+fl::Matrix<W> random_matrix(std::ptrdiff_t r, std::ptrdiff_t c, double scale, std::uint64_t seed);
+
+/// Block formats: generated in float, then quantized row by row (ggml's reference rounding).
+template <class W>
+fl::Matrix<W> random_weights(std::ptrdiff_t r, std::ptrdiff_t c, double scale, std::uint64_t seed) {
+  if constexpr (fl::is_block_format_v<W>)
+    return fl::convert<W>(random_matrix<float>(r, c, scale, seed).cview());
+  else
+    return random_matrix<W>(r, c, scale, seed);
+}
+
 template <class W>
 fl::Matrix<W> random_matrix(std::ptrdiff_t r, std::ptrdiff_t c, double scale, std::uint64_t seed) {
   fl::Matrix<W> m({r, c});
@@ -167,14 +184,24 @@ std::vector<Layer<W>>& layers(Shape const& s, std::ptrdiff_t k, std::size_t coun
   while (v.size() < count) {
     auto const seed = static_cast<std::uint64_t>(v.size() + 1);
     double const a = 1.0 / std::sqrt(static_cast<double>(s.d)), b = 1.0 / std::sqrt(static_cast<double>(s.d_ff));
-    Layer<W> l{fl::ffn::DenseFfn<W>{random_matrix<W>(s.d_ff, s.d, a, seed), random_matrix<W>(s.d_ff, s.d, a, seed + 100),
-                                     random_matrix<W>(s.d, s.d_ff, b, seed + 200)},
+    Layer<W> l{fl::ffn::DenseFfn<W>{random_weights<W>(s.d_ff, s.d, a, seed), random_weights<W>(s.d_ff, s.d, a, seed + 100),
+                                     random_weights<W>(s.d, s.d_ff, b, seed + 200)},
                nullptr};
     fl::moe::Gating g;
     g.mode = fl::moe::CombineMode::softmax_topk_renorm;
     g.top_k = k;
-    l.moe = std::make_unique<fl::moe::MoeFfn<W, Simd>>(fl::ffn::factorize(l.dense.view(), fl::ffn::ExpertPartition::contiguous(s.d_ff, s.n)),
-                                                      fl::moe::Router<float>::random(s.d, s.n, seed, 1.0), g);
+    auto const partition = fl::ffn::ExpertPartition::contiguous(s.d_ff, s.n);
+    fl::ffn::ExpertWeights<W> experts;
+    if constexpr (fl::is_block_format_v<W>) {
+      // A column of W_down is not a block: factorize the float weights, then quantize the experts (the same bytes as
+      // quantizing the dense rows, since a contiguous partition keeps each down row's blocks whole).
+      fl::ffn::DenseFfn<float> const f{random_matrix<float>(s.d_ff, s.d, a, seed), random_matrix<float>(s.d_ff, s.d, a, seed + 100),
+                                       random_matrix<float>(s.d, s.d_ff, b, seed + 200)};
+      experts = fl::ffn::convert_format<W>(fl::ffn::factorize(f.view(), partition));
+    } else {
+      experts = fl::ffn::factorize(l.dense.view(), partition);
+    }
+    l.moe = std::make_unique<fl::moe::MoeFfn<W, Simd>>(std::move(experts), fl::moe::Router<float>::random(s.d, s.n, seed, 1.0), g);
     v.push_back(std::move(l));
   }
   return v;
@@ -184,9 +211,9 @@ std::vector<Layer<W>>& layers(Shape const& s, std::ptrdiff_t k, std::size_t coun
 /// (a fixed K of N per copy, since x is fixed), so the copies are counted by those active bytes: cycling through
 /// at least 4 x LLC of active weights leaves none of them in the cache when its copy comes round again. At least
 /// 2 copies, so that the dense baseline (which reads every weight) also streams from DRAM.
-std::size_t layer_copies(Shape const& s, std::size_t weight_bytes, std::ptrdiff_t t, std::ptrdiff_t k) {
+std::size_t layer_copies(Shape const& s, double weight_bytes, std::ptrdiff_t t, std::ptrdiff_t k) {
   if (t > 8) return 1;
-  std::size_t const active_bytes = static_cast<std::size_t>(3 * s.d * (s.d_ff / s.n) * k) * weight_bytes;
+  auto const active_bytes = static_cast<std::size_t>(static_cast<double>(3 * s.d * (s.d_ff / s.n) * k) * weight_bytes);
   return std::max<std::size_t>(2, (4 * llc_bytes()) / active_bytes + 1);
 }
 
@@ -197,7 +224,7 @@ double dense_seconds(Shape const& s, std::vector<Layer<W>>& ls, std::size_t copi
   auto key = std::make_tuple(std::string(s.name) + fl::dtype_traits<W>::name(), static_cast<long>(x.extent(0)));
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   std::ptrdiff_t const t = x.extent(0);
-  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes(t, s.d, s.d_ff, Simd{}));
+  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes<Simd, W>(t, s.d, s.d_ff, Simd{}));
   fl::Matrix<float> y({t, s.d});
   int const reps = static_cast<int>(std::max<std::size_t>(copies, 3));
   double best = 1e30;
@@ -214,7 +241,7 @@ template <class W>
 double mask_all_seconds(Shape const& s, Layer<W>& l, fl::Matrix<float> const& x, fl::moe::RoutingRecord<float> const& rec) {
   std::ptrdiff_t const t = x.extent(0), m = s.d_ff / s.n, k = l.moe->top_k();
   auto const& ex = l.moe->experts();
-  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes(t, s.d, m, Simd{}));
+  fl::Workspace ws(fl::ffn::swiglu_workspace_bytes<Simd, W>(t, s.d, m, Simd{}));
   fl::Matrix<float> ye({t, s.d}), y({t, s.d});
   double best = 1e30;
   for (int round = 0; round < 2; ++round) {
@@ -238,7 +265,7 @@ double mask_all_seconds(Shape const& s, Layer<W>& l, fl::Matrix<float> const& x,
 template <class W>
 void BM_moe(benchmark::State& state, Shape s) {
   std::ptrdiff_t const t = state.range(0), k = state.range(1);
-  std::size_t const copies = layer_copies(s, sizeof(W), t, k);
+  std::size_t const copies = layer_copies(s, bytes_per_weight<W>(), t, k);
   auto& ls = layers<W>(s, k, copies);
   fl::Matrix<float> x = random_matrix<float>(t, s.d, 1.0, 77);
   fl::Matrix<float> y({t, s.d});
@@ -248,7 +275,7 @@ void BM_moe(benchmark::State& state, Shape s) {
   std::ptrdiff_t active = 0;  // experts that receive at least one token (their weights are streamed)
   for (std::ptrdiff_t e = 0; e < s.n; ++e) active += rec.load(e) > 0 ? 1 : 0;
   double const m = static_cast<double>(s.d_ff / s.n);
-  double const bytes = static_cast<double>(active) * 3.0 * m * static_cast<double>(s.d) * sizeof(W) +
+  double const bytes = static_cast<double>(active) * 3.0 * m * static_cast<double>(s.d) * bytes_per_weight<W>() +
                        static_cast<double>(s.n * s.d) * sizeof(float);
   double const flops = 2.0 * static_cast<double>(t) * (static_cast<double>(k) * 3.0 * m * static_cast<double>(s.d) +
                                                        static_cast<double>(s.n * s.d));
@@ -276,7 +303,7 @@ void BM_moe(benchmark::State& state, Shape s) {
   state.counters["speedup_vs_dense"] = dense_s / per_call;
   state.counters["mask_all_ms"] = mask_s * 1e3;
   state.counters["speedup_vs_mask_all"] = mask_s / per_call;
-  state.counters["working_set_MiB"] = static_cast<double>(copies) * 3.0 * static_cast<double>(s.d * s.d_ff) * sizeof(W) / (1 << 20);
+  state.counters["working_set_MiB"] = static_cast<double>(copies) * 3.0 * static_cast<double>(s.d * s.d_ff) * bytes_per_weight<W>() / (1 << 20);
   state.counters["active_set_MiB"] = static_cast<double>(copies) * bytes / (1 << 20);
   state.SetItemsProcessed(state.iterations() * t);
 }
@@ -318,6 +345,13 @@ void register_all() {
         benchmark::RegisterBenchmark((std::string("moe/f32/") + s.name).c_str(), BM_moe<float>, s)
             ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
         benchmark::RegisterBenchmark((std::string("moe/bf16/") + s.name).c_str(), BM_moe<fl::bf16>, s)
+            ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
+        if (s.d % 32 != 0 || (s.d_ff / s.n) % 32 != 0) continue;  // block formats need multiples of 32
+        benchmark::RegisterBenchmark((std::string("moe/f16/") + s.name).c_str(), BM_moe<fl::f16>, s)
+            ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("moe/q8_0/") + s.name).c_str(), BM_moe<fl::q8_0>, s)
+            ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
+        benchmark::RegisterBenchmark((std::string("moe/q4_0/") + s.name).c_str(), BM_moe<fl::q4_0>, s)
             ->Args({t, k})->ArgNames({"T", "K"})->MinTime(0.2)->Unit(benchmark::kMillisecond)->UseRealTime();
       }
     }

@@ -84,7 +84,7 @@ Matrix<float> forward_with(Layer const& layer, Matrix<float> const& x, int threa
 }  // namespace
 
 TEMPLATE_TEST_CASE("cpu_simd MoE forward: same bits for 1 and 2 threads and across calls", "[concurrency][determinism]",
-                   float, bf16) {
+                   float, bf16, f16) {
   fixture::DenseWeights<TestType> w(ref::random_ffn(kD, kDff, 21));
   for (auto mode : {moe::CombineMode::code_ref, moe::CombineMode::softmax_topk_renorm}) {
     auto const layer = make_layer<TestType, Simd>(w, mode, 2);
@@ -103,7 +103,7 @@ TEMPLATE_TEST_CASE("cpu_simd MoE forward: same bits for 1 and 2 threads and acro
 }
 
 TEMPLATE_TEST_CASE("cpu_simd dense SwiGLU: same bits for 1 and 2 threads and across calls", "[concurrency][determinism]",
-                   float, bf16) {
+                   float, bf16, f16) {
   fixture::DenseWeights<TestType> w(ref::random_ffn(kD, kDff, 22));
   for (int t : kTokenCounts) {
     auto const x = inputs(t, 200 + static_cast<std::uint64_t>(t));

@@ -54,7 +54,7 @@ void compare(int d, int d_ff, int n, int k, int n_tokens, moe::CombineMode mode,
 }
 }  // namespace
 
-TEMPLATE_TEST_CASE("cpu_simd MoE forward matches the scalar oracle", "[simd][moe]", float, bf16) {
+TEMPLATE_TEST_CASE("cpu_simd MoE forward matches the scalar oracle", "[simd][moe]", float, bf16, f16) {
   REQUIRE(Simd::available());
   struct Shape { int d, d_ff, n, k, t; };
   // d not a multiple of the SIMD width, T = 0 and 1 (decode), T in the GEMM range, K = N, N = 1, and an
@@ -68,7 +68,7 @@ TEMPLATE_TEST_CASE("cpu_simd MoE forward matches the scalar oracle", "[simd][moe
       compare<TestType>(s.d, s.d_ff, s.n, s.k, s.t, mode, seed += 7);
 }
 
-TEMPLATE_TEST_CASE("cpu_simd dense SwiGLU matches the scalar oracle", "[simd][swiglu]", float, bf16) {
+TEMPLATE_TEST_CASE("cpu_simd dense SwiGLU matches the scalar oracle", "[simd][swiglu]", float, bf16, f16) {
   for (int t : {0, 1, 3, 8, 9, 50}) {
     fixture::DenseWeights<TestType> w(ref::random_ffn(70, 150, 4));
     auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(t * 70), 5, 1.0), t, 70);

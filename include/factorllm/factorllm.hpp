@@ -7,6 +7,7 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/quant.hpp"
 #include "core/tensor.hpp"
 #include "core/tensor_view.hpp"
 #include "core/workspace.hpp"

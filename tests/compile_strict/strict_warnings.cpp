@@ -34,6 +34,26 @@ int main() {
   sum += run_layer<fl::bf16, fl::CpuSimd<>>(dense_bf16, partition);
   auto const gh = fl::convert<fl::f16>(dense.gate), uh = fl::convert<fl::f16>(dense.up), dh = fl::convert<fl::f16>(dense.down);
   sum += run_layer<fl::f16, fl::CpuSimd<>>(fl::ffn::DenseFfnView<fl::f16>{gh.cview(), uh.cview(), dh.cview()}, partition);
+  // Block-quantized experts (q8_0, q4_0) on both backends, converted from float ones (d_model, d_expert = 32).
+  {
+    int const dq = 32, dq_ff = 64;
+    std::vector<float> gq(dq_ff * dq, 0.1f), uq(dq_ff * dq, 0.2f), wq(dq * dq_ff, 0.3f), xq(3 * dq, 0.25f), yq(xq.size());
+    fl::ffn::DenseFfnView<float> dense_q{fl::matrix_view(std::as_const(gq), dq_ff, dq), fl::matrix_view(std::as_const(uq), dq_ff, dq),
+                                         fl::matrix_view(std::as_const(wq), dq, dq_ff)};
+    auto const experts_f = fl::ffn::factorize(dense_q, fl::ffn::ExpertPartition::contiguous(dq_ff, 2));
+    fl::moe::Gating gq_gating;
+    gq_gating.top_k = 1;
+    fl::moe::MoeFfn<fl::q8_0, fl::CpuSimd<>> l8(fl::ffn::convert_format<fl::q8_0>(experts_f), fl::moe::Router<float>::random(dq, 2, 1),
+                                                gq_gating);
+    fl::moe::MoeFfn<fl::q4_0, fl::CpuScalar> l4(fl::ffn::convert_format<fl::q4_0>(experts_f), fl::moe::Router<float>::random(dq, 2, 1),
+                                                gq_gating);
+    l8.forward(fl::matrix_view(std::as_const(xq), 3, dq), fl::matrix_view(yq, 3, dq));
+    sum += yq[0];
+    l4.forward(fl::matrix_view(std::as_const(xq), 3, dq), fl::matrix_view(yq, 3, dq));
+    sum += yq[0];
+    auto const back = fl::ffn::convert_format<float>(l8.experts());
+    sum += back.gate_tensor()[0];
+  }
   // Dense FFN, PAR loss and the training forward/backward.
   std::vector<float> x(3 * d, 0.25f), y(3 * d);
   fl::ffn::swiglu_forward(dense, fl::matrix_view(x, 3, d), fl::matrix_view(y, 3, d), fl::CpuSimd<>{});

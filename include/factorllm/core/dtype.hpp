@@ -5,7 +5,9 @@
 // it, how many weights one stored element holds (1 for the plain types; a block-quantized format stores a
 // block of weights with its scale in one element), and its conversions. Kernel-argument views
 // (core/kernel_args.hpp) are templates over W, so a new format adds a type, its traits and kernels, and no
-// front changes (docs/design.md §3).
+// front changes (docs/design.md §3). The block-quantized formats q8_0 and q4_0 live in core/quant.hpp: they
+// have no per-element conversions (to_double, from_double and convert_element refuse them at compile time);
+// kernels dequantize whole blocks.
 #pragma once
 
 #include <cstddef>
@@ -177,19 +179,40 @@ struct is_weight_format<T, std::void_t<decltype(dtype_traits<T>::block_weights)>
 template <class T>
 inline constexpr bool is_weight_format_v = is_weight_format<std::remove_const_t<T>>::value;
 
+namespace detail {
+template <class T, bool = is_weight_format_v<T>>
+struct block_weights_of : std::integral_constant<std::ptrdiff_t, 1> {};
+template <class T>
+struct block_weights_of<T, true> : std::integral_constant<std::ptrdiff_t, dtype_traits<std::remove_const_t<T>>::block_weights> {};
+}  // namespace detail
+
+/// Weights one stored element of T holds: dtype_traits<T>::block_weights for a weight format (32 for q8_0 and
+/// q4_0), 1 for any other type (so generic code may ask about int or std::int32_t too).
+template <class T>
+inline constexpr std::ptrdiff_t block_weights_v = detail::block_weights_of<T>::value;
+
+/// True for the block-quantized weight formats (more than one weight per stored element: q8_0, q4_0).
+template <class T>
+inline constexpr bool is_block_format_v = block_weights_v<T> > 1;
+
 /// The activation type used with weights of type T (float, or double for double weights).
 template <class T>
 using activation_t = typename dtype_traits<std::remove_const_t<T>>::activation_type;
 
-/// Converts any supported element to double (the scalar oracle's accumulation type).
+/// Converts any supported element to double (the scalar oracle's accumulation type). Not for a block format:
+/// one q8_0 or q4_0 element is 32 weights (dequantize its rows, core/quant.hpp).
 template <class T>
 inline double to_double(T v) noexcept {
+  static_assert(!is_block_format_v<T>, "to_double: a block-quantized format (q8_0, q4_0) has no per-element value; "
+                                       "dequantize whole blocks (block_weight / dequantize_row, core/quant.hpp)");
   return dtype_traits<std::remove_const_t<T>>::to_double(v);
 }
 
-/// Converts a double to the storage type T (rounding to nearest; ties to even for bf16).
+/// Converts a double to the storage type T (rounding to nearest; ties to even for bf16). Not for a block format.
 template <class T>
 inline T from_double(double v) noexcept {
+  static_assert(!is_block_format_v<T>, "from_double: a block-quantized format (q8_0, q4_0) is written whole rows at a "
+                                       "time (quantize_row, core/quant.hpp)");
   if constexpr (std::is_same_v<T, double>) {
     return v;
   } else {
@@ -199,9 +222,12 @@ inline T from_double(double v) noexcept {
 
 /// Converts one element between storage types: exact when widening (bf16/f16 -> f32 -> f64), round to nearest even
 /// when narrowing to bf16 or f16 (a double rounds through float first); other arithmetic types convert as
-/// static_cast does.
+/// static_cast does. Block formats convert by rows (Tensor::copy_from, convert; core/quant.hpp).
 template <class To, class From>
 inline To convert_element(From v) noexcept {
+  static_assert(std::is_same_v<To, std::remove_const_t<From>> || (!is_block_format_v<To> && !is_block_format_v<From>),
+                "convert_element: block-quantized formats (q8_0, q4_0) convert whole rows (quantize_row / "
+                "dequantize_row, core/quant.hpp)");
   if constexpr (std::is_same_v<To, std::remove_const_t<From>>) {
     return v;
   } else if constexpr (is_weight_format_v<To> && is_weight_format_v<From>) {

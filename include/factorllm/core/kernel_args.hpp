@@ -15,6 +15,7 @@
 #include "dtype.hpp"
 #include "executor.hpp"
 #include "error.hpp"
+#include "quant.hpp"
 #include "tensor_view.hpp"
 
 namespace factorllm {
@@ -66,7 +67,8 @@ struct GatingParams {
 
 /// Stacked weights of n_experts SwiGLU experts in the llama.cpp ffn_*_exps layout, in weight format W:
 ///   gate [n_experts, d_expert, d_model / block], up [same], down [n_experts, d_model, d_expert / block]
-/// where block = dtype_traits<W>::block_weights (1 for f32, f64, bf16, f16). Strides in elements of W.
+/// where block = dtype_traits<W>::block_weights (1 for f32, f64, bf16, f16; 32 for q8_0 and q4_0, whose rows are
+/// ggml's consecutive blocks, so d_model and d_expert are multiples of 32 there). Strides in elements of W.
 template <class W>
 struct ExpertWeightsView {
   static_assert(is_weight_format_v<W>, "ExpertWeightsView: W must be a weight format (core/dtype.hpp)");
@@ -136,9 +138,15 @@ struct RoutingView {
 /// Non-owning views of one MoE layer's trainable parameters, in the stacked layout of ExpertWeightsView and the
 /// nn.Linear layout of RouterView. Training changes the weights every step, so the training forward/backward
 /// read them through views. Every view must be dense row-major.
-/// \tparam W  weight format of the experts; the router uses the activation type.
+/// \tparam W  weight format of the experts (a plain one: the training kernels have no block-quantized
+///            weights, and instantiating this view with q8_0 or q4_0 stops the build); the router uses the
+///            activation type.
 template <class W>
 struct MoeParamsView {
+  static_assert(!is_block_format_v<W>,
+                "MoeParamsView: the training forward and backward (train/moe_backward.hpp) take plain weight formats "
+                "(f32, f64, bf16, f16), not block-quantized q8_0 / q4_0; train on float experts and quantize after "
+                "(ffn::convert_format<q8_0>)");
   using A = activation_t<W>;
   TensorView<W const, 3> gate;        // [n_experts, d_expert, d_model]
   TensorView<W const, 3> up;          // [n_experts, d_expert, d_model]

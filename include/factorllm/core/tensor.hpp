@@ -18,6 +18,7 @@
 
 #include "dtype.hpp"
 #include "error.hpp"
+#include "quant.hpp"
 #include "tensor_view.hpp"
 
 namespace factorllm {
@@ -127,27 +128,99 @@ class Tensor {
   T& operator[](std::ptrdiff_t i) noexcept { return data_[i]; }
   T const& operator[](std::ptrdiff_t i) const noexcept { return data_[i]; }
 
-  /// Copies a view of the same extents into this tensor, converting each element to T (convert_element: exact
-  /// widening, round-to-nearest-even narrowing, e.g. a float view into a bf16 or f16 tensor).
+  /// Copies a view into this tensor, converting each element to T (convert_element: exact widening,
+  /// round-to-nearest-even narrowing, e.g. a float view into a bf16 or f16 tensor). With a block-quantized format
+  /// (q8_0, q4_0: core/quant.hpp) on either side, the last extent counts blocks of 32 weights on that side and
+  /// rows convert whole: a plain view into a block tensor quantizes each row (ggml's reference rounding), a block
+  /// view into a plain tensor dequantizes each row (exact into float or double), and two different block formats
+  /// go through float. Every other extent must be equal.
+  /// \throws shape_error naming 'src' unless its extents are this tensor's (the last one scaled by the block sizes,
+  ///         which must divide the weights per row); value_error when quantizing a non-finite weight or a block whose
+  ///         scale overflows f16 (naming the weight's row-major index), with nothing written.
   template <class U>
   void copy_from(TensorView<U, Rank> const& src) {
-    detail::require_shape(src, extents_, "Tensor::copy_from", "src");
-    if (size_ == 0) return;  // an empty tensor may still have huge outer extents: do not walk them
-    copy_rec(src, 0, 0, 0);
+    using S = std::remove_const_t<U>;
+    constexpr std::ptrdiff_t kSrcBlock = block_weights_v<S>, kDstBlock = block_weights_v<T>;
+    if constexpr ((kSrcBlock == 1 && kDstBlock == 1) || std::is_same_v<S, T>) {  // element by element
+      detail::require_shape(src, extents_, "Tensor::copy_from", "src");
+      if (size_ == 0) return;  // an empty tensor may still have huge outer extents: do not walk them
+      for_each_row(src, 0, 0, 0, [](auto const* from, T* to, std::ptrdiff_t n) {
+        for (std::ptrdiff_t i = 0; i < n; ++i) to[i] = convert_element<T>(from[i]);
+      });
+    } else {
+      std::ptrdiff_t const row_weights = weights_per_row(src);
+      if (size_ == 0) return;
+      if constexpr (kDstBlock > 1) {  // quantizing: check every row before the first is written
+        std::ptrdiff_t row = 0;
+        for_each_row(src, 0, 0, 0, [&](auto const* from, T*, std::ptrdiff_t) {
+          with_float_row(from, row_weights, [&](auto const* x) {
+            detail::check_quantizable<T>(x, row_weights, "Tensor::copy_from", "src", row * row_weights);
+          });
+          ++row;
+        });
+      }
+      for_each_row(src, 0, 0, 0, [&](auto const* from, T* to, std::ptrdiff_t) {
+        with_float_row(from, row_weights, [&](auto const* x) {
+          using X = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+          if constexpr (kDstBlock > 1) {
+            quantize_row(x, row_weights, to);
+          } else {
+            static_assert(std::is_same_v<X, float>, "dequantized rows are float");
+            for (std::ptrdiff_t i = 0; i < row_weights; ++i) to[i] = convert_element<T>(x[i]);
+          }
+        });
+      });
+    }
   }
 
  private:
+  /// Checks src's extents against this tensor's for a conversion with a block format on one side or both, and
+  /// returns the weights per row.
   template <class U>
-  void copy_rec(TensorView<U, Rank> const& src, int dim, std::ptrdiff_t src_off, std::ptrdiff_t dst_off) {
+  std::ptrdiff_t weights_per_row(TensorView<U, Rank> const& src) const {
+    constexpr std::ptrdiff_t kSrcBlock = block_weights_v<std::remove_const_t<U>>, kDstBlock = block_weights_v<T>;
+    std::ptrdiff_t const last = extents_[Rank - 1];
+    if (last > std::numeric_limits<std::ptrdiff_t>::max() / kDstBlock)
+      throw shape_error(detail::concat("Tensor::copy_from: rows of ", last, " blocks overflow the weight count"));
+    std::ptrdiff_t const row_weights = last * kDstBlock;
+    if (row_weights % kSrcBlock != 0)
+      throw shape_error(detail::concat("Tensor::copy_from: this tensor's rows hold ", row_weights,
+                                       " weights, not a multiple of ", kSrcBlock, " (the ",
+                                       dtype_traits<std::remove_const_t<U>>::name(), " blocks of argument 'src')"));
+    auto expected = extents_;
+    expected[Rank - 1] = row_weights / kSrcBlock;
+    if (kSrcBlock == 1 && src.extent(Rank - 1) % kDstBlock != 0)
+      throw shape_error(detail::concat("Tensor::copy_from: argument 'src' has rows of ", src.extent(Rank - 1),
+                                       " weights, expected a multiple of ", kDstBlock, " (the ", dtype_traits<T>::name(),
+                                       " block size)"));
+    detail::require_shape(src, expected, "Tensor::copy_from", "src");
+    return row_weights;
+  }
+
+  /// Calls f(x) with the row's weights as a float pointer (dequantized from blocks into a scratch row) or, for a
+  /// plain format, as they are.
+  template <class S, class F>
+  static void with_float_row(S const* from, std::ptrdiff_t row_weights, F&& f) {
+    if constexpr (is_block_format_v<S>) {
+      std::unique_ptr<float[]> row(new float[static_cast<std::size_t>(row_weights)]);
+      dequantize_row(from, row_weights, row.get());
+      f(static_cast<float const*>(row.get()));
+    } else {
+      f(from);
+    }
+  }
+
+  /// Calls row(src_row, dst_row, n) for every row of the last dimension (n = extents_[Rank - 1] elements of T).
+  template <class U, class F>
+  void for_each_row(TensorView<U, Rank> const& src, int dim, std::ptrdiff_t src_off, std::ptrdiff_t dst_off, F&& row) {
+    if (dim == Rank - 1) {
+      row(src.data() + src_off, data_.get() + dst_off, extents_[Rank - 1]);
+      return;
+    }
     std::ptrdiff_t dst_stride = 1;
     for (int k = dim + 1; k < Rank; ++k) dst_stride *= extents_[k];
-    for (std::ptrdiff_t i = 0; i < extents_[dim]; ++i) {
-      if (dim == Rank - 1) {
-        data_[dst_off + i] = convert_element<T>(src.data()[src_off + i]);
-      } else {
-        copy_rec(src, dim + 1, src_off + i * src.stride(dim), dst_off + i * dst_stride);
-      }
-    }
+    for (std::ptrdiff_t i = 0; i < extents_[dim]; ++i)
+      for_each_row(src, dim + 1, src_off + i * src.stride(dim), dst_off + i * dst_stride, row);
   }
 
   std::array<std::ptrdiff_t, Rank> extents_{};
@@ -161,10 +234,25 @@ template <class T>
 using Vector = Tensor<T, 1>;
 
 /// Returns an owning copy of `src` in storage type To (e.g. convert<bf16>(float_view)), element by element as
-/// convert_element does.
+/// convert_element does, or row by row when To or From is a block format (Tensor::copy_from): convert<q8_0>(x) of
+/// x [..., n] is [..., n / 32] blocks, convert<float>(b) of blocks b [..., n / 32] is [..., n] floats.
+/// \throws shape_error naming 'src' when To is a block format and src's rows are not a multiple of 32 weights;
+///         value_error as Tensor::copy_from (a non-finite weight, a block scale beyond f16).
 template <class To, class From, int Rank>
 Tensor<To, Rank> convert(TensorView<From, Rank> const& src) {
-  Tensor<To, Rank> out(src.extents());
+  constexpr std::ptrdiff_t kSrcBlock = block_weights_v<std::remove_const_t<From>>, kDstBlock = block_weights_v<To>;
+  auto extents = src.extents();
+  if constexpr (kSrcBlock != kDstBlock) {
+    std::ptrdiff_t const last = src.extent(Rank - 1);
+    if (last > std::numeric_limits<std::ptrdiff_t>::max() / kSrcBlock)
+      throw shape_error(detail::concat("convert: argument 'src' has rows of ", last, " blocks: the weight count overflows"));
+    std::ptrdiff_t const row_weights = last * kSrcBlock;
+    if (row_weights % kDstBlock != 0)
+      throw shape_error(detail::concat("convert: argument 'src' has rows of ", row_weights, " weights, expected a multiple of ",
+                                       kDstBlock, " (the ", dtype_traits<To>::name(), " block size)"));
+    extents[Rank - 1] = row_weights / kDstBlock;
+  }
+  Tensor<To, Rank> out(extents);
   out.copy_from(src);
   return out;
 }

@@ -8,6 +8,7 @@
 
 #include "../core/error.hpp"
 #include "../core/kernel_args.hpp"
+#include "../core/quant.hpp"
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "permutation.hpp"
@@ -18,35 +19,46 @@ namespace ffn {
 
 /// Owning, expert-major weights of n_experts SwiGLU experts, stacked as llama.cpp's ffn_*_exps tensors:
 ///   gate [n_experts, d_expert, d_model], up [n_experts, d_expert, d_model], down [n_experts, d_model, d_expert].
+/// In a block-quantized format T (q8_0, q4_0: core/quant.hpp) the last extent counts 32-weight blocks, ggml's row
+/// layout: gate, up [n_experts, d_expert, d_model / 32], down [n_experts, d_model, d_expert / 32], so d_model and
+/// d_expert are multiples of 32 (convert_format makes them from float, bf16 or f16 experts).
 /// Keeps the partition that produced it, so `unfactorize` can restore the dense layout.
 template <class T>
 class ExpertWeights {
  public:
+  /// Weights per stored element: 1, or 32 for a block format.
+  static constexpr std::ptrdiff_t kBlock = block_weights_v<T>;
+
   ExpertWeights() = default;
 
   /// Takes ownership of stacked expert tensors (e.g. loaded from a file or trained).
-  /// \throws shape_error unless gate, up are [N, m, d] and down is [N, d, m] with N = partition.n_experts()
-  ///         and m = partition.d_expert().
+  /// \throws shape_error unless gate, up are [N, m, d / block] and down is [N, d, m / block] with
+  ///         N = partition.n_experts(), m = partition.d_expert() and d_model d >= 1 (block = kBlock; for a block
+  ///         format m must be a multiple of 32).
   ExpertWeights(Tensor<T, 3> gate, Tensor<T, 3> up, Tensor<T, 3> down, ExpertPartition partition)
       : gate_(std::move(gate)), up_(std::move(up)), down_(std::move(down)), partition_(std::move(partition)) {
-    std::ptrdiff_t const n = partition_.n_experts(), m = partition_.d_expert(), d = gate_.extent(2);
-    if (d < 1) throw shape_error("ExpertWeights: argument 'gate' must have d_model >= 1 columns");
-    detail::require_shape(gate_.cview(), {n, m, d}, "ExpertWeights", "gate");
-    detail::require_shape(up_.cview(), {n, m, d}, "ExpertWeights", "up");
-    detail::require_shape(down_.cview(), {n, d, m}, "ExpertWeights", "down");
+    std::ptrdiff_t const n = partition_.n_experts(), m = partition_.d_expert(), cols = gate_.extent(2);
+    if (cols < 1) throw shape_error("ExpertWeights: argument 'gate' must have d_model >= 1 columns");
+    if (m % kBlock != 0)
+      throw shape_error(detail::concat("ExpertWeights: argument 'partition' has d_expert = ", m,
+                                       ", expected a multiple of ", kBlock, ": argument 'down' stores rows of d_expert ",
+                                       "weights in ", dtype_traits<T>::name(), " blocks"));
+    detail::require_shape(gate_.cview(), {n, m, cols}, "ExpertWeights", "gate");
+    detail::require_shape(up_.cview(), {n, m, cols}, "ExpertWeights", "up");
+    detail::require_shape(down_.cview(), {n, cols * kBlock, m / kBlock}, "ExpertWeights", "down");
   }
 
   std::ptrdiff_t n_experts() const noexcept { return partition_.n_experts(); }
   std::ptrdiff_t d_expert() const noexcept { return partition_.d_expert(); }
-  std::ptrdiff_t d_model() const noexcept { return gate_.extent(2); }
+  std::ptrdiff_t d_model() const noexcept { return gate_.extent(2) * kBlock; }
   std::ptrdiff_t d_ff() const noexcept { return partition_.d_ff(); }
   ExpertPartition const& partition() const noexcept { return partition_; }
 
-  /// Expert e's gate rows [d_expert, d_model].
+  /// Expert e's gate rows [d_expert, d_model / block].
   MatrixView<T const> gate(std::ptrdiff_t e) const { return gate_.cview()[check(e)]; }
-  /// Expert e's up rows [d_expert, d_model].
+  /// Expert e's up rows [d_expert, d_model / block].
   MatrixView<T const> up(std::ptrdiff_t e) const { return up_.cview()[check(e)]; }
-  /// Expert e's down columns, copied contiguous: [d_model, d_expert].
+  /// Expert e's down columns, copied contiguous: [d_model, d_expert / block].
   MatrixView<T const> down(std::ptrdiff_t e) const { return down_.cview()[check(e)]; }
 
   /// Views of one expert as a SwiGLU block (d_ff = d_expert).
@@ -83,6 +95,8 @@ class ExpertWeights {
 /// \throws shape_error if the dense shapes are inconsistent or d_ff differs from partition.d_ff().
 template <class T>
 ExpertWeights<T> factorize(DenseFfnView<T> const& dense, ExpertPartition const& partition) {
+  static_assert(!is_block_format_v<T>, "factorize: the dense weights must be a plain format (a column of W_down is "
+                                       "not a block): factorize float weights, then ffn::convert_format<q8_0>");
   dense.validate("factorize");
   if (dense.d_ff() != partition.d_ff())
     throw shape_error(detail::concat("factorize: the dense FFN has d_ff = ", dense.d_ff(), " but argument 'partition' is for d_ff = ",
@@ -119,6 +133,8 @@ struct DenseFfn {
 /// \throws value_error for a default-constructed ExpertWeights (it holds no experts).
 template <class T>
 DenseFfn<T> unfactorize(ExpertWeights<T> const& experts) {
+  static_assert(!is_block_format_v<T>, "unfactorize: block-quantized experts have no dense layout of their own (a "
+                                       "column of W_down is not a block): convert_format<float> first");
   std::ptrdiff_t const n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model();
   DenseFfn<T> dense{Matrix<T>({n * m, d}), Matrix<T>({n * m, d}), Matrix<T>({d, n * m})};
   auto const& perm = experts.partition().permutation();
@@ -136,10 +152,21 @@ DenseFfn<T> unfactorize(ExpertWeights<T> const& experts) {
   return dense;
 }
 
-/// Returns the experts in weight format To (e.g. f32 experts as bf16 or f16), with the same partition; narrowing
-/// rounds each weight to nearest even.
+/// Returns the experts in weight format To, with the same partition: f32 experts as bf16 or f16 (narrowing rounds
+/// each weight to nearest even), float, bf16 or f16 experts as q8_0 or q4_0 (each row quantized with ggml's
+/// reference rounding: core/quant.hpp), block-quantized experts back as float (exact dequantization).
+/// \throws shape_error naming 'experts' when To is a block format and d_model or d_expert is not a multiple of 32;
+///         value_error when a weight to quantize is not finite or a block's scale overflows f16.
 template <class To, class From>
 ExpertWeights<To> convert_format(ExpertWeights<From> const& experts) {
+  if constexpr (block_weights_v<To> > 1 && block_weights_v<To> != block_weights_v<From>) {
+    constexpr std::ptrdiff_t kB = block_weights_v<To>;
+    if (experts.d_model() % kB != 0 || experts.d_expert() % kB != 0)
+      throw shape_error(detail::concat("convert_format: argument 'experts' has d_model = ", experts.d_model(),
+                                       " and d_expert = ", experts.d_expert(), ", expected multiples of ", kB, " (the ",
+                                       dtype_traits<To>::name(), " block: gate and up rows hold d_model weights, down "
+                                       "rows d_expert)"));
+  }
   return ExpertWeights<To>(convert<To>(experts.gate_tensor().cview()), convert<To>(experts.up_tensor().cview()),
                            convert<To>(experts.down_tensor().cview()), experts.partition());
 }

@@ -20,24 +20,32 @@
 namespace factorllm {
 namespace ffn {
 
-/// Non-owning views of a host engine's dense SwiGLU weights in PyTorch nn.Linear layout.
+/// Non-owning views of a host engine's dense SwiGLU weights in PyTorch nn.Linear layout. For a block-quantized
+/// format (q8_0, q4_0: core/quant.hpp) each row is its consecutive 32-weight blocks, so the last extents count
+/// blocks and d_model, d_ff are multiples of 32.
 template <class T>
 struct DenseFfnView {
-  MatrixView<T const> gate;  // [d_ff, d_model]
-  MatrixView<T const> up;    // [d_ff, d_model]
-  MatrixView<T const> down;  // [d_model, d_ff]
+  static constexpr std::ptrdiff_t kBlock = block_weights_v<T>;
+  MatrixView<T const> gate;  // [d_ff, d_model / block]
+  MatrixView<T const> up;    // [d_ff, d_model / block]
+  MatrixView<T const> down;  // [d_model, d_ff / block]
 
-  std::ptrdiff_t d_model() const noexcept { return gate.cols(); }
+  std::ptrdiff_t d_model() const noexcept { return gate.cols() * kBlock; }
   std::ptrdiff_t d_ff() const noexcept { return gate.rows(); }
 
-  /// Throws shape_error unless up matches gate and down is [d_model, d_ff]; d_model, d_ff must be >= 1.
+  /// Throws shape_error unless up matches gate and down is [d_model, d_ff / block]; d_model, d_ff must be >= 1
+  /// (and d_ff a multiple of the block for a block format).
   void validate(char const* function) const {
     if (gate.rows() < 1 || gate.cols() < 1)
       throw shape_error(detail::concat(function, ": argument 'gate' has shape ",
                                        detail::shape_string({gate.rows(), gate.cols()}),
                                        ", expected [d_ff >= 1, d_model >= 1]"));
-    detail::require_shape(up, {d_ff(), d_model()}, function, "up");
-    detail::require_shape(down, {d_model(), d_ff()}, function, "down");
+    detail::require_shape(up, {d_ff(), gate.cols()}, function, "up");
+    if (d_ff() % kBlock != 0)
+      throw shape_error(detail::concat(function, ": argument 'gate' has d_ff = ", d_ff(), " rows, expected a multiple of ",
+                                       kBlock, " (argument 'down' stores rows of d_ff weights in ",
+                                       dtype_traits<T>::name(), " blocks)"));
+    detail::require_shape(down, {d_model(), d_ff() / kBlock}, function, "down");
   }
 };
 

@@ -23,6 +23,7 @@
 #include "../core/dtype.hpp"
 #include "../core/kernel_args.hpp"
 #include "../core/error.hpp"
+#include "../core/quant.hpp"
 #include "../core/tensor_view.hpp"
 #include "../core/workspace.hpp"
 #include "../detail/threads.hpp"
@@ -38,7 +39,7 @@ namespace moe {
 ///   z = x W_r^T + b_r; S = TopK(z + selection_bias); y = output_scale * sum_{n in S} w_n E_n(x).
 /// Only the selected experts run on each token. Immutable after construction and safe to share across
 /// threads; each concurrent caller brings its own Workspace.
-/// \tparam T        weight format of the experts (f32, f64, bf16, f16: core/dtype.hpp)
+/// \tparam T        weight format of the experts (f32, f64, bf16, f16: core/dtype.hpp; q8_0, q4_0: core/quant.hpp)
 /// \tparam Backend  backend tag selecting the kernels: by default DefaultCpu, the SIMD backend for the best ISA this
 ///                  translation unit is compiled for; CpuScalar is the double-accumulating oracle (to_backend moves
 ///                  a layer between them)

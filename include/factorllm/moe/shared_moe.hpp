@@ -155,13 +155,15 @@ std::pair<ffn::ExpertWeights<T>, ffn::ExpertWeights<T>> split_experts(ffn::Exper
   if (n_shared < 1 || n_shared >= n_all)
     throw value_error(detail::concat("split_experts: n_shared = ", n_shared, " must be in [1, n_experts - 1 = ", n_all - 1,
                                      "] (at least one shared and one routed expert)"));
-  std::ptrdiff_t const m = experts.d_expert(), d = experts.d_model();
+  // Extents of the stored tensors: their last one counts blocks for a block-quantized format.
+  std::ptrdiff_t const m = experts.d_expert(), d = experts.d_model(), gate_cols = experts.gate_tensor().extent(2),
+                       down_cols = experts.down_tensor().extent(2);
   auto part = [&](std::int64_t e0, std::int64_t count) {
-    Tensor<T, 3> gate({count, m, d}), up({count, m, d}), down({count, d, m});
-    std::ptrdiff_t const gu = m * d;
+    Tensor<T, 3> gate({count, m, gate_cols}), up({count, m, gate_cols}), down({count, d, down_cols});
+    std::ptrdiff_t const gu = m * gate_cols, dn = d * down_cols;
     std::copy(experts.gate_tensor().data() + e0 * gu, experts.gate_tensor().data() + (e0 + count) * gu, gate.data());
     std::copy(experts.up_tensor().data() + e0 * gu, experts.up_tensor().data() + (e0 + count) * gu, up.data());
-    std::copy(experts.down_tensor().data() + e0 * gu, experts.down_tensor().data() + (e0 + count) * gu, down.data());
+    std::copy(experts.down_tensor().data() + e0 * dn, experts.down_tensor().data() + (e0 + count) * dn, down.data());
     return ffn::ExpertWeights<T>(std::move(gate), std::move(up), std::move(down),
                                  ffn::ExpertPartition::contiguous(count * m, count));
   };

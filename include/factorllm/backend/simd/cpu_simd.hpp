@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The CpuSimd backend tag and its building blocks: xsimd inner loops, bf16 widening, thread helpers.
+// The CpuSimd backend tag and its building blocks: xsimd inner loops, bf16 and f16 widening, thread helpers.
 //
 // Why xsimd (not Highway) for the kernels: the ISA is a template parameter (xsimd::batch<float, Arch>), which
 // fits a header-only library: the application instantiates CpuSimd<Arch> for the archs it compiles, and
@@ -16,7 +16,7 @@
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>  // the bf16 widening loads below; every other ISA takes the portable path
+#include <immintrin.h>  // the bf16 and f16 (F16C) widening loads below; every other ISA takes the portable path
 #endif
 
 #include <xsimd/xsimd.hpp>
@@ -36,7 +36,7 @@ namespace factorllm {
 /// CPU SIMD backend for the xsimd architecture Arch (default: the best one this translation unit is
 /// compiled for). Derives from CpuScalar: an op without a SIMD kernel falls back to the oracle, and so do
 /// the weight types it has no kernel for (double: only the oracle runs in double). Activations are float,
-/// weights float or bf16. Weight views must be dense row-major (backend_error otherwise); inputs and outputs
+/// weights float, bf16 or f16. Weight views must be dense row-major (backend_error otherwise); inputs and outputs
 /// may have any row stride.
 template <class Arch = xsimd::default_arch>
 struct CpuSimd : CpuScalar {
@@ -61,15 +61,37 @@ inline void widen_bf16(bf16 const* FLLM_RESTRICT src, float* FLLM_RESTRICT dst, 
   for (std::ptrdiff_t i = 0; i < n; ++i) d[i] = static_cast<std::uint32_t>(s[i]) << 16;
 }
 
-/// Loads one batch of weights as floats: a plain load for float; for bf16 the 16-bit values are widened
-/// in registers (zero-extend, shift left by 16: exact), so decode streams half the bytes with no extra pass.
+/// Widens n IEEE halves to float (exact). F16C converts 8 at a time where the translation unit has it.
+inline void widen_f16(f16 const* FLLM_RESTRICT src, float* FLLM_RESTRICT dst, std::ptrdiff_t n) noexcept {
+  std::ptrdiff_t i = 0;
+#if defined(__F16C__) && (defined(__x86_64__) || defined(__i386__))
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = src[i].to_float();
+}
+
+/// Loads one batch of weights as floats: a plain load for float; bf16 and f16 values are widened in registers
+/// (bf16: zero-extend, shift left by 16; f16: F16C's vcvtph2ps; both exact), so decode streams half the bytes
+/// with no extra pass.
 template <class Arch, class W>
 inline xsimd::batch<float, Arch> load_weights(W const* p) noexcept {
   using batch = xsimd::batch<float, Arch>;
   if constexpr (std::is_same_v<W, float>) {
     return batch::load_unaligned(p);
+  } else if constexpr (std::is_same_v<W, f16>) {
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(__i386__))
+    if constexpr (batch::size == 16)
+      return batch(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(p))));
+#endif
+#if defined(__F16C__) && (defined(__x86_64__) || defined(__i386__))
+    if constexpr (batch::size == 8) return batch(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<__m128i const*>(p))));
+#endif
+    alignas(64) float tmp[batch::size];
+    widen_f16(p, tmp, static_cast<std::ptrdiff_t>(batch::size));
+    return batch::load_aligned(tmp);
   } else {
-    static_assert(std::is_same_v<W, bf16>, "CpuSimd: weights must be float or bf16");
+    static_assert(std::is_same_v<W, bf16>, "CpuSimd: weights must be float, bf16 or f16");
 #if defined(__AVX512F__) && (defined(__x86_64__) || defined(__i386__))
     if constexpr (batch::size == 16) {
       __m256i const h = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(p));

@@ -8,7 +8,9 @@
 //   phase 2 (rows [o0, o1) of down):    out[:, o] = h W_d[o]^T
 // Few rows (decode, c <= kGemvMaxRows): a streaming multi-dot that reads each weight row once for all rows
 // (memory-bound; threads split the weight rows). More rows (prefill): Eigen GEMMs per block (compute-bound);
-// bf16 weights are widened per block into a per-thread panel first.
+// bf16 and f16 weights are widened per block into a per-thread panel first; q8_0 and q4_0 weights are
+// dequantized into it for the GEMMs, and their decode path is an int8 dot against activations quantized per
+// block of 32 (quant_dot.hpp; the inputs before phase 1 and h before phase 2, on the calling thread).
 #pragma once
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include "../ops.hpp"
 #include "../scalar/swiglu.hpp"
 #include "cpu_simd.hpp"
+#include "quant_dot.hpp"
 
 namespace factorllm {
 namespace detail {
@@ -49,7 +52,16 @@ struct SwigluJob {
   float* h_gate = nullptr;  // [c, m] scratch (GEMM path: gate pre-activations, then h)
   float* h_up = nullptr;    // [c, m] scratch (GEMM path: up pre-activations)
   float* out = nullptr;     // [c, d] outputs (row stride d)
+  // Block-quantized weights, decode path only: the inputs and h quantized to 8 bits per block of 32.
+  std::int8_t* xq = nullptr;  // [c, d] codes
+  float* xs = nullptr;        // [c, d / 32] scales
+  std::int8_t* hq = nullptr;  // [c, m] codes
+  float* hs = nullptr;        // [c, m / 32] scales
 };
+
+/// Weights one stored element of W holds (32 for the block formats).
+template <class W>
+inline constexpr std::ptrdiff_t kWeightsPerElement = block_weights_v<W>;
 
 /// Rows of weights one task of this job covers.
 template <class W>
@@ -61,18 +73,25 @@ using RowMajorF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 using ConstMapF = Eigen::Map<RowMajorF const, 0, Eigen::OuterStride<>>;
 using MapF = Eigen::Map<RowMajorF, 0, Eigen::OuterStride<>>;
 
-/// Floats of per-thread panel one task may need: a gate and an up block widened from bf16, or one down block.
+/// Floats of per-thread panel one task may need: a gate and an up block widened from bf16 or f16, or one down block.
 inline std::ptrdiff_t swiglu_panel_floats(std::ptrdiff_t d, std::ptrdiff_t m) noexcept {
   return std::max(2 * kBlockRows * d, kBlockRows * m);
 }
 
-/// Returns a float view of weight rows [r0, r1) of a [rows, n] matrix (widened into `panel` when bf16).
+/// Returns a float view of weight rows [r0, r1) of a [rows, n] matrix of n weights a row (widened into `panel`
+/// when bf16 or f16, dequantized into it when block-quantized).
 template <class W>
 float const* weight_block(W const* base, std::ptrdiff_t r0, std::ptrdiff_t r1, std::ptrdiff_t n, float* panel) {
-  if constexpr (std::is_same_v<W, float>) {
+  if constexpr (is_q8_dot_format_v<W>) {
+    dequantize_blocks(base + r0 * (n / 32), (r1 - r0) * n, panel);
+    return panel;
+  } else if constexpr (std::is_same_v<W, float>) {
     (void)r1;
     (void)panel;
     return base + r0 * n;
+  } else if constexpr (std::is_same_v<W, f16>) {
+    widen_f16(base + r0 * n, panel, (r1 - r0) * n);
+    return panel;
   } else {
     widen_bf16(base + r0 * n, panel, (r1 - r0) * n);
     return panel;
@@ -92,8 +111,13 @@ void swiglu_phase1(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t i0,
       W const* w = which == 0 ? job.gate : job.up;
       float* out = which == 0 ? g : u;
       for (std::ptrdiff_t i = i0; i < i1; ++i)
-        for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows)
-          multi_dot<Arch>(w + i * d, job.x + t0 * d, d, std::min(kMultiDotRows, c - t0), d, out + (i - i0) * c + t0);
+        for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
+          std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
+          if constexpr (is_q8_dot_format_v<W>)
+            q8_multi_dot(w + i * (d / 32), job.xq + t0 * d, job.xs + t0 * (d / 32), nv, d, out + (i - i0) * c + t0);
+          else
+            multi_dot<Arch>(w + i * d, job.x + t0 * d, d, nv, d, out + (i - i0) * c + t0);
+        }
     }
     for (std::ptrdiff_t i = i0; i < i1; ++i)
       for (std::ptrdiff_t t = 0; t < c; ++t) job.h_gate[t * m + i] = silu_f(g[(i - i0) * c + t]) * u[(i - i0) * c + t];
@@ -121,10 +145,13 @@ void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0,
   if (c <= kGemvMaxRows) {
     float o[kGemvMaxRows];
     for (std::ptrdiff_t r = o0; r < o1; ++r) {
-      W const* wd = job.down + r * m;
+      W const* wd = job.down + r * (m / kWeightsPerElement<W>);
       for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
         std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
-        multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
+        if constexpr (is_q8_dot_format_v<W>)
+          q8_multi_dot(wd, job.hq + t0 * m, job.hs + t0 * (m / 32), nv, m, o + t0);
+        else
+          multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
       }
       for (std::ptrdiff_t t = 0; t < c; ++t) job.out[t * d + r] = o[t];
     }
@@ -157,6 +184,18 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
     return n;
   };
   for (int phase = 1; phase <= 2; ++phase) {
+    if constexpr (is_q8_dot_format_v<W>) {
+      // The decode jobs' int8 operands: inputs before phase 1, h before phase 2 (c <= 8 rows each: cheap).
+      for (std::ptrdiff_t j = 0; j < n_jobs; ++j) {
+        SwigluJob<W> const& job = jobs[j];
+        if (job.c == 0 || job.c > kGemvMaxRows) continue;
+        if (phase == 1)
+          for (std::ptrdiff_t t = 0; t < job.c; ++t) quantize_act_q8(job.x + t * d, d, job.xq + t * d, job.xs + t * (d / 32));
+        else
+          for (std::ptrdiff_t t = 0; t < job.c; ++t)
+            quantize_act_q8(job.h_gate + t * job.m, job.m, job.hq + t * job.m, job.hs + t * (job.m / 32));
+      }
+    }
     std::ptrdiff_t const n_tasks = count_tasks(phase == 1);
     if (n_tasks == 0) continue;
     exec.run(n_tasks, [&](std::ptrdiff_t task, int worker) {
@@ -178,12 +217,17 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
 
 namespace kernel {
 
+/// 1 when W is block-quantized (its decode path needs int8 activation buffers), else 0.
+template <class W>
+inline constexpr std::size_t kQuantRegions = detail::is_q8_dot_format_v<W> ? 1 : 0;
+
 /// True for the weight formats and activations the CpuSimd SwiGLU kernels handle (others run the oracle).
 template <class W, class A>
 inline constexpr bool simd_swiglu_supports_v =
-    std::is_same_v<A, float> && (std::is_same_v<W, float> || std::is_same_v<W, bf16>);
+    std::is_same_v<A, float> && (std::is_same_v<W, float> || std::is_same_v<W, bf16> || std::is_same_v<W, f16> ||
+                                 detail::is_q8_dot_format_v<W>);
 
-/// CpuSimd dense SwiGLU (float activations; float or bf16 weights, dense row-major).
+/// CpuSimd dense SwiGLU (float activations; float, bf16 or f16 weights, dense row-major).
 template <class Arch>
 struct Swiglu<CpuSimd<Arch>> {
   static constexpr bool implemented = true;
@@ -204,7 +248,11 @@ struct Swiglu<CpuSimd<Arch>> {
           .add(sizeof(float), t * d)  // packed output
           .add(sizeof(float), static_cast<std::size_t>(max_workers) *
                                   static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
-          .add(sizeof(std::ptrdiff_t), 2);
+          .add(sizeof(std::ptrdiff_t), 2)
+          .add(sizeof(std::int8_t), kQuantRegions<W> * t * d)        // input codes (block formats)
+          .add(sizeof(float), kQuantRegions<W> * t * (d / 32))       // input scales
+          .add(sizeof(std::int8_t), kQuantRegions<W> * t * m)        // h codes
+          .add(sizeof(float), kQuantRegions<W> * t * (m / 32));      // h scales
     }
   }
 
@@ -214,7 +262,7 @@ struct Swiglu<CpuSimd<Arch>> {
     if constexpr (!simd_swiglu_supports_v<W, A>) {
       Swiglu<CpuScalar>::run(gate, up, down, x, y, ws, exec);
     } else {
-      std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), m = gate.rows();
+      std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols() * detail::kWeightsPerElement<W>, m = gate.rows();
       if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous())
         throw backend_error("swiglu (cpu_simd): weight views must be dense row-major (use Tensor copies or CpuScalar)");
       detail::WorkspaceCursor cursor(ws, "swiglu (cpu_simd)");
@@ -227,13 +275,19 @@ struct Swiglu<CpuSimd<Arch>> {
       auto* starts = cursor.take<std::ptrdiff_t>(2);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
       detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
+      if constexpr (detail::is_q8_dot_format_v<W>) {
+        job.xq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_tokens * d));
+        job.xs = cursor.take<float>(static_cast<std::size_t>(n_tokens * (d / 32)));
+        job.hq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_tokens * m));
+        job.hs = cursor.take<float>(static_cast<std::size_t>(n_tokens * (m / 32)));
+      }
       detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts, exec);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
     }
   }
 };
 
-/// CpuSimd experts on their grouped rows (float activations; float or bf16 weights, dense row-major): the
+/// CpuSimd experts on their grouped rows (float activations; float, bf16 or f16 weights, dense row-major): the
 /// token rows are gathered in grouped order, then one SwiGLU job per expert runs on its rows only (streaming
 /// kernel for few rows, Eigen GEMMs for many), writing expert_out in grouped order. No allocation; bitwise
 /// identical for any thread count.
@@ -261,7 +315,11 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
           .add(sizeof(detail::SwigluJob<W>), n)      // jobs
           .add(sizeof(std::ptrdiff_t), n + 1)        // task starts
           .add(sizeof(float), static_cast<std::size_t>(max_threads) *
-                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)));
+                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)))
+          .add(sizeof(std::int8_t), kQuantRegions<W> * s * d)        // input codes (block formats)
+          .add(sizeof(float), kQuantRegions<W> * s * (d / 32))       // input scales
+          .add(sizeof(std::int8_t), kQuantRegions<W> * s * m)        // h codes
+          .add(sizeof(float), kQuantRegions<W> * s * (m / 32));      // h scales
     }
   }
 
@@ -290,11 +348,29 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
         std::copy(src, src + d, xg + r * d);
       }
       float* out = expert_out.data();  // dense [n_slots, d_model] (the front's region)
+      std::int8_t* xq = nullptr;
+      float* xs = nullptr;
+      std::int8_t* hq = nullptr;
+      float* hs = nullptr;
+      if constexpr (detail::is_q8_dot_format_v<W>) {
+        xq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_slots * d));
+        xs = cursor.take<float>(static_cast<std::size_t>(n_slots * (d / 32)));
+        hq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_slots * m));
+        hs = cursor.take<float>(static_cast<std::size_t>(n_slots * (m / 32)));
+      }
+      // Elements of W per expert matrix (a block format stores 32 weights an element).
+      std::ptrdiff_t const per_expert = m * d / detail::kWeightsPerElement<W>;
       for (std::ptrdiff_t e = 0; e < n; ++e) {
         std::ptrdiff_t const r0 = offsets(e), c = offsets(e + 1) - r0;
-        jobs[e] = detail::SwigluJob<W>{experts.gate.data() + e * m * d, experts.up.data() + e * m * d,
-                                       experts.down.data() + e * d * m, m, xg + r0 * d, c, hg + r0 * m, hu + r0 * m,
+        jobs[e] = detail::SwigluJob<W>{experts.gate.data() + e * per_expert, experts.up.data() + e * per_expert,
+                                       experts.down.data() + e * per_expert, m, xg + r0 * d, c, hg + r0 * m, hu + r0 * m,
                                        out + r0 * d};
+        if constexpr (detail::is_q8_dot_format_v<W>) {
+          jobs[e].xq = xq + r0 * d;
+          jobs[e].xs = xs + r0 * (d / 32);
+          jobs[e].hq = hq + r0 * m;
+          jobs[e].hs = hs + r0 * (m / 32);
+        }
       }
       detail::run_swiglu_jobs<Arch>(jobs, n, d, panels, panel_floats, starts, exec);
     }
