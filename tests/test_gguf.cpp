@@ -4,10 +4,16 @@
 #include <catch2/catch.hpp>
 
 #include <factorllm/core/error.hpp>
+#include <factorllm/core/quant.hpp>
+#include <factorllm/core/tensor.hpp>
 #include <factorllm/core/tensor_view.hpp>
 #include <factorllm/io/gguf.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -149,6 +155,109 @@ TEST_CASE("gguf: the byte layout follows the GGUF v3 specification", "[io][gguf]
   CHECK(b == want.b);
 }
 
+TEST_CASE("gguf: Q8_0 and Q4_0 tensors round trip: blocks bit for bit, floats dequantized", "[io][gguf][quant]") {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> normal(0.f, 0.3f);
+  fl::Tensor<float, 3> x({2, 3, 64});
+  for (std::ptrdiff_t i = 0; i < x.size(); ++i) x[i] = normal(rng);
+  auto const q8 = fl::convert<fl::q8_0>(x.cview());  // [2, 3, 2] blocks
+  auto const q4 = fl::convert<fl::q4_0>(x.cview());
+  GgufWriter w;
+  w.add_tensor("f8", GgmlType::q8_0, {2, 3, 64}, x.data());  // quantized by the writer from floats
+  w.add_tensor("f4", GgmlType::q4_0, x.cview());             // from a float view
+  w.add_tensor("b8", GgmlType::q8_0, q8.cview());            // blocks as they are
+  w.add_tensor("b4", GgmlType::q4_0, q4.cview());
+  w.add_tensor("x4", GgmlType::q4_0, q8.cview());            // q8_0 -> float -> q4_0
+  w.add_tensor("h8", GgmlType::f16, q8.cview());             // dequantized, then F16 / BF16 / F32
+  w.add_tensor("bf8", GgmlType::bf16, q8.cview());
+  w.add_tensor("s8", GgmlType::f32, q8.cview());
+  w.add_tensor("from_bf16", GgmlType::q8_0, fl::convert<fl::bf16>(x.cview()).cview());
+  Bytes const bytes = w.serialize();
+  auto const f = GgufFile::parse(bytes.data(), bytes.size());
+  for (char const* name : {"f8", "b8"}) {
+    INFO(name);
+    auto const& t = f.tensor(name);
+    CHECK(t.type == GgmlType::q8_0);
+    CHECK(t.ne == std::vector<std::int64_t>{64, 3, 2});
+    CHECK(t.bytes == 2 * 3 * 2 * 34);
+    auto const blocks = f.to_blocks<fl::q8_0>(name);
+    REQUIRE(blocks.size() == 12);
+    CHECK(std::memcmp(blocks.data(), q8.data(), 12 * sizeof(fl::q8_0)) == 0);
+  }
+  for (char const* name : {"f4", "b4"}) {
+    INFO(name);
+    CHECK(f.tensor(name).type == GgmlType::q4_0);
+    CHECK(f.tensor(name).bytes == 2 * 3 * 2 * 18);
+    auto const blocks = f.to_blocks<fl::q4_0>(name);
+    REQUIRE(blocks.size() == 12);
+    CHECK(std::memcmp(blocks.data(), q4.data(), 12 * sizeof(fl::q4_0)) == 0);
+  }
+  auto const deq8 = fl::convert<float>(q8.cview()), deq4 = fl::convert<float>(q4.cview());
+  std::vector<float> const f8 = f.to_float("f8"), f4 = f.to_float("f4"), s8 = f.to_float("s8");
+  REQUIRE(f8.size() == 384);
+  for (std::size_t k = 0; k < 384; ++k) {
+    INFO("weight " << k);
+    REQUIRE(f8[k] == deq8[static_cast<std::ptrdiff_t>(k)]);  // exact dequantization
+    REQUIRE(s8[k] == deq8[static_cast<std::ptrdiff_t>(k)]);
+    REQUIRE(f4[k] == deq4[static_cast<std::ptrdiff_t>(k)]);
+  }
+  auto const x4 = f.to_blocks<fl::q4_0>("x4");
+  auto const want_x4 = fl::convert<fl::q4_0>(deq8.cview());
+  CHECK(std::memcmp(x4.data(), want_x4.data(), 12 * sizeof(fl::q4_0)) == 0);
+  auto const h8 = f.to_float("h8"), bf8 = f.to_float("bf8");
+  for (std::size_t k = 0; k < 384; ++k) {
+    CHECK(h8[k] == fl::f16(deq8[static_cast<std::ptrdiff_t>(k)]).to_float());
+    CHECK(bf8[k] == fl::bf16(deq8[static_cast<std::ptrdiff_t>(k)]).to_float());
+  }
+  auto const from_bf16 = f.to_blocks<fl::q8_0>("from_bf16");
+  auto const want_bf16 = fl::convert<fl::q8_0>(fl::convert<float>(fl::convert<fl::bf16>(x.cview()).cview()).cview());
+  CHECK(std::memcmp(from_bf16.data(), want_bf16.data(), 12 * sizeof(fl::q8_0)) == 0);
+  CHECK_THROWS_WITH(f.to_blocks<fl::q4_0>("f8"), Catch::Contains("has type Q8_0, expected Q4_0"));
+  CHECK_THROWS_WITH(f.to_blocks<fl::q8_0>("h8"), Catch::Contains("has type F16, expected Q8_0"));
+  CHECK(std::string(io::to_string(GgmlType::q8_0)) == "Q8_0");
+  CHECK(io::ggml_type_bytes(8) == 34);
+  CHECK(io::ggml_type_bytes(2) == 18);
+  CHECK(io::ggml_block_weights(GgmlType::q4_0) == 32);
+  CHECK(io::ggml_block_weights(GgmlType::bf16) == 1);
+}
+
+TEST_CASE("gguf: a Q8_0 and a Q4_0 block's bytes follow ggml's layout", "[io][gguf][quant]") {
+  // q8_0 of x_i = i - 16 (amax 16): d = 16 / 127 = 0.12598425 -> f16 0x3008 (2^-3 * (1 + 8.06 / 1024) -> mantissa 8;
+  // exponent 12). id = float(1 / d) = 7.9375 exactly, so q_i = roundf(7.9375 (i - 16)): -16 -> -127, -15 ->
+  // -119.0625 -> -119, 1 -> 7.9375 -> 8, 15 -> 119.0625 -> 119.
+  std::vector<float> x(32);
+  for (int i = 0; i < 32; ++i) x[static_cast<std::size_t>(i)] = static_cast<float>(i - 16);
+  GgufWriter w;
+  w.add_tensor("q", GgmlType::q8_0, {32}, x.data());
+  w.add_tensor("p", GgmlType::q4_0, {32}, x.data());
+  Bytes const b = w.serialize();
+  auto const f = GgufFile::parse(b.data(), b.size());
+  // The data section is the file's last 96 bytes: "q" (34 bytes, padded to 64), then "p" (18, padded to 32).
+  std::size_t const data_start = b.size() - 96;
+  CHECK(f.tensor("q").offset == 0);
+  CHECK(f.tensor("p").offset == 64);
+  unsigned char const* q8 = b.data() + data_start;
+  CHECK(q8[0] == 0x08);  // f16 0x3008, little-endian
+  CHECK(q8[1] == 0x30);
+  CHECK(static_cast<std::int8_t>(q8[2 + 0]) == -127);
+  CHECK(static_cast<std::int8_t>(q8[2 + 1]) == -119);
+  CHECK(static_cast<std::int8_t>(q8[2 + 16]) == 0);
+  CHECK(static_cast<std::int8_t>(q8[2 + 17]) == 8);
+  CHECK(static_cast<std::int8_t>(q8[2 + 31]) == 119);
+  // q4_0 of the same x: m = -16 (x[0], the first of the largest magnitude) -> d = 2 (0x4000), id = 0.5,
+  // code = min(15, trunc(x / 2 + 8.5)): x_j = j - 16 -> low nibbles trunc(j / 2 + 0.5) = 0 1 1 2 2 3 3 4 4 5 5 6 6 7 7 8,
+  // x_{j+16} = j -> high nibbles trunc(j / 2 + 8.5) = 8 9 9 10 10 11 11 12 12 13 13 14 14 15 15 15 (16 clamps).
+  unsigned char const* q4 = b.data() + data_start + 64;
+  CHECK(q4[0] == 0x00);
+  CHECK(q4[1] == 0x40);
+  unsigned char const want[16] = {0x80, 0x91, 0x91, 0xA2, 0xA2, 0xB3, 0xB3, 0xC4,
+                                  0xC4, 0xD5, 0xD5, 0xE6, 0xE6, 0xF7, 0xF7, 0xF8};
+  for (int j = 0; j < 16; ++j) {
+    INFO("byte " << j);
+    CHECK(q4[2 + j] == want[j]);
+  }
+}
+
 TEST_CASE("gguf: the writer refuses bad names, shapes, types and alignments", "[io][gguf]") {
   CHECK_THROWS_AS(GgufWriter(24), fl::value_error);
   CHECK_THROWS_AS(GgufWriter(4), fl::value_error);
@@ -162,6 +271,14 @@ TEST_CASE("gguf: the writer refuses bad names, shapes, types and alignments", "[
   CHECK_THROWS_AS(w.add_tensor("r5", GgmlType::f32, {1, 1, 1, 1, 1}, x), fl::value_error);
   CHECK_THROWS_AS(w.add_tensor("zero", GgmlType::f32, {0}, x), fl::value_error);
   CHECK_THROWS_AS(w.add_tensor("int", GgmlType::i32, {1}, x), fl::value_error);
+  std::vector<float> rows(96, 0.5f);
+  CHECK_THROWS_WITH(w.add_tensor("q48", GgmlType::q8_0, {2, 48}, rows.data()),
+                    Catch::Contains("tensor 'q48' of type Q8_0 has rows of 48 weights, expected a multiple of 32"));
+  rows[70] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(w.add_tensor("qnan", GgmlType::q4_0, {3, 32}, rows.data()),
+                    Catch::Contains("tensor 'qnan'") && Catch::Contains("index 70"));
+  CHECK(w.serialize().size() > 0);  // the refused tensors were not added
+  CHECK_NOTHROW(w.add_tensor("qnan", GgmlType::q4_0, {2, 32}, rows.data()));
   CHECK_THROWS_AS(w.set_u32("general.alignment", 64), fl::value_error);  // already set by the constructor
   CHECK_THROWS_AS(w.set_u32("", 1), fl::value_error);
 }
@@ -235,7 +352,23 @@ TEST_CASE("gguf: malformed files throw format_error naming the problem", "[io][g
   require_format_error(one_tensor({std::uint64_t{1} << 63}, 0, 0, 16), "exceeds the int64 range");
   require_format_error(one_tensor({std::uint64_t{1} << 40, std::uint64_t{1} << 40}, 0, 0, 16), "overflows 64 bits");
   require_format_error(one_tensor({std::uint64_t{1} << 62}, 0, 0, 16), "byte size overflows");
-  require_format_error(one_tensor({4}, 2, 0, 16), "ggml type 2");  // Q4_0: not supported here
+  require_format_error(one_tensor({4}, 3, 0, 16), "ggml type 3");  // Q4_1: not supported here
+  // Block types: ne[0] a multiple of 32; bytes = ne[0] / 32 blocks per row (18 for Q4_0, 34 for Q8_0).
+  CHECK_NOTHROW(GgufFile::parse(one_tensor({64, 3}, 2, 0, 108).data(), one_tensor({64, 3}, 2, 0, 108).size()));
+  CHECK_NOTHROW(GgufFile::parse(one_tensor({32, 2}, 8, 0, 68).data(), one_tensor({32, 2}, 8, 0, 68).size()));
+  require_format_error(one_tensor({4}, 2, 0, 16), "Q4_0 with ne[0] = 4, not a multiple of its 32-weight block");
+  require_format_error(one_tensor({48, 2}, 8, 0, 128), "Q8_0 with ne[0] = 48");
+  require_format_error(one_tensor({64, 3}, 2, 0, 107), "with 108 bytes runs past the data section");
+  require_format_error(one_tensor({32, 2}, 8, 0, 67), "with 68 bytes runs past the data section");
+  require_format_error(one_tensor({(std::uint64_t{1} << 63) - 32}, 8, 0, 16), "byte size overflows");  // 2^58 - 1 blocks x 34
+  {
+    // An integer tensor is refused by to_float even with no elements (fuzz_gguf found it returned an empty vector).
+    Bytes const empty_int = one_tensor({0, 4}, 26, 0, 16);
+    auto const f = GgufFile::parse(empty_int.data(), empty_int.size());
+    CHECK_THROWS_WITH(f.to_float("t"), Catch::Contains("has type I32, expected a floating type"));
+    Bytes const empty_q8 = one_tensor({0, 4}, 8, 0, 16);
+    CHECK(GgufFile::parse(empty_q8.data(), empty_q8.size()).to_float("t").empty());
+  }
   require_format_error(one_tensor({4}, 0, 8, 48), "not a multiple of the alignment");
   require_format_error(one_tensor({4}, 0, 32, 16), "runs past the data section");
   require_format_error(one_tensor({8}, 0, 0, 16), "runs past the data section");
@@ -270,6 +403,9 @@ TEST_CASE("gguf: every truncation and every single-byte corruption is refused cl
   std::vector<float> const v{1, 2, 3, 4, 5, 6};
   w.add_tensor("x", GgmlType::f32, {2, 3}, v.data());
   w.add_tensor("y", GgmlType::f16, {3}, v.data());
+  std::vector<float> const blocks(64, -0.75f);
+  w.add_tensor("q", GgmlType::q8_0, {2, 32}, blocks.data());
+  w.add_tensor("p", GgmlType::q4_0, {32}, blocks.data());
   Bytes const good = w.serialize();
   for (std::size_t n = 0; n < good.size(); ++n) {
     // A prefix that ends inside the trailing padding of the last tensor is still a complete, valid file.

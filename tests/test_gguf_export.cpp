@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // Tests of io/gguf_llama_export.hpp: the llama2.c -> llama.cpp "llama" export (keys, vocabulary, tensors, MoE
-// layout, refusals), and a forward pass that reads only the exported GGUF tensors with ggml's semantics and must
-// match our engine.
+// layout, refusals), the expert tensor types (Q8_0, Q4_0, F16, BF16) on a synthetic model whose sizes fit 32-weight
+// blocks, and a forward pass that reads only the exported GGUF tensors with ggml's semantics and must match our
+// engine.
 #include <catch2/catch.hpp>
 
 #include <factorllm/core/error.hpp>
+#include <factorllm/core/quant.hpp>
 #include <factorllm/io/detail/bytes.hpp>
 #include <factorllm/io/gguf.hpp>
 #include <factorllm/io/gguf_llama_export.hpp>
@@ -16,7 +18,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -316,4 +320,215 @@ TEST_CASE("gguf export: a ggml-semantics forward over the exported file matches 
   double const moe_diff = max_abs_diff(gm, engine.forward_sequence(tokens));
   INFO("MoE: max |logit difference| = " << moe_diff);
   CHECK(moe_diff < kTol);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Expert tensor types (GgufExportOptions::expert_type): Q8_0, Q4_0, F16, BF16
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+void put_i32(Bytes& b, std::int32_t v) {
+  for (int i = 0; i < 4; ++i) b.push_back(static_cast<unsigned char>(static_cast<std::uint32_t>(v) >> (8 * i)));
+}
+void put_f32(Bytes& b, float v) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  put_i32(b, static_cast<std::int32_t>(u));
+}
+
+/// A small llama2.c model with random weights whose sizes fit the block formats (stories260K's d_expert = 172 / N
+/// never is a multiple of 32): dim 64, the given hidden_dim, 2 layers, 4 heads (2 kv heads), 16 tokens, seq_len 16.
+/// Norm weights near 1, matrices N(0, 1/dim) (seeded); llama2.c's legacy layout, shared classifier.
+io::Llama2cCheckpoint synthetic_checkpoint(std::int32_t hidden_dim) {
+  std::int32_t const dim = 64, layers = 2, heads = 4, kv_heads = 2, vocab = 16, seq = 16, hs = dim / heads,
+                     kv = kv_heads * hs;
+  Bytes b;
+  for (std::int32_t v : {dim, hidden_dim, layers, heads, kv_heads, vocab, seq}) put_i32(b, v);
+  std::mt19937 rng(99);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto matrix = [&](std::int64_t n, float scale) {
+    for (std::int64_t i = 0; i < n; ++i) put_f32(b, normal(rng) * scale);
+  };
+  auto norm = [&](std::int64_t n) {
+    for (std::int64_t i = 0; i < n; ++i) put_f32(b, 1.f + 0.1f * normal(rng));
+  };
+  float const s = 1.f / std::sqrt(static_cast<float>(dim));
+  matrix(vocab * dim, 1.f);                 // token embedding
+  norm(layers * dim);                       // rms_att
+  matrix(layers * dim * dim, s);            // wq
+  matrix(layers * kv * dim, s);             // wk
+  matrix(layers * kv * dim, s);             // wv
+  matrix(layers * dim * dim, s);            // wo
+  norm(layers * dim);                       // rms_ffn
+  matrix(layers * hidden_dim * dim, s);     // w1
+  matrix(layers * dim * hidden_dim, 1.f / std::sqrt(static_cast<float>(hidden_dim)));  // w2
+  matrix(layers * hidden_dim * dim, s);     // w3
+  norm(dim);                                // rms_final
+  matrix(seq * hs, 0.f);                    // freq_cis_real, freq_cis_imag (unused)
+  return io::Llama2cCheckpoint::parse(b.data(), b.size());
+}
+
+/// Its tokenizer: <unk>, BOS, EOS and the letters a .. m.
+io::Llama2cTokenizer synthetic_tokenizer() {
+  std::vector<std::string> pieces{"<unk>", "\n<s>\n", "\n</s>\n"};
+  for (char c = 'a'; c <= 'm'; ++c) pieces.emplace_back(1, c);
+  Bytes b;
+  put_i32(b, 8);
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    put_f32(b, -static_cast<float>(i));
+    put_i32(b, static_cast<std::int32_t>(pieces[i].size()));
+    b.insert(b.end(), pieces[i].begin(), pieces[i].end());
+  }
+  return io::Llama2cTokenizer::parse(b.data(), b.size(), 16);
+}
+
+/// The synthetic model's FFNs as 4-expert layers (d_expert = hidden_dim / 4), top-2 renormalized, in format T.
+template <class T>
+std::vector<fl::moe::MoeFfn<T, fl::CpuScalar>> synthetic_moe(io::Llama2cCheckpoint const& ck) {
+  std::vector<fl::moe::MoeFfn<T, fl::CpuScalar>> layers;
+  for (int l = 0; l < ck.config().n_layers; ++l) {
+    auto ex = fl::ffn::factorize(ck.ffn(l), fl::ffn::ExpertPartition::random(ck.config().hidden_dim, 4, 50 + l));
+    layers.emplace_back(fl::ffn::convert_format<T>(ex), fl::moe::Router<float>::random(ck.config().dim, 4, 60 + l, 1.0),
+                        gating(fl::moe::CombineMode::softmax_topk_renorm, 2));
+  }
+  return layers;
+}
+
+char const* const kExpertTensors[] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
+
+template <class T>
+fl::Tensor<T, 3> const& expert_tensor(fl::ffn::ExpertWeights<T> const& e, int which) {
+  return which == 0 ? e.gate_tensor() : which == 1 ? e.up_tensor() : e.down_tensor();
+}
+
+}  // namespace
+
+TEST_CASE("gguf export: expert_type writes the expert tensors as Q8_0, Q4_0, F16 or BF16, the rest as before",
+          "[io][gguf][export][quant]") {
+  auto const ck = synthetic_checkpoint(128);
+  auto const tok = synthetic_tokenizer();
+  auto const layers = synthetic_moe<float>(ck);
+  struct Case {
+    GgmlType expert, weight;
+    std::int64_t file_type;
+  };
+  for (Case const c : {Case{GgmlType::q8_0, GgmlType::f32, 7}, Case{GgmlType::q4_0, GgmlType::f16, 2},
+                       Case{GgmlType::f16, GgmlType::f32, 1}, Case{GgmlType::bf16, GgmlType::f32, 32}}) {
+    INFO("experts " << io::to_string(c.expert) << ", other weights " << io::to_string(c.weight));
+    io::GgufExportOptions o;
+    o.expert_type = c.expert;
+    o.weight_type = c.weight;
+    Bytes const bytes = io::llama_moe_gguf(ck, tok, layers, o).serialize();
+    auto const f = GgufFile::parse(bytes.data(), bytes.size());
+    CHECK(f.get_int("general.file_type") == c.file_type);
+    CHECK(f.tensor("token_embd.weight").type == c.weight);
+    for (int l = 0; l < 2; ++l) {
+      std::string const p = "blk." + std::to_string(l) + ".";
+      CHECK(f.tensor(p + "attn_q.weight").type == c.weight);
+      CHECK(f.tensor(p + "ffn_norm.weight").type == GgmlType::f32);
+      CHECK(f.tensor(p + "ffn_gate_inp.weight").type == GgmlType::f32);  // routers stay F32
+      CHECK(f.tensor(p + "ffn_gate_exps.weight").ne == std::vector<std::int64_t>{64, 32, 4});
+      CHECK(f.tensor(p + "ffn_down_exps.weight").ne == std::vector<std::int64_t>{32, 64, 4});
+      auto const& e = layers[static_cast<std::size_t>(l)].experts();
+      for (int which = 0; which < 3; ++which) {
+        std::string const name = p + kExpertTensors[which];
+        INFO(name);
+        auto const& t = f.tensor(name);
+        CHECK(t.type == c.expert);
+        auto const& src = expert_tensor(e, which);
+        if (c.expert == GgmlType::q8_0) {
+          CHECK(t.bytes == static_cast<std::uint64_t>(src.size() / 32 * 34));
+          auto const want = fl::convert<fl::q8_0>(src.cview());  // ggml's row layout: rows of ne[0] / 32 blocks
+          auto const got = f.to_blocks<fl::q8_0>(name);
+          CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(fl::q8_0)) == 0);
+        } else if (c.expert == GgmlType::q4_0) {
+          CHECK(t.bytes == static_cast<std::uint64_t>(src.size() / 32 * 18));
+          auto const want = fl::convert<fl::q4_0>(src.cview());
+          auto const got = f.to_blocks<fl::q4_0>(name);
+          CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(fl::q4_0)) == 0);
+        } else {
+          auto const got = f.to_float(name);
+          for (std::ptrdiff_t k = 0; k < src.size(); ++k) {
+            float const want = c.expert == GgmlType::f16 ? fl::f16(src[k]).to_float() : fl::bf16(src[k]).to_float();
+            REQUIRE(got[static_cast<std::size_t>(k)] == want);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gguf export: q8_0 and q4_0 layers keep their blocks bit for bit", "[io][gguf][export][quant]") {
+  auto const ck = synthetic_checkpoint(128);
+  auto const tok = synthetic_tokenizer();
+  auto const q8 = synthetic_moe<fl::q8_0>(ck);
+  auto const q4 = synthetic_moe<fl::q4_0>(ck);
+  Bytes const b8 = io::llama_moe_gguf(ck, tok, q8).serialize();  // expert_type unset: the layers' own format
+  Bytes const b4 = io::llama_moe_gguf(ck, tok, q4).serialize();
+  io::GgufExportOptions as_f32;
+  as_f32.expert_type = GgmlType::f32;
+  Bytes const b8f = io::llama_moe_gguf(ck, tok, q8, as_f32).serialize();
+  auto const f8 = GgufFile::parse(b8.data(), b8.size()), f4 = GgufFile::parse(b4.data(), b4.size()),
+             f8f = GgufFile::parse(b8f.data(), b8f.size());
+  CHECK(f8.get_int("general.file_type") == 7);
+  CHECK(f4.get_int("general.file_type") == 2);
+  for (int l = 0; l < 2; ++l)
+    for (int which = 0; which < 3; ++which) {
+      std::string const name = "blk." + std::to_string(l) + "." + kExpertTensors[which];
+      INFO(name);
+      auto const& s8 = expert_tensor(q8[static_cast<std::size_t>(l)].experts(), which);
+      auto const& s4 = expert_tensor(q4[static_cast<std::size_t>(l)].experts(), which);
+      auto const g8 = f8.to_blocks<fl::q8_0>(name);
+      auto const g4 = f4.to_blocks<fl::q4_0>(name);
+      REQUIRE(static_cast<std::ptrdiff_t>(g8.size()) == s8.size());
+      CHECK(std::memcmp(g8.data(), s8.data(), g8.size() * sizeof(fl::q8_0)) == 0);
+      CHECK(std::memcmp(g4.data(), s4.data(), g4.size() * sizeof(fl::q4_0)) == 0);
+      // As F32: the exact dequantization.
+      CHECK(f8f.tensor(name).type == GgmlType::f32);
+      auto const deq = f8f.to_float(name);
+      auto const want = fl::convert<float>(s8.cview());
+      CHECK(std::equal(deq.begin(), deq.end(), want.data()));
+    }
+}
+
+TEST_CASE("gguf export: a ggml-semantics forward over Q8_0 and Q4_0 experts matches our engine on those layers",
+          "[io][gguf][export][quant]") {
+  auto const ck = synthetic_checkpoint(128);
+  auto const tok = synthetic_tokenizer();
+  std::vector<int> const tokens{1, 5, 9, 3, 14, 7, 7, 12, 4, 10};
+  // ggml's forward reads the dequantized weights (to_float) and computes in float; our engine runs the q8_0 / q4_0
+  // layers on the oracle (double sums of the same exact weights). Float summation order only: ~1e-5 here; a layout
+  // error in a block or row moves the logits by O(1).
+  constexpr double kTol = 2e-3;
+  auto check = [&](auto const& layers, char const* what) {
+    using Layer = typename std::decay_t<decltype(layers)>::value_type;
+    factorllm_examples::Llama2cEngine engine(ck);
+    for (int l = 0; l < ck.config().n_layers; ++l)
+      engine.set_ffn(l, std::make_unique<factorllm_examples::MoeLayerAdapter<Layer>>(layers[static_cast<std::size_t>(l)], 16));
+    Bytes const bytes = io::llama_moe_gguf(ck, tok, layers).serialize();
+    RowMajorF const g = ggml_llama_forward(GgufFile::parse(bytes.data(), bytes.size()), tokens);
+    double const diff = max_abs_diff(g, engine.forward_sequence(tokens));
+    INFO(what << ": max |logit difference| = " << diff);
+    CHECK(diff < kTol);
+  };
+  check(synthetic_moe<fl::q8_0>(ck), "Q8_0");
+  check(synthetic_moe<fl::q4_0>(ck), "Q4_0");
+}
+
+TEST_CASE("gguf export: expert_type refusals name the reason", "[io][gguf][export][quant]") {
+  auto const tok = synthetic_tokenizer();
+  auto const ck = synthetic_checkpoint(128);
+  io::GgufExportOptions o;
+  o.expert_type = GgmlType::q8_0;
+  CHECK_THROWS_WITH(io::llama_gguf(ck, tok, o), Catch::Contains("expert_type Q8_0 is set but the export is dense"));
+  o.expert_type = GgmlType::i32;
+  CHECK_THROWS_WITH(io::llama_moe_gguf(ck, tok, synthetic_moe<float>(ck), o),
+                    Catch::Contains("expert_type I32 is not F32, F16, BF16, Q8_0 or Q4_0"));
+  auto const ck192 = synthetic_checkpoint(192);  // d_expert = 48
+  o.expert_type = GgmlType::q4_0;
+  CHECK_THROWS_WITH(io::llama_moe_gguf(ck192, tok, synthetic_moe<float>(ck192), o),
+                    Catch::Contains("multiples of 32; the layers have d_model 64 and d_expert 48"));
+  o.expert_type = GgmlType::f16;
+  CHECK_NOTHROW(io::llama_moe_gguf(ck192, tok, synthetic_moe<float>(ck192), o));
 }

@@ -4,8 +4,9 @@
 
 Usage: python3 tests/fuzz/make_corpus.py OUT_DIR [--shared PATH]
 
-Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer and fuzz_api, each holding small
-valid inputs and broken variants of them (truncated, trailing bytes, bad header fields). The real model files
+Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer, fuzz_gguf and fuzz_api, each holding
+small valid inputs and broken variants of them (truncated, trailing bytes, bad header fields; for GGUF, tensors of
+every type the reader accepts, Q8_0 and Q4_0 blocks included). The real model files
 (stories260K.bin, tok512.bin) are copied from the shared folder when present (default: ../shared next to the
 repository); nothing here is committed, everything is regenerated.
 """
@@ -137,6 +138,73 @@ def tokenizer_corpus(out, shared):
         write(d, "b_text_%d.bin" % i, bytes([1 | (2 if i % 2 == 0 else 0) | (4 if i % 3 == 0 else 0)]) + t)
 
 
+# -------------------------------------------------------------------------------------------------- GGUF ----
+
+# ggml type id -> (weights per block, bytes per block): F32, F16, Q4_0, Q8_0, I8, I16, I32, I64, F64, BF16.
+GGML_TYPES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
+              28: (1, 8), 30: (1, 2)}
+
+
+def gguf_string(text):
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def gguf_block(type_id, rng):
+    """One block of random contents: Q8_0 = f16 scale + 32 int8, Q4_0 = f16 scale + 16 bytes of nibbles."""
+    scale = struct.pack("<e", rng.uniform(-2, 2))
+    return scale + bytes(rng.getrandbits(8) for _ in range(32 if type_id == 8 else 16))
+
+
+def gguf_file(tensors, kvs=(), alignment=32, rng=None):
+    """A GGUF v3 file. tensors: list of (name, ne (fastest first), ggml type id); kvs: list of (key, u32 value).
+    Data is random, aligned as the writer lays it out."""
+    rng = rng or random.Random(7)
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs) + 1)
+    out += gguf_string("general.alignment") + struct.pack("<II", 4, alignment)
+    for key, value in kvs:
+        out += gguf_string(key) + struct.pack("<II", 4, value)
+    blobs, offset = [], 0
+    for name, ne, type_id in tensors:
+        per_block, block_bytes = GGML_TYPES[type_id]
+        numel = 1
+        for e in ne:
+            numel *= e
+        if per_block > 1:
+            blob = b"".join(gguf_block(type_id, rng) for _ in range(numel // per_block))
+        else:
+            blob = bytes(rng.getrandbits(8) for _ in range(numel * block_bytes))
+        out += gguf_string(name) + struct.pack("<I", len(ne)) + struct.pack("<%dQ" % len(ne), *ne)
+        out += struct.pack("<IQ", type_id, offset)
+        blobs.append(blob)
+        offset += (len(blob) + alignment - 1) // alignment * alignment
+    out += b"\0" * (-len(out) % alignment)
+    for blob in blobs:
+        out += blob + b"\0" * (-len(blob) % alignment)
+    return out
+
+
+def gguf_corpus(out):
+    d = os.path.join(out, "fuzz_gguf")
+    every_type = [("t%d" % t, [32, 2], t) for t in sorted(GGML_TYPES)]
+    files = {
+        "every_type": gguf_file(every_type, [("llama.block_count", 1)]),
+        "q8_0": gguf_file([("blk.0.ffn_gate_exps.weight", [64, 32, 2], 8), ("blk.0.ffn_down_exps.weight", [32, 64, 2], 8)]),
+        "q4_0": gguf_file([("blk.0.ffn_up_exps.weight", [64, 32, 2], 2), ("norm", [64], 0)]),
+        "q8_0_align64": gguf_file([("a", [96], 8), ("b", [32, 3], 2)], alignment=64),
+    }
+    for name, good in files.items():
+        write(d, name + ".gguf", good)
+        write(d, name + "_truncated.gguf", good[:-7])
+        write(d, name + "_trailing.gguf", good + b"\0" * 5)
+    # Broken block tensors: ne[0] not a multiple of 32, data a block short, a row count far beyond the data.
+    write(d, "q8_0_ne0_33.gguf", gguf_file([("a", [32, 2], 8)]).replace(struct.pack("<2Q", 32, 2), struct.pack("<2Q", 33, 2), 1))
+    write(d, "q4_0_short.gguf", gguf_file([("a", [64, 2], 2)])[:-30])
+    write(d, "q8_0_huge.gguf", gguf_file([("a", [32, 1], 8)]).replace(struct.pack("<2Q", 32, 1), struct.pack("<2Q", 32, 1 << 52), 1))
+    write(d, "empty.gguf", b"")
+    write(d, "magic_only.gguf", b"GGUF")
+
+
 def api_corpus(out):
     """fuzz_api reads its choices through FuzzedDataProvider: integers come from the END of the input (the last 4
     bytes seed the data generator, the byte before picks the operation), bytes from the front. One seed per
@@ -159,6 +227,7 @@ def main():
     args = parser.parse_args()
     checkpoint_corpus(args.out_dir, args.shared)
     tokenizer_corpus(args.out_dir, args.shared)
+    gguf_corpus(args.out_dir)
     api_corpus(args.out_dir)
     for target in sorted(os.listdir(args.out_dir)):
         path = os.path.join(args.out_dir, target)

@@ -128,8 +128,9 @@ struct f16 : detail::Storage16<f16> {
 static_assert(sizeof(f16) == 2 && std::is_trivially_copyable_v<f16>, "f16 must be two plain bytes");
 
 /// Numeric traits of a weight/activation type: the type activations use with it and its conversions.
-/// Weights may be float, double (for oracles and gradient checks), bf16 or f16; activations are float,
-/// or double when the weights are double. `block_weights` is how many weights one stored element holds.
+/// Weights may be float, double (for oracles and gradient checks), bf16 or f16 (here), or the block-quantized q8_0
+/// and q4_0 (core/quant.hpp, traits without per-element conversions); activations are float, or double when the
+/// weights are double. `block_weights` is how many weights one stored element holds.
 template <class T>
 struct dtype_traits;
 

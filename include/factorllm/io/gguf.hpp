@@ -5,7 +5,8 @@
 // count, the key-values (gguf string key, uint32 type, value), the tensor infos (gguf string name, uint32
 // n_dims, uint64 ne[n_dims] fastest dimension first, uint32 ggml type, uint64 offset into the data section),
 // padding to general.alignment (default 32), then the data section, each tensor starting aligned. Little-endian;
-// a gguf string is a uint64 byte count followed by the bytes.
+// a gguf string is a uint64 byte count followed by the bytes. A row of ne[0] weights of a block-quantized type
+// (Q8_0, Q4_0) is ne[0] / 32 consecutive blocks (core/quant.hpp: the f16 scale, little-endian, then the codes).
 #pragma once
 
 #include <algorithm>
@@ -15,11 +16,13 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/quant.hpp"
 #include "../core/tensor_view.hpp"
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
@@ -34,14 +37,19 @@ enum class GgufValueType : std::uint32_t {
   i64 = 11, f64 = 12
 };
 
-/// Tensor element types this module reads and writes (ggml_type ids). Quantized types are not supported.
-enum class GgmlType : std::uint32_t { f32 = 0, f16 = 1, i8 = 24, i16 = 25, i32 = 26, i64 = 27, f64 = 28, bf16 = 30 };
+/// Tensor element types this module reads and writes (ggml_type ids). Of ggml's quantized types, Q4_0 and Q8_0
+/// (blocks of 32 weights: core/quant.hpp's q4_0 and q8_0).
+enum class GgmlType : std::uint32_t {
+  f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, i8 = 24, i16 = 25, i32 = 26, i64 = 27, f64 = 28, bf16 = 30
+};
 
 /// Returns ggml's name of a tensor type ("F32", ...).
 inline char const* to_string(GgmlType t) noexcept {
   switch (t) {
     case GgmlType::f32: return "F32";
     case GgmlType::f16: return "F16";
+    case GgmlType::q4_0: return "Q4_0";
+    case GgmlType::q8_0: return "Q8_0";
     case GgmlType::i8: return "I8";
     case GgmlType::i16: return "I16";
     case GgmlType::i32: return "I32";
@@ -52,9 +60,12 @@ inline char const* to_string(GgmlType t) noexcept {
   return "?";
 }
 
-/// Returns the bytes of one element of a supported type, or 0 for an id this module does not support.
+/// Returns the bytes of one stored element of a supported type (ggml_type_size): one value, or for Q4_0 and Q8_0
+/// one block of ggml_block_weights(id) weights (18 and 34 bytes); 0 for an id this module does not support.
 inline std::size_t ggml_type_bytes(std::uint32_t id) noexcept {
   switch (static_cast<GgmlType>(id)) {
+    case GgmlType::q4_0: return sizeof(q4_0);
+    case GgmlType::q8_0: return sizeof(q8_0);
     case GgmlType::i8: return 1;
     case GgmlType::f16:
     case GgmlType::bf16:
@@ -66,6 +77,45 @@ inline std::size_t ggml_type_bytes(std::uint32_t id) noexcept {
   }
   return 0;
 }
+
+/// Returns the weights one stored element holds (ggml_blck_size): 32 for Q4_0 and Q8_0, 1 for the other types.
+inline std::int64_t ggml_block_weights(std::uint32_t id) noexcept {
+  auto const t = static_cast<GgmlType>(id);
+  return t == GgmlType::q4_0 || t == GgmlType::q8_0 ? kQuantBlock : 1;
+}
+inline std::int64_t ggml_block_weights(GgmlType t) noexcept { return ggml_block_weights(static_cast<std::uint32_t>(t)); }
+
+/// The GGUF type that stores a weight format as it is: F32, F64, F16, BF16, Q8_0, Q4_0.
+template <class W>
+constexpr GgmlType ggml_type_of() noexcept {
+  using T = std::remove_const_t<W>;
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, f16> ||
+                    std::is_same_v<T, bf16> || std::is_same_v<T, q8_0> || std::is_same_v<T, q4_0>,
+                "ggml_type_of: not a weight format");
+  if constexpr (std::is_same_v<T, float>) return GgmlType::f32;
+  else if constexpr (std::is_same_v<T, double>) return GgmlType::f64;
+  else if constexpr (std::is_same_v<T, f16>) return GgmlType::f16;
+  else if constexpr (std::is_same_v<T, bf16>) return GgmlType::bf16;
+  else if constexpr (std::is_same_v<T, q8_0>) return GgmlType::q8_0;
+  else return GgmlType::q4_0;
+}
+
+namespace detail {
+/// Decodes one block from its file bytes (the little-endian f16 scale, then the codes), on any host.
+template <class Block>
+Block load_block(unsigned char const* p) noexcept {
+  Block b;
+  b.d = f16::from_bits(load_le_u16(p));
+  std::memcpy(b.qs, p + 2, sizeof b.qs);
+  return b;
+}
+/// Appends one block in file order.
+template <class Block>
+void store_block(ByteSink& s, Block const& b) {
+  s.u16(b.d.bits);
+  s.raw(b.qs, sizeof b.qs);
+}
+}  // namespace detail
 
 /// One GGUF key-value value. Scalars fill one field; arrays keep their elements compactly (numeric arrays as the
 /// file's little-endian bytes, string arrays as strings), so a hostile array costs at most a few times its size.
@@ -191,8 +241,9 @@ class GgufFile {
   /// \throws format_error when: the magic is not "GGUF"; the version is not 2 or 3; a count, length, key, type,
   ///         value, dimension or offset is truncated, unknown or inconsistent; a key or tensor name repeats;
   ///         general.alignment is not a power-of-two u32; a tensor has 0 or more than 4 dimensions, an element
-  ///         count or byte size that overflows, a type other than F32/F16/BF16/F64/I8/I16/I32/I64, an offset that is
-  ///         not aligned, data past the end of the file, or data overlapping another tensor's.
+  ///         count or byte size that overflows, a type other than F32/F16/BF16/F64/Q8_0/Q4_0/I8/I16/I32/I64, a
+  ///         block type (Q8_0, Q4_0) with ne[0] not a multiple of 32, an offset that is not aligned, data past the
+  ///         end of the file, or data overlapping another tensor's.
   static GgufFile parse(void const* data, std::size_t bytes) {
     if (data == nullptr && bytes != 0) throw format_error("gguf: null data pointer with a non-zero size");
     auto const* p = static_cast<unsigned char const*>(data);
@@ -248,23 +299,58 @@ class GgufFile {
     if (t == nullptr) throw format_error(detail::concat(source_, ": no tensor '", name, "'"));
     return *t;
   }
-  /// Returns the elements of an F32, F16, BF16 or F64 tensor as float, in ggml (= row-major of shape()) order.
+  /// Returns the elements of an F32, F16, BF16, F64, Q8_0 or Q4_0 tensor as float, in ggml (= row-major of
+  /// shape()) order; the block types dequantize exactly (weight = f16 scale * integer; a hostile file's infinite or
+  /// NaN scale gives infinities or NaN).
   /// \throws format_error when absent or of an integer type.
   std::vector<float> to_float(std::string const& name) const {
     auto const& t = tensor(name);
+    // The type first: an integer tensor is refused even when it has no elements (found by fuzz_gguf).
+    if (t.type != GgmlType::f32 && t.type != GgmlType::f16 && t.type != GgmlType::bf16 && t.type != GgmlType::f64 &&
+        t.type != GgmlType::q8_0 && t.type != GgmlType::q4_0)
+      throw format_error(detail::concat(source_, ": tensor '", name, "' has type ", to_string(t.type),
+                                        ", expected a floating type"));
     unsigned char const* p = bytes_.data() + data_start_ + t.offset;
     std::vector<float> out(static_cast<std::size_t>(t.numel()));
+    if (t.type == GgmlType::q8_0 || t.type == GgmlType::q4_0) {
+      std::size_t const block_bytes = ggml_type_bytes(static_cast<std::uint32_t>(t.type));
+      for (std::size_t b = 0; b < out.size() / kQuantBlock; ++b) {
+        unsigned char const* q = p + b * block_bytes;  // inside the tensor's validated bytes
+        float* o = out.data() + b * kQuantBlock;
+        if (t.type == GgmlType::q8_0) {
+          q8_0 const block = detail::load_block<q8_0>(q);
+          dequantize_row(&block, kQuantBlock, o);
+        } else {
+          q4_0 const block = detail::load_block<q4_0>(q);
+          dequantize_row(&block, kQuantBlock, o);
+        }
+      }
+      return out;
+    }
     for (std::size_t k = 0; k < out.size(); ++k) {
       switch (t.type) {
         case GgmlType::f32: out[k] = detail::load_le_f32(p + 4 * k); break;
         case GgmlType::f16: out[k] = detail::half_to_float(detail::load_le_u16(p + 2 * k)); break;
         case GgmlType::bf16: out[k] = bf16::from_bits(detail::load_le_u16(p + 2 * k)).to_float(); break;
         case GgmlType::f64: out[k] = static_cast<float>(detail::load_le_f64(p + 8 * k)); break;
-        default:
-          throw format_error(detail::concat(source_, ": tensor '", name, "' has type ", to_string(t.type),
-                                            ", expected a floating type"));
+        default: break;  // refused above
       }
     }
+    return out;
+  }
+
+  /// Returns the blocks of a Q8_0 (Block = q8_0) or Q4_0 (Block = q4_0) tensor as stored, ne[0] / 32 per row, rows
+  /// in ggml order: the raw weights, bit for bit (a Tensor<Block, R> of the shape() with the last extent / 32).
+  /// \throws format_error when absent or of another type.
+  template <class Block, class = std::enable_if_t<std::is_same_v<Block, q8_0> || std::is_same_v<Block, q4_0>>>
+  std::vector<Block> to_blocks(std::string const& name) const {
+    auto const& t = tensor(name);
+    if (t.type != ggml_type_of<Block>())
+      throw format_error(detail::concat(source_, ": tensor '", name, "' has type ", to_string(t.type), ", expected ",
+                                        to_string(ggml_type_of<Block>())));
+    unsigned char const* p = bytes_.data() + data_start_ + t.offset;
+    std::vector<Block> out(static_cast<std::size_t>(t.numel() / kQuantBlock));
+    for (std::size_t b = 0; b < out.size(); ++b) out[b] = detail::load_block<Block>(p + b * sizeof(Block));
     return out;
   }
   std::string const& source() const noexcept { return source_; }
@@ -385,7 +471,13 @@ class GgufFile {
       std::size_t const tb = ggml_type_bytes(type);
       if (tb == 0) fail(detail::concat(where, " has ggml type ", type, ", which this reader does not support"));
       t.type = static_cast<GgmlType>(type);
-      std::int64_t const bytes = detail::mul_nonneg(numel, static_cast<std::int64_t>(tb));
+      // A block type stores each row of ne[0] weights as ne[0] / 32 blocks: ne[0] must be a multiple of 32, and the
+      // bytes are numel / 32 blocks (ggml_row_size).
+      std::int64_t const bw = ggml_block_weights(type);
+      if (t.ne[0] % bw != 0)
+        fail(detail::concat(where, " has type ", to_string(t.type), " with ne[0] = ", t.ne[0],
+                            ", not a multiple of its ", bw, "-weight block"));
+      std::int64_t const bytes = detail::mul_nonneg(numel / bw, static_cast<std::int64_t>(tb));
       if (bytes < 0) fail(where + "'s byte size overflows 64 bits");
       t.bytes = static_cast<std::uint64_t>(bytes);
       t.offset = c.u64("tensor offset");
@@ -482,43 +574,60 @@ class GgufWriter {
   /// Adds a tensor from floats.
   /// \param shape  ROW-MAJOR extents (outermost first), 1 to 4 of them, each >= 1; the file stores them reversed
   ///               (ggml's ne[0] is the row length), so a [rows, cols] matrix becomes ne = {cols, rows}
-  /// \param type   F32, F16 (round to nearest even) or BF16
-  /// \throws value_error for a bad name (empty, longer than 63 bytes, repeated), shape or type.
+  /// \param type   F32, F16 or BF16 (round to nearest even), or Q8_0 / Q4_0: each row of shape.back() weights (a
+  ///               multiple of 32) quantized into its blocks with ggml's reference rounding (core/quant.hpp)
+  /// \throws value_error for a bad name (empty, longer than 63 bytes, repeated), shape or type, or, for Q8_0 and
+  ///         Q4_0, rows that are not a multiple of 32, a non-finite value or a block scale beyond f16 (naming the
+  ///         tensor and the value's row-major index).
   void add_tensor(std::string const& name, GgmlType type, std::vector<std::int64_t> const& shape, float const* values) {
-    if (name.empty() || name.size() > detail::kGgufMaxTensorName)
-      throw value_error(detail::concat("GgufWriter::add_tensor: name '", name, "' must have 1..",
-                                       detail::kGgufMaxTensorName, " bytes"));
-    for (auto const& t : tensors_)
-      if (t.name == name) throw value_error("GgufWriter::add_tensor: tensor '" + name + "' added twice");
-    if (shape.empty() || shape.size() > 4)
-      throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "' has rank ", shape.size(),
-                                       ", expected 1..4"));
-    std::int64_t n = 1;
-    for (auto const e : shape) {
-      if (e < 1) throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "' has an extent ", e, " < 1"));
-      n = detail::mul_nonneg(n, e);
-      if (n < 0 || n > std::numeric_limits<std::int64_t>::max() / 8)
-        throw value_error("GgufWriter::add_tensor: tensor '" + name + "' is too large");
-    }
+    std::size_t const count = check_new_tensor(name, type, shape);
     detail::ByteSink s;
-    std::size_t const count = static_cast<std::size_t>(n);
     switch (type) {
       case GgmlType::f32: for (std::size_t k = 0; k < count; ++k) s.f32(values[k]); break;
       case GgmlType::f16: for (std::size_t k = 0; k < count; ++k) s.u16(detail::float_to_half(values[k])); break;
       case GgmlType::bf16: for (std::size_t k = 0; k < count; ++k) s.u16(bf16(values[k]).bits); break;
+      case GgmlType::q8_0: quantize_rows<q8_0>(name, shape.back(), count, values, s); break;
+      case GgmlType::q4_0: quantize_rows<q4_0>(name, shape.back(), count, values, s); break;
       default:
         throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "': type ", to_string(type),
-                                         " cannot be written from floats (use F32, F16 or BF16)"));
+                                         " cannot be written from floats (use F32, F16, BF16, Q8_0 or Q4_0)"));
     }
     tensors_.push_back({name, std::vector<std::int64_t>(shape.rbegin(), shape.rend()), type, std::move(s.bytes())});
   }
 
-  /// Adds a tensor from a view of float, double or bf16 (any strides); its extents are the row-major shape.
+  /// Adds a tensor from a view of any weight format (any strides); its extents are the row-major shape, with the
+  /// last one counting weights (for a view of q8_0 or q4_0 blocks: 32 x its last extent). A view of blocks written
+  /// as its own type (q8_0 as Q8_0, q4_0 as Q4_0) is copied bit for bit; otherwise the weights go through float
+  /// (exact for bf16, f16 and blocks) and are encoded as the overload above does.
+  /// \throws value_error as the overload above.
   template <class T, int Rank>
   void add_tensor(std::string const& name, GgmlType type, TensorView<T, Rank> const& view) {
-    std::vector<std::int64_t> const shape(view.extents().begin(), view.extents().end());
-    std::vector<float> const values = detail::row_major_floats(view);
-    add_tensor(name, type, shape, values.data());
+    using W = std::remove_const_t<T>;
+    std::vector<std::int64_t> shape(view.extents().begin(), view.extents().end());
+    if constexpr (is_block_format_v<W>) {
+      shape.back() *= kQuantBlock;
+      if (type == ggml_type_of<W>()) {
+        check_new_tensor(name, type, shape);
+        detail::ByteSink s;
+        for_each_row(view, 0, 0, [&](W const* row) {
+          for (std::ptrdiff_t b = 0; b < view.extent(Rank - 1); ++b) detail::store_block(s, row[b]);
+        });
+        tensors_.push_back({name, std::vector<std::int64_t>(shape.rbegin(), shape.rend()), type, std::move(s.bytes())});
+        return;
+      }
+      std::vector<float> values;
+      values.reserve(static_cast<std::size_t>(view.size()) * kQuantBlock);
+      std::ptrdiff_t const row_weights = view.extent(Rank - 1) * kQuantBlock;
+      for_each_row(view, 0, 0, [&](W const* row) {
+        std::size_t const at = values.size();
+        values.resize(at + static_cast<std::size_t>(row_weights));
+        dequantize_row(row, row_weights, values.data() + at);
+      });
+      add_tensor(name, type, shape, values.data());
+    } else {
+      std::vector<float> const values = detail::row_major_floats(view);
+      add_tensor(name, type, shape, values.data());
+    }
   }
 
   /// Returns the complete file.
@@ -573,6 +682,57 @@ class GgufWriter {
     GgmlType type;
     std::vector<unsigned char> bytes;
   };
+
+  /// Validates a new tensor's name, shape and element count (for its type) and returns the count of weights.
+  std::size_t check_new_tensor(std::string const& name, GgmlType type, std::vector<std::int64_t> const& shape) const {
+    if (name.empty() || name.size() > detail::kGgufMaxTensorName)
+      throw value_error(detail::concat("GgufWriter::add_tensor: name '", name, "' must have 1..",
+                                       detail::kGgufMaxTensorName, " bytes"));
+    for (auto const& t : tensors_)
+      if (t.name == name) throw value_error("GgufWriter::add_tensor: tensor '" + name + "' added twice");
+    if (shape.empty() || shape.size() > 4)
+      throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "' has rank ", shape.size(),
+                                       ", expected 1..4"));
+    std::int64_t n = 1;
+    for (auto const e : shape) {
+      if (e < 1) throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "' has an extent ", e, " < 1"));
+      n = detail::mul_nonneg(n, e);
+      if (n < 0 || n > std::numeric_limits<std::int64_t>::max() / 8)
+        throw value_error("GgufWriter::add_tensor: tensor '" + name + "' is too large");
+    }
+    std::int64_t const bw = ggml_block_weights(type);
+    if (shape.back() % bw != 0)
+      throw value_error(detail::concat("GgufWriter::add_tensor: tensor '", name, "' of type ", to_string(type),
+                                       " has rows of ", shape.back(), " weights, expected a multiple of ", bw,
+                                       " (ggml stores each row as whole blocks)"));
+    return static_cast<std::size_t>(n);
+  }
+
+  /// Quantizes `count` floats, rows of row_weights, into Block blocks (checked first: nothing is added on error).
+  template <class Block>
+  static void quantize_rows(std::string const& name, std::int64_t row_weights, std::size_t count, float const* values,
+                            detail::ByteSink& s) {
+    std::string const fn = "GgufWriter::add_tensor: tensor '" + name + "'";
+    std::size_t const rw = static_cast<std::size_t>(row_weights);
+    for (std::size_t r = 0; r < count / rw; ++r)
+      ::factorllm::detail::check_quantizable<Block>(values + r * rw, row_weights, fn.c_str(), "values",
+                                                    static_cast<std::ptrdiff_t>(r * rw));
+    std::vector<Block> blocks(rw / kQuantBlock);
+    for (std::size_t r = 0; r < count / rw; ++r) {
+      quantize_row(values + r * rw, row_weights, blocks.data());
+      for (auto const& b : blocks) detail::store_block(s, b);
+    }
+  }
+
+  /// Calls f(row pointer) for every row of the last dimension of a view, in row-major order.
+  template <class T, int Rank, class F>
+  static void for_each_row(TensorView<T, Rank> const& v, int dim, std::ptrdiff_t off, F&& f) {
+    if (dim == Rank - 1) {
+      f(v.data() + off);
+      return;
+    }
+    for (std::ptrdiff_t i = 0; i < v.extent(dim); ++i) for_each_row(v, dim + 1, off + i * v.stride(dim), f);
+  }
 
   void put(std::string const& key, GgufValue v) {
     if (key.empty()) throw value_error("GgufWriter: empty key");

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -81,11 +82,27 @@ struct GgufExportOptions {
   /// Type of the 2-D and 3-D weights (F32, F16 or BF16). Norm weights and routers stay F32, as llama.cpp's own
   /// converter keeps them: rounding a router can change which experts are chosen.
   GgmlType weight_type = GgmlType::f32;
+  /// Type of the expert tensors of a MoE export (ffn_gate_exps, ffn_up_exps, ffn_down_exps): F32, F16, BF16, Q8_0
+  /// or Q4_0 (the block types quantize each row with ggml's reference rounding, core/quant.hpp, and need d_model and
+  /// d_expert multiples of 32). Every other tensor keeps weight_type (or F32). Unset: weight_type for experts in a
+  /// plain format, the experts' own type for q8_0 / q4_0 experts (copied bit for bit). A dense export refuses it.
+  std::optional<GgmlType> expert_type;
   /// general.name
   std::string name = "factorllm";
 };
 
 namespace detail {
+/// llama.cpp's general.file_type (llama_ftype) of the type most weights have.
+inline std::uint32_t llama_file_type(GgmlType t) noexcept {
+  switch (t) {
+    case GgmlType::f16: return 1;   // LLAMA_FTYPE_MOSTLY_F16
+    case GgmlType::q4_0: return 2;  // LLAMA_FTYPE_MOSTLY_Q4_0
+    case GgmlType::q8_0: return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
+    case GgmlType::bf16: return 32; // LLAMA_FTYPE_MOSTLY_BF16
+    default: return 0;              // LLAMA_FTYPE_ALL_F32
+  }
+}
+
 template <class T, class Backend>
 GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
                            std::vector<moe::MoeFfn<T, Backend>> const* moe, GgufExportOptions const& o) {
@@ -96,19 +113,31 @@ GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const
     throw value_error(concat("llama GGUF export: the tokenizer has ", tok.vocab_size(), " tokens, the checkpoint ",
                              c.vocab_size));
   std::ptrdiff_t n_expert = 0, n_used = 0, d_ff = c.hidden_dim;
+  if (moe == nullptr && o.expert_type.has_value())
+    throw value_error(concat("llama GGUF export: expert_type ", to_string(*o.expert_type),
+                             " is set but the export is dense (it has no expert tensors; weight_type sets the FFN's)"));
+  GgmlType const et = o.expert_type.value_or(is_block_format_v<T> ? ggml_type_of<T>() : o.weight_type);
+  if (et != GgmlType::f32 && et != GgmlType::f16 && et != GgmlType::bf16 && et != GgmlType::q8_0 && et != GgmlType::q4_0)
+    throw value_error(concat("llama GGUF export: expert_type ", to_string(et), " is not F32, F16, BF16, Q8_0 or Q4_0"));
   if (moe != nullptr) {
     check_moe_layers_fit(ckpt, *moe, "llama GGUF export");
     check_softmax_topk_renorm_expressible(*moe, "GGUF (llama.cpp)");
     n_expert = (*moe)[0].n_experts();
     n_used = (*moe)[0].top_k();
     d_ff = (*moe)[0].d_expert();  // llama.cpp reads feed_forward_length as the PER-EXPERT size for MoE tensors
+    std::int64_t const bw = ggml_block_weights(et);
+    if (c.dim % bw != 0 || d_ff % bw != 0)
+      throw value_error(concat("llama GGUF export: expert_type ", to_string(et), " stores rows in ", bw,
+                               "-weight blocks, so d_model and d_expert must be multiples of ", bw,
+                               "; the layers have d_model ", c.dim, " and d_expert ", d_ff));
   }
   GgufVocab const vocab = llama_vocab_from_llama2c(tok);
 
   GgufWriter w;
   w.set_string("general.architecture", "llama");
   w.set_string("general.name", o.name);
-  w.set_u32("general.file_type", o.weight_type == GgmlType::f32 ? 0u : o.weight_type == GgmlType::f16 ? 1u : 32u);
+  // The experts hold most weights of a MoE export; a dense one has weight_type throughout.
+  w.set_u32("general.file_type", llama_file_type(moe != nullptr ? et : o.weight_type));
   w.set_u32("llama.context_length", static_cast<std::uint32_t>(c.seq_len));
   w.set_u32("llama.embedding_length", static_cast<std::uint32_t>(c.dim));
   w.set_u32("llama.block_count", static_cast<std::uint32_t>(c.n_layers));
@@ -156,9 +185,10 @@ GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const
       // ExpertWeights is stacked expert-major, exactly llama.cpp's [n_expert][n_ff][n_embd] (ne = {n_embd, n_ff,
       // n_expert}) for gate/up and [n_expert][n_embd][n_ff] for down: the export is a copy.
       w.add_tensor(p + "ffn_gate_inp.weight", GgmlType::f32, layer.router().weight());  // [N, dim]: ne {dim, N}
-      w.add_tensor(p + "ffn_gate_exps.weight", wt, layer.experts().gate_tensor().cview());
-      w.add_tensor(p + "ffn_up_exps.weight", wt, layer.experts().up_tensor().cview());
-      w.add_tensor(p + "ffn_down_exps.weight", wt, layer.experts().down_tensor().cview());
+      // Block types keep ggml's row layout: each row of ne[0] weights is ne[0] / 32 consecutive blocks.
+      w.add_tensor(p + "ffn_gate_exps.weight", et, layer.experts().gate_tensor().cview());
+      w.add_tensor(p + "ffn_up_exps.weight", et, layer.experts().up_tensor().cview());
+      w.add_tensor(p + "ffn_down_exps.weight", et, layer.experts().down_tensor().cview());
     }
   }
   w.add_tensor("output_norm.weight", GgmlType::f32, ckpt.rms_final());
@@ -170,7 +200,7 @@ GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const
 
 /// Returns the GGUF file (as a writer, not yet serialized) of a dense llama2.c model in llama.cpp's "llama"
 /// architecture: hyper-parameters, the tokenizer (llama_vocab_from_llama2c) and every weight.
-/// \throws value_error when the tokenizer does not match the checkpoint or options are invalid.
+/// \throws value_error when the tokenizer does not match the checkpoint or options are invalid (expert_type set).
 inline GgufWriter llama_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
                              GgufExportOptions const& options = {}) {
   return detail::llama_gguf_impl<float, CpuScalar>(ckpt, tok, nullptr, options);
@@ -179,10 +209,12 @@ inline GgufWriter llama_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer con
 /// Returns the GGUF file of a llama2.c model whose FFNs are replaced by the MoE `layers` (one per decoder layer):
 /// llama.expert_count N, llama.expert_used_count K, llama.feed_forward_length d_expert (per expert, as llama.cpp
 /// reads it for MoE), and per layer ffn_gate_inp [N, dim], ffn_gate_exps / ffn_up_exps [N, d_expert, dim],
-/// ffn_down_exps [N, dim, d_expert] (row-major shapes; ggml's ne lists them reversed).
+/// ffn_down_exps [N, dim, d_expert] (row-major shapes; ggml's ne lists them reversed), of options.expert_type
+/// (T may be any weight format, q8_0 and q4_0 included).
 /// \throws value_error when a layer's gating is not softmax -> TopK -> renormalize with a bias-free router, no
 ///         selection bias and output_scale 1 (llama.cpp's llama-architecture MoE computes exactly that and has no
-///         router-bias tensor), when N or K differ between layers, or when the layers do not fit the checkpoint.
+///         router-bias tensor), when N or K differ between layers, when the layers do not fit the checkpoint, or when
+///         expert_type is a block type and d_model or d_expert is not a multiple of 32.
 template <class T, class Backend>
 GgufWriter llama_moe_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
                           std::vector<moe::MoeFfn<T, Backend>> const& layers, GgufExportOptions const& options = {}) {
