@@ -87,7 +87,7 @@ double stream_read_bandwidth() {
   static double const bw = [] {
     double best = 0;
     for (int rep = 0; rep < 5; ++rep) best = std::max(best, stream_read_pass());
-    std::printf("machine: STREAM-style read bandwidth %.1f GB/s (%zu MiB array, %d threads)\n", best / 1e9,
+    std::fprintf(stderr, "machine: STREAM-style read bandwidth %.1f GB/s (%zu MiB array, %d threads)\n", best / 1e9,
                 std::max<std::size_t>(llc_bytes() * 8, 512u << 20) >> 20, fl::detail::max_threads());
     return best;
   }();
@@ -128,7 +128,7 @@ double eigen_sgemm_flops(std::ptrdiff_t t, std::ptrdiff_t d, std::ptrdiff_t d_ff
     best = std::max(best, 2.0 * static_cast<double>(t * d * d_ff) / seconds_since(t0));
   }
   benchmark::DoNotOptimize(y.data());
-  std::printf("machine: Eigen sgemm [%ld x %ld] x [%ld x %ld]: %.1f GFLOP/s\n", static_cast<long>(t), static_cast<long>(d),
+  std::fprintf(stderr, "machine: Eigen sgemm [%ld x %ld] x [%ld x %ld]: %.1f GFLOP/s\n", static_cast<long>(t), static_cast<long>(d),
               static_cast<long>(d), static_cast<long>(d_ff), best / 1e9);
   return cache[key] = best;
 }
@@ -335,7 +335,7 @@ void BM_routing_share(benchmark::State& state) {
 }
 
 void register_all() {
-  std::printf("machine: last-level cache %zu MiB, %d OpenMP threads\n", llc_bytes() >> 20, fl::detail::max_threads());
+  std::fprintf(stderr, "machine: last-level cache %zu MiB, %d OpenMP threads\n", llc_bytes() >> 20, fl::detail::max_threads());
   stream_read_bandwidth();
   std::ptrdiff_t const ts[] = {1, 8, 32, 128, 512};
   for (auto const& [s, ks] : {std::make_pair(kTinyLlama, std::vector<long>{1, 2, 3}), std::make_pair(kLlama7b, std::vector<long>{2}),
