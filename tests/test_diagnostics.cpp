@@ -97,6 +97,7 @@ TEMPLATE_TEST_CASE("diagnose_layer: K = N is exact and fully balanced, K < N mat
   auto const x = fixture::to_matrix<A>(ref::randn(static_cast<std::size_t>(n_tokens * d), 132, 1.0), n_tokens, d);
   auto const router = moe::Router<A>::random(d, n, 133, 0.5);
   moe::Gating g;
+  g.mode = moe::CombineMode::code_ref;  // K = N with code_ref is the dense FFN
   g.top_k = n;
   auto const all = train::diagnose_layer(moe::MoeFfn<TestType, CpuScalar>(experts, router, g), x.cview(), w.view());
   CHECK(all.n_tokens == n_tokens);

@@ -27,10 +27,13 @@ using Simd = CpuSimd<>;
 namespace {
 
 /// A plain persistent pool as an engine would have one: n_workers - 1 std::threads plus the calling thread.
-/// parallel_for hands tasks out through an atomic counter, so which worker runs which task varies run to run.
+/// Dynamic (default): parallel_for hands tasks out through an atomic counter, so which worker runs which task
+/// varies run to run. Round-robin: worker w runs tasks w, w + n_workers, ... (every worker gets a share, whatever
+/// the scheduler does).
 class ThreadPool {
  public:
-  explicit ThreadPool(int n_workers) : n_workers_(n_workers) {
+  enum class Schedule { dynamic, round_robin };
+  explicit ThreadPool(int n_workers, Schedule schedule = Schedule::dynamic) : n_workers_(n_workers), schedule_(schedule) {
     for (int w = 1; w < n_workers; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
   }
   ~ThreadPool() {
@@ -69,6 +72,13 @@ class ThreadPool {
     done_.wait(lock, [this] { return busy_ == 0; });
   }
   void drain(int worker) {
+    if (schedule_ == Schedule::round_robin) {
+      for (std::ptrdiff_t i = worker; i < job_.n_tasks; i += n_workers_) {
+        job_.task(job_.context, i, worker);
+        ++per_worker_[static_cast<std::size_t>(worker)];
+      }
+      return;
+    }
     for (;;) {
       std::ptrdiff_t const i = next_.fetch_add(1);
       if (i >= job_.n_tasks) return;
@@ -100,6 +110,7 @@ class ThreadPool {
     void* context = nullptr;
   };
   int n_workers_;
+  Schedule schedule_;
   std::vector<std::thread> threads_;
   std::mutex mutex_;
   std::condition_variable wake_, done_;
@@ -164,19 +175,19 @@ TEMPLATE_TEST_CASE("MoeFfn::forward on a caller's std::thread pool gives the bit
   }
 }
 
-TEST_CASE("the pool really shares the tasks of a prefill forward", "[executor]") {
+TEST_CASE("a pool that splits every call between its threads gives the same bits", "[executor]") {
   fixture::DenseWeights<float> w(ref::random_ffn(kD, kDff, 2));
   auto const layer = make_layer(w, 2);
-  ThreadPool pool(2);
-  auto const x = inputs(256, 3);
-  // Tasks go to whichever worker is free; over a few calls both workers run some (else the test above proves
-  // nothing about concurrency).
-  bool both = false;
-  for (int call = 0; call < 20 && !both; ++call) {
-    forward_on(layer, x, pool.executor());
-    both = pool.tasks_per_worker()[0] > 0 && pool.tasks_per_worker()[1] > 0;
+  // Round-robin: each of the two threads runs half of every task list, so the two really compute at once (a
+  // dynamic pool on a loaded 2-core machine may let the calling thread take every task).
+  ThreadPool pool(2, ThreadPool::Schedule::round_robin);
+  for (int t : {1, 256}) {
+    auto const x = inputs(t, 3);
+    auto const y = forward_on(layer, x, pool.executor());
+    CHECK(pool.tasks_per_worker()[0] > 0);
+    CHECK(pool.tasks_per_worker()[1] > 0);
+    CHECK(same_bits(y, forward_on(layer, x, Executor::openmp(1))));
   }
-  CHECK(both);
 }
 
 TEST_CASE("dense SwiGLU and shared-expert layers on a caller's pool give the OpenMP bits", "[executor][determinism]") {

@@ -667,11 +667,11 @@ TEMPLATE_TEST_CASE("quant: MoeFfn on blocks equals MoeFfn<float> on the dequanti
   auto const e0 = L.experts.expert(0);
   auto const f0 = ffn::convert_format<float>(L.experts);
   Matrix<float> c({L.n_tokens, L.d}), e({L.n_tokens, L.d});
-  ffn::swiglu_forward(e0, L.x.cview(), c.view(), CpuSimd<>{});
+  ffn::swiglu_forward(e0, L.x.cview(), c.view(), CpuScalar{});
   ffn::swiglu_forward(f0.expert(0), L.x.cview(), e.view(), CpuScalar{});
   for (std::ptrdiff_t k = 0; k < c.size(); ++k) REQUIRE(c[k] == e[k]);
-  auto const shared_q = moe::make_shared_moe(L.experts, 1, moe::Router<float>::random(L.d, 3, 5), L.gating);
-  auto const shared_f = moe::make_shared_moe(f0, 1, moe::Router<float>::random(L.d, 3, 5), L.gating);
+  auto const shared_q = moe::make_shared_moe<CpuScalar>(L.experts, 1, moe::Router<float>::random(L.d, 3, 5), L.gating);
+  auto const shared_f = moe::make_shared_moe<CpuScalar>(f0, 1, moe::Router<float>::random(L.d, 3, 5), L.gating);
   shared_q.forward(L.x.cview(), c.view());
   shared_f.forward(L.x.cview(), e.view());
   for (std::ptrdiff_t k = 0; k < c.size(); ++k) REQUIRE(c[k] == e[k]);

@@ -20,6 +20,7 @@ int main() {
                                  matrix_view<float const>(dn.data(), d, d_ff)};
   ffn::swiglu_forward(dense, matrix_view<float const>(x.data(), 1, d), matrix_view(y_dense.data(), 1, d));
   moe::Gating gating;
+  gating.mode = moe::CombineMode::code_ref;  // all N experts with weight floor(N/N) = 1: the dense FFN
   gating.top_k = n;
   moe::MoeFfn<float> layer(ffn::factorize(dense, ffn::ExpertPartition::contiguous(d_ff, n)),
                            moe::Router<float>::random(d, n, 1), gating);
