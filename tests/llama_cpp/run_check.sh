@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Runs factorllm's GGUF exports in real llama.cpp: installs node-llama-cpp (prebuilt llama.cpp for linux-x64) and
-# @huggingface/gguf with npm into BUILD_DIR/llama_check, converts stories260K with factorllm_export (dense and a
-# K-of-N MoE, F32 and F16), then compares llama.cpp with factorllm's engine (tests/llama_cpp/check.mjs).
+# @huggingface/gguf with npm into BUILD_DIR/llama_check, checks factorllm's q8_0 / q4_0 quantization against the
+# ggml library that package ships (tests/llama_cpp/ggml_quant_check.cpp), converts stories260K with factorllm_export
+# (dense and a K-of-N MoE, F32 and F16), then compares llama.cpp with factorllm's engine (tests/llama_cpp/check.mjs).
 #
 # Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
 # Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm
@@ -47,6 +48,15 @@ if [ ! -f "$work/node_modules/.factorllm-installed" ] || ! cmp -s "$here/package
   (cd "$work" && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --omit=optional --ignore-scripts --no-audit --no-fund \
      --loglevel=error)
   cp "$here/package-lock.json" "$work/node_modules/.factorllm-installed"
+fi
+
+# ---- core/quant.hpp against ggml's own quantize_row_q8_0_ref / _q4_0_ref and dequantize_row_q8_0 / _q4_0. ----
+ggml_base="$work/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-base.so"
+if [ -f "$ggml_base" ]; then
+  "${CXX:-c++}" -std=c++17 -O2 -I"$repo_root/include" "$here/ggml_quant_check.cpp" -o "$work/ggml_quant_check" -ldl
+  "$work/ggml_quant_check" "$ggml_base"
+else
+  echo "SKIPPED: ggml quantization check: $ggml_base not found"
 fi
 
 # ---- Export with factorllm, then compare in llama.cpp. ----

@@ -11,6 +11,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -150,17 +151,18 @@ class Tensor {
     } else {
       std::ptrdiff_t const row_weights = weights_per_row(src);
       if (size_ == 0) return;
+      std::vector<float> scratch(kSrcBlock > 1 ? static_cast<std::size_t>(row_weights) : 0);  // one dequantized row
       if constexpr (kDstBlock > 1) {  // quantizing: check every row before the first is written
         std::ptrdiff_t row = 0;
         for_each_row(src, 0, 0, 0, [&](auto const* from, T*, std::ptrdiff_t) {
-          with_float_row(from, row_weights, [&](auto const* x) {
+          with_float_row(from, row_weights, scratch, [&](auto const* x) {
             detail::check_quantizable<T>(x, row_weights, "Tensor::copy_from", "src", row * row_weights);
           });
           ++row;
         });
       }
       for_each_row(src, 0, 0, 0, [&](auto const* from, T* to, std::ptrdiff_t) {
-        with_float_row(from, row_weights, [&](auto const* x) {
+        with_float_row(from, row_weights, scratch, [&](auto const* x) {
           using X = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
           if constexpr (kDstBlock > 1) {
             quantize_row(x, row_weights, to);
@@ -197,15 +199,16 @@ class Tensor {
     return row_weights;
   }
 
-  /// Calls f(x) with the row's weights as a float pointer (dequantized from blocks into a scratch row) or, for a
-  /// plain format, as they are.
+  /// Calls f(x) with the row's weights: as floats dequantized into `scratch` (row_weights of them) for a block
+  /// format, as they are for a plain one.
   template <class S, class F>
-  static void with_float_row(S const* from, std::ptrdiff_t row_weights, F&& f) {
+  static void with_float_row(S const* from, std::ptrdiff_t row_weights, std::vector<float>& scratch, F&& f) {
     if constexpr (is_block_format_v<S>) {
-      std::unique_ptr<float[]> row(new float[static_cast<std::size_t>(row_weights)]);
-      dequantize_row(from, row_weights, row.get());
-      f(static_cast<float const*>(row.get()));
+      dequantize_row(from, row_weights, scratch.data());
+      f(static_cast<float const*>(scratch.data()));
     } else {
+      (void)row_weights;
+      (void)scratch;
       f(from);
     }
   }
