@@ -35,13 +35,13 @@ jobs="${FUZZ_JOBS:-2}"
 runs="${FUZZ_RUNS:-1000000}"
 readonly targets=(fuzz_llama2c_checkpoint fuzz_llama2c_tokenizer fuzz_gguf fuzz_api)
 
-# ---- Build (configure once; later runs only rebuild what changed). ----
-if [ ! -f "$build/CMakeCache.txt" ]; then
-  cmake -S "$repo_root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
-    -DFACTORLLM_BUILD_FUZZERS=ON -DFACTORLLM_BUILD_TESTS=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF \
-    -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_INSTALL=OFF -DFACTORLLM_BUILD_TORCH=OFF \
-    -DFACTORLLM_ENABLE_OPENMP=OFF >/dev/null
-fi
+# ---- Build. Configure every run (cheap with a cache): a build folder configured before a fuzz target was added
+# has no rule for it, and `cmake --build --target` fails before CMake would regenerate. Later runs only rebuild
+# what changed. ----
+cmake -S "$repo_root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+  -DFACTORLLM_BUILD_FUZZERS=ON -DFACTORLLM_BUILD_TESTS=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF \
+  -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_INSTALL=OFF -DFACTORLLM_BUILD_TORCH=OFF \
+  -DFACTORLLM_ENABLE_OPENMP=OFF >/dev/null
 cmake --build "$build" -j"$jobs" --target "${targets[@]}"
 
 # ---- Corpora. ----
