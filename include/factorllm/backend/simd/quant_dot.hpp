@@ -102,6 +102,16 @@ inline __m256i dot_i8_avx2(__m256i w, __m256i x) noexcept {
 #endif
 }
 
+/// A block's f16 scale as float: one vcvtph2ps where the translation unit has F16C (the portable conversion is a
+/// dozen branchy instructions, a measurable share of a 32-weight block's work).
+inline float block_scale(f16 d) noexcept {
+#if defined(__F16C__)
+  return _cvtsh_ss(d.bits);
+#else
+  return d.to_float();
+#endif
+}
+
 inline float hsum_avx2(__m256 v) noexcept {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -121,7 +131,7 @@ inline void q8_multi_dot_n(W const* FLLM_RESTRICT w, std::int8_t const* FLLM_RES
   for (int t = 0; t < NV; ++t) acc[t] = _mm256_setzero_ps();
   for (std::ptrdiff_t b = 0; b < nb; ++b) {
     __m256i const wq = block_codes_avx2(w[b]);
-    float const dw = w[b].d.to_float();
+    float const dw = block_scale(w[b].d);
     for (int t = 0; t < NV; ++t) {
       __m256i const xq = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(x + t * n + b * 32));
       __m256 const scale = _mm256_set1_ps(dw * sx[t * nb + b]);
