@@ -249,3 +249,26 @@ TEST_CASE("Router::random draws N(0, 0.02^2) reproducibly with zero bias", "[moe
   CHECK(std::fabs(mean) < 0.002);                  // 4 standard errors of the mean (0.02 / sqrt(2048))
   CHECK(std::sqrt(var) == Approx(0.02).epsilon(0.05));
 }
+
+TEST_CASE("set_router replaces a layer's router without rebuilding it; a mis-shaped one is refused", "[moe][router]") {
+  int const d = 16, d_ff = 64, n = 4, n_tokens = 5;
+  fixture::DenseWeights<float> w(ref::random_ffn(d, d_ff, 81));
+  moe::Gating g;
+  g.top_k = 2;
+  auto const experts = ffn::factorize(w.view(), ExpertPartition::random(d_ff, n, 82));
+  moe::MoeFfn<float, CpuScalar> layer(experts, moe::Router<float>::random(d, n, 83, 1.0), g);
+  auto const trained = moe::Router<float>::random(d, n, 84, 1.0);
+  float const* gate_before = layer.experts().gate_tensor().data();
+  layer.set_router(trained);
+  CHECK(layer.experts().gate_tensor().data() == gate_before);  // the experts were not touched
+  moe::MoeFfn<float, CpuScalar> rebuilt(experts, trained, g);
+  auto const x = fixture::to_matrix<float>(ref::randn(static_cast<std::size_t>(n_tokens * d), 85, 1.0), n_tokens, d);
+  Matrix<float> y({n_tokens, d}), y_rebuilt({n_tokens, d});
+  layer.forward(x.cview(), y.view());
+  rebuilt.forward(x.cview(), y_rebuilt.view());
+  for (std::ptrdiff_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == y_rebuilt[i]);
+  CHECK_THROWS_AS(layer.set_router(moe::Router<float>::random(d, n + 1, 1, 1.0)), shape_error);
+  CHECK_THROWS_AS(layer.set_router(moe::Router<float>::random(d + 1, n, 1, 1.0)), shape_error);
+  layer.forward(x.cview(), y.view());  // unchanged after a refusal
+  for (std::ptrdiff_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == y_rebuilt[i]);
+}

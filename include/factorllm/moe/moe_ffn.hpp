@@ -74,6 +74,17 @@ class MoeFfn {
   ffn::ExpertWeights<T> const& experts() const noexcept { return experts_; }
   Router<A> const& router() const noexcept { return router_; }
   Gating const& gating() const noexcept { return gating_; }
+  /// Replaces the router (e.g. after train::train_router on a copy of router()): no other rebuild. Not thread safe
+  /// while another thread runs forward on this layer.
+  /// \throws shape_error unless the router is [n_experts, d_model] of the experts; the layer is unchanged then.
+  void set_router(Router<A> router) {
+    if (router.n_experts() != n_experts() || router.d_model() != d_model())
+      throw shape_error(detail::concat("MoeFfn::set_router: argument 'router' has shape ",
+                                       detail::shape_string({router.n_experts(), router.d_model()}), ", expected ",
+                                       detail::shape_string({n_experts(), d_model()}), " [n_experts, d_model] of the experts"));
+    router_ = std::move(router);
+  }
+
   /// Fraction of the dense FFN's FLOPs one token costs in the experts: top_k / n_experts.
   double ffn_flops_fraction() const noexcept { return static_cast<double>(top_k()) / static_cast<double>(n_experts()); }
 

@@ -17,8 +17,9 @@ namespace moe {
 template <class A>
 struct RoutingRecord {
   Matrix<A> logits;               // [n_tokens, n_experts]
-  Matrix<std::int32_t> ids;       // [n_tokens, top_k]
-  Matrix<A> weights;              // [n_tokens, top_k]
+  Matrix<std::int32_t> ids;       // [n_tokens, top_k]: token t's experts, best selection score (logit + bias) first,
+                                  // the lower index first on ties, NaN scores last
+  Matrix<A> weights;              // [n_tokens, top_k]: weights(t, j) is the combine weight of expert ids(t, j)
   Vector<std::int64_t> offsets;   // [n_experts + 1]: expert e owns slots[offsets[e] .. offsets[e+1])
   Vector<std::int32_t> slots;     // [n_tokens * top_k]: slot s = t * top_k + j, grouped by expert
 
