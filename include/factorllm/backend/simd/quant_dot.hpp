@@ -63,18 +63,12 @@ inline void quantize_act_q8(float const* FLLM_RESTRICT x, std::ptrdiff_t n, std:
   }
 }
 
-/// Portable 32-weight integer dot of one block with 32 activation codes.
+/// Portable 32-weight integer dot of one block with 32 activation codes (the block's codes as core/quant.hpp reads
+/// them).
 template <class W>
 inline std::int32_t block_dot_scalar(W const& w, std::int8_t const* x) noexcept {
   std::int32_t acc = 0;
-  if constexpr (std::is_same_v<W, q8_0>) {
-    for (int i = 0; i < 32; ++i) acc += static_cast<std::int32_t>(w.qs[i]) * x[i];
-  } else {
-    for (int j = 0; j < 16; ++j) {
-      acc += (static_cast<std::int32_t>(w.qs[j] & 0x0F) - 8) * x[j];
-      acc += (static_cast<std::int32_t>(w.qs[j] >> 4) - 8) * x[j + 16];
-    }
-  }
+  for (int i = 0; i < 32; ++i) acc += block_quant(w, i) * x[i];
   return acc;
 }
 
@@ -161,20 +155,13 @@ inline void q8_multi_dot(W const* w, std::int8_t const* x, float const* sx, std:
   }
 }
 
-/// Dequantizes n weights (n / 32 blocks) to float: the GEMM path's panel. Exact (d * code is exact in float).
+/// Dequantizes n weights (n / 32 blocks) to float: the GEMM path's panel. The same values as dequantize_row
+/// (d * code is exact in float), without its argument check and with the scale converted once per block.
 template <class W>
 inline void dequantize_blocks(W const* FLLM_RESTRICT w, std::ptrdiff_t n, float* FLLM_RESTRICT out) noexcept {
   for (std::ptrdiff_t b = 0; b < n / 32; ++b) {
     float const d = w[b].d.to_float();
-    float* o = out + b * 32;
-    if constexpr (std::is_same_v<W, q8_0>) {
-      for (int i = 0; i < 32; ++i) o[i] = d * static_cast<float>(w[b].qs[i]);
-    } else {
-      for (int j = 0; j < 16; ++j) {
-        o[j] = d * static_cast<float>(static_cast<int>(w[b].qs[j] & 0x0F) - 8);
-        o[j + 16] = d * static_cast<float>(static_cast<int>(w[b].qs[j] >> 4) - 8);
-      }
-    }
+    for (int i = 0; i < 32; ++i) out[b * 32 + i] = d * static_cast<float>(block_quant(w[b], i));
   }
 }
 
