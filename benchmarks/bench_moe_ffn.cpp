@@ -217,12 +217,13 @@ std::vector<Layer<W>>& layers(Shape const& s, std::ptrdiff_t k, std::size_t coun
 
 /// Copies of the layer needed so that T <= 8 streams from DRAM. A call reads only the selected experts' weights
 /// (a fixed K of N per copy, since x is fixed), so the copies are counted by those active bytes: cycling through
-/// at least 4 x LLC of active weights leaves none of them in the cache when its copy comes round again. At least
+/// at least 2 x LLC of active weights leaves none of them in the cache when its copy comes round again (2x, not
+/// more: this VM reports a 480 MiB LLC, and the copies hold every expert, N / K times the active bytes). At least
 /// 2 copies.
 std::size_t layer_copies(Shape const& s, double weight_bytes, std::ptrdiff_t t, std::ptrdiff_t k) {
   if (t > 8) return 1;
   auto const active_bytes = static_cast<std::size_t>(static_cast<double>(3 * s.d * (s.d_ff / s.n) * k) * weight_bytes);
-  return std::max<std::size_t>(2, (4 * llc_bytes()) / active_bytes + 1);
+  return std::max<std::size_t>(2, (2 * llc_bytes()) / active_bytes + 1);
 }
 
 /// Dense FFN time (seconds per call) on cpu_simd at this T; cached. For T <= 8 it cycles clones of the generated
@@ -235,7 +236,7 @@ double dense_seconds(Shape const& s, std::vector<Layer<W>>& ls, fl::Matrix<float
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   std::ptrdiff_t const t = x.extent(0);
   auto const dense_bytes = static_cast<std::size_t>(3.0 * static_cast<double>(s.d * s.d_ff) * bytes_per_weight<W>());
-  std::size_t const n_dense = t > 8 ? 1 : std::max<std::size_t>(2, (4 * llc_bytes()) / dense_bytes + 1);
+  std::size_t const n_dense = t > 8 ? 1 : std::max<std::size_t>(2, (2 * llc_bytes()) / dense_bytes + 1);
   std::vector<fl::ffn::DenseFfn<W>> clones;
   for (std::size_t i = 0; i < n_dense; ++i) clones.push_back(*ls[i % std::min<std::size_t>(ls.size(), 2)].dense);
   fl::Workspace ws(fl::ffn::swiglu_workspace_bytes<Simd, W>(t, s.d, s.d_ff, Simd{}));

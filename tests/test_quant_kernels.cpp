@@ -7,7 +7,11 @@
 //  * the prefill path (dequantized weights, float GEMMs) vs the CpuScalar oracle (relative L2 <= 2e-5, the f32 bound);
 //  * the decode path end to end vs a double reference that quantizes the activations by the same rule (<= 1e-5), and
 //    vs the unquantized oracle (the activation-quantization error, reported and bounded by 2e-2);
-//  * bitwise identical for 1 and 2 threads and a custom executor.
+//  * bitwise identical for 1 and 2 threads and a custom executor;
+//  * every one of those on each Highway target this CPU runs (target_dispatch.hpp; FLLM_DISPATCH_ALL_TARGETS makes
+//    this file compile the lesser targets too), and the native bf16 decode (AVX512-BF16) vs a double reference on
+//    bf16-rounded activations (<= 1e-5), its activation rounding reported separately.
+#define FLLM_DISPATCH_ALL_TARGETS
 #include <catch2/catch.hpp>
 
 #include <factorllm/factorllm.hpp>
@@ -64,6 +68,20 @@ void quantize_ref(float const* x, std::ptrdiff_t n, std::vector<int>& codes, std
   }
 }
 
+/// Runs body() once for every dispatch target the CPU supports (forced), then returns to the best one.
+template <class Body>
+void for_each_dispatch_target(Body&& body) {
+  auto const targets = simd_dispatch_targets();
+  REQUIRE(!targets.empty());
+  for (auto target : targets) {
+    force_simd_dispatch_target(target);
+    INFO("dispatch target " << simd_dispatch_target());
+    REQUIRE(simd_dispatch_target() == hwy::TargetName(target));
+    body();
+  }
+  force_simd_dispatch_target(0);
+}
+
 template <class T>
 bool same_bits(Tensor<T, 2> const& a, Tensor<T, 2> const& b) {
   return a.extents() == b.extents() && std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
@@ -88,37 +106,75 @@ struct Layer {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("int8 block dot on quantized activations matches a double loop over the same codes",
+TEMPLATE_TEST_CASE("int8 block dot on quantized activations matches a double loop over the same codes, on every target",
                    "[quant][simd][kernel]", q8_0, q4_0) {
-  int const n = 256;
-  auto const wv = ref::randn(static_cast<std::size_t>(n), 7, 0.05);
+  // 7 rows (not a multiple of the 4-row passes), up to 8 vectors, and codes at the format's extremes: q8_0 blocks
+  // from a file may hold -128, which ggml's rounding never writes.
+  int const n = 256, rows = 7;
+  auto const wv = ref::randn(static_cast<std::size_t>(n * rows), 7, 0.05);
   std::vector<float> wf(wv.begin(), wv.end());
-  std::vector<TestType> w(static_cast<std::size_t>(n / 32));
-  quantize_row(wf.data(), n, w.data());
-  for (int n_vec = 1; n_vec <= 4; ++n_vec) {
+  std::vector<TestType> w(static_cast<std::size_t>(n / 32 * rows));
+  quantize_row(wf.data(), n * rows, w.data());
+  if constexpr (std::is_same_v<TestType, q8_0>) {
+    w[3].qs[5] = -128;
+    w[3].qs[6] = 127;
+    w[10].qs[0] = -128;
+  } else {
+    w[3].qs[5] = 0x0F;  // codes 15 - 8 = 7 and 0 - 8 = -8
+    w[3].qs[6] = 0xF0;
+  }
+  for (int n_vec : {1, 2, 3, 4, 8}) {
     auto const xv = ref::randn(static_cast<std::size_t>(n * n_vec), 8 + static_cast<std::uint64_t>(n_vec), 1.0);
     std::vector<float> x(xv.begin(), xv.end());
     std::vector<std::int8_t> q(static_cast<std::size_t>(n * n_vec));
     std::vector<float> s(static_cast<std::size_t>(n / 32 * n_vec));
-    for (int t = 0; t < n_vec; ++t) detail::quantize_act_q8(x.data() + t * n, n, q.data() + t * n, s.data() + t * (n / 32));
-    float out[4];
-    detail::q8_multi_dot(w.data(), q.data(), s.data(), n_vec, n, out);
+    std::vector<std::int32_t> sums(s.size());
+    for (int t = 0; t < n_vec; ++t)
+      detail::quantize_act_q8(x.data() + t * n, n, q.data() + t * n, s.data() + t * (n / 32), sums.data() + t * (n / 32));
+    std::vector<double> want(static_cast<std::size_t>(rows * n_vec)), mag(want.size());
     for (int t = 0; t < n_vec; ++t) {
       std::vector<int> codes;
       std::vector<double> scales;
       quantize_ref(x.data() + t * n, n, codes, scales);
       for (int i = 0; i < n; ++i) REQUIRE(q[static_cast<std::size_t>(t * n + i)] == codes[static_cast<std::size_t>(i)]);
-      for (int b = 0; b < n / 32; ++b) REQUIRE(static_cast<double>(s[static_cast<std::size_t>(t * (n / 32) + b)]) == scales[static_cast<std::size_t>(b)]);
-      double want = 0, mag = 0;
-      for (int i = 0; i < n; ++i) {
-        double const p = row_weight(w.data(), i) * codes[static_cast<std::size_t>(i)] * scales[static_cast<std::size_t>(i / 32)];
-        want += p;
-        mag += std::fabs(p);
+      for (int b = 0; b < n / 32; ++b) {
+        REQUIRE(static_cast<double>(s[static_cast<std::size_t>(t * (n / 32) + b)]) == scales[static_cast<std::size_t>(b)]);
+        int code_sum = 0;
+        for (int i = 0; i < 32; ++i) code_sum += codes[static_cast<std::size_t>(b * 32 + i)];
+        REQUIRE(sums[static_cast<std::size_t>(t * (n / 32) + b)] == code_sum);
       }
-      INFO("n_vec " << n_vec << " t " << t);
-      // Weight-side math is exact per block (integer sums); only the float accumulation of n/32 block terms rounds.
-      CHECK(std::fabs(static_cast<double>(out[t]) - want) <= 1e-6 * mag);
+      for (int r = 0; r < rows; ++r)
+        for (int i = 0; i < n; ++i) {
+          double const p = row_weight(w.data() + r * (n / 32), i) * codes[static_cast<std::size_t>(i)] * scales[static_cast<std::size_t>(i / 32)];
+          want[static_cast<std::size_t>(r * n_vec + t)] += p;
+          mag[static_cast<std::size_t>(r * n_vec + t)] += std::fabs(p);
+        }
     }
+    for_each_dispatch_target([&] {
+      std::vector<float> out(want.size());
+      detail::QDotArgs args;
+      args.w = w.data();
+      args.row_blocks = n / 32;
+      args.rows = rows;
+      args.xq = q.data();
+      args.xs = s.data();
+      args.xsum = sums.data();
+      args.n_vec = n_vec;
+      args.out = out.data();
+      args.out_stride = n_vec;
+      args.format = std::is_same_v<TestType, q8_0> ? detail::QDotFormat::q8_0 : detail::QDotFormat::q4_0;
+      detail::qdot_rows_dispatch(args);
+      float one[detail::kQDotMaxVectors];
+      detail::q8_multi_dot(w.data() + 2 * (n / 32), q.data(), s.data(), sums.data(), n_vec, n, one);
+      for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < n_vec; ++t) {
+          auto const i = static_cast<std::size_t>(r * n_vec + t);
+          INFO("n_vec " << n_vec << " row " << r << " t " << t);
+          // Weight-side math is exact per block (integer sums); only the float accumulation of n/32 block terms rounds.
+          CHECK(std::fabs(static_cast<double>(out[i]) - want[i]) <= 1e-6 * mag[i]);
+          if (r == 2) CHECK(one[t] == out[i]);  // the single-row entry is the same kernel
+        }
+    });
   }
 }
 
@@ -128,6 +184,7 @@ TEMPLATE_TEST_CASE("CpuSimd f16 / q8_0 / q4_0 experts: prefill matches the oracl
   Layer<TestType> L;
   moe::MoeFfn<TestType, CpuScalar> oracle(L.experts, L.router, L.gating);
   moe::MoeFfn<TestType, Simd> fast(L.experts, L.router, L.gating);
+  for_each_dispatch_target([&] {
   for (int t : {1, 3, 16, 64}) {
     auto const x = L.x(t, 100 + static_cast<std::uint64_t>(t));
     Matrix<float> y_ref({t, L.d}), y({t, L.d});
@@ -194,12 +251,14 @@ TEMPLATE_TEST_CASE("CpuSimd f16 / q8_0 / q4_0 experts: prefill matches the oracl
       CHECK(ref::rel_l2(y.data(), want.data(), want.size()) < 1e-5);
     }
   }
+  });
 }
 
 TEMPLATE_TEST_CASE("CpuSimd block-format experts: same bits for 1 and 2 threads and a custom executor",
                    "[quant][simd][determinism]", q8_0, q4_0) {
   Layer<TestType> L;
   moe::MoeFfn<TestType, Simd> fast(L.experts, L.router, L.gating);
+  for_each_dispatch_target([&] {
   for (int t : {1, 5, 40}) {
     auto const x = L.x(t, 200 + static_cast<std::uint64_t>(t));
     Matrix<float> y1({t, L.d}), y2({t, L.d}), ys({t, L.d});
@@ -211,4 +270,66 @@ TEMPLATE_TEST_CASE("CpuSimd block-format experts: same bits for 1 and 2 threads 
     CHECK(same_bits(y1, y2));
     CHECK(same_bits(y1, ys));
   }
+  });
+}
+
+TEST_CASE("CpuSimd bf16 experts, decode: native bf16 dot on bf16-rounded activations where the CPU has AVX512-BF16, "
+          "widening elsewhere; same bits for 1 and 2 threads",
+          "[quant][simd][bf16]") {
+  Layer<bf16> L;  // L.experts is unused: bf16 experts are the float ones rounded
+  ffn::ExpertWeights<bf16> const experts =
+      ffn::convert_format<bf16>(ffn::factorize(L.w.view(), ffn::ExpertPartition::random(L.d_ff, L.n, 93)));
+  moe::MoeFfn<bf16, CpuScalar> oracle(experts, L.router, L.gating);
+  moe::MoeFfn<bf16, Simd> fast(experts, L.router, L.gating);
+  bool saw_native = false;
+  for_each_dispatch_target([&] {
+    bool const native = detail::bf16_native_dot_dispatch();
+    saw_native |= native;
+    for (int t : {1, 3}) {
+      auto const x = L.x(t, 300 + static_cast<std::uint64_t>(t));
+      Matrix<float> y_ref({t, L.d}), y({t, L.d}), y2({t, L.d});
+      moe::RoutingRecord<float> rec;
+      Workspace ws_ref(oracle.workspace_bytes(t)), ws(fast.workspace_bytes(t, 2));
+      oracle.forward(x.cview(), y_ref.view(), ws_ref);
+      fast.forward(x.cview(), y.view(), ws, &rec);
+      fast.forward(x.cview(), y2.view(), ws, Executor::openmp(2));
+      CHECK(same_bits(y, y2));
+      double const err_oracle = ref::rel_l2(y.data(), y_ref.data(), static_cast<std::size_t>(y.size()));
+      INFO("T=" << t << " native " << native << " rel L2 vs the oracle " << err_oracle);
+      if (!native) {
+        CHECK(err_oracle < 2e-5);  // widening is exact: only float accumulation differs
+        continue;
+      }
+      // Native: the inputs and h are rounded to bf16 (round to nearest even) before the dot products. A double
+      // reference that rounds them the same way, on every expert these tokens chose (all decode: T <= 3).
+      std::printf("bf16 activation rounding error (T=%d): relative L2 %.3g vs the oracle\n", t, err_oracle);
+      CHECK(err_oracle < 1e-2);
+      std::vector<double> want(static_cast<std::size_t>(t * L.d), 0.0);
+      std::ptrdiff_t const m = experts.d_expert();
+      for (std::ptrdiff_t s = 0; s < t * 2; ++s) {
+        std::ptrdiff_t const tok = s / 2, e = rec.ids(tok, s % 2);
+        auto const gate = experts.gate(e), up = experts.up(e), down = experts.down(e);
+        std::vector<double> hb(static_cast<std::size_t>(m));
+        for (std::ptrdiff_t i = 0; i < m; ++i) {
+          double g = 0, u = 0;
+          for (std::ptrdiff_t k = 0; k < L.d; ++k) {
+            double const xk = static_cast<double>(bf16(x(tok, k)).to_float());
+            g += static_cast<double>(gate(i, k).to_float()) * xk;
+            u += static_cast<double>(up(i, k).to_float()) * xk;
+          }
+          auto const h = static_cast<float>(g / (1 + std::exp(-g)) * u);
+          hb[static_cast<std::size_t>(i)] = static_cast<double>(bf16(h).to_float());
+        }
+        for (std::ptrdiff_t o = 0; o < L.d; ++o) {
+          double acc = 0;
+          for (std::ptrdiff_t i = 0; i < m; ++i) acc += static_cast<double>(down(o, i).to_float()) * hb[static_cast<std::size_t>(i)];
+          want[static_cast<std::size_t>(tok * L.d + o)] += static_cast<double>(rec.weights(tok, s % 2)) * acc;
+        }
+      }
+      // h is computed in float by the kernel and in double here, so an h value may round to the neighbouring bf16:
+      // 1e-5 covers the rare such element.
+      CHECK(ref::rel_l2(y.data(), want.data(), want.size()) < 1e-5);
+    }
+  });
+  if (detail::cpu_has_avx512_bf16()) CHECK(saw_native);
 }

@@ -9,8 +9,11 @@
 // Few rows (decode, c <= kGemvMaxRows): a streaming multi-dot that reads each weight row once for all rows
 // (memory-bound; threads split the weight rows). More rows (prefill): Eigen GEMMs per block (compute-bound);
 // bf16 and f16 weights are widened per block into a per-thread panel first; q8_0 and q4_0 weights are
-// dequantized into it for the GEMMs, and their decode path is an int8 dot against activations quantized per
-// block of 32 (quant_dot.hpp; the inputs before phase 1 and h before phase 2, on the calling thread).
+// dequantized into it for the GEMMs.
+// Decode of q8_0 and q4_0 is an int8 dot against activations quantized per block of 32 (quant_dot.hpp), and decode
+// of bf16 on a CPU with AVX512-BF16 a native bf16 dot against activations rounded to bf16; both run on the
+// target Highway chooses at run time (target_dispatch.hpp). Those activations are prepared on the calling thread:
+// the inputs before phase 1, h before phase 2.
 #pragma once
 
 #include <algorithm>
@@ -53,11 +56,94 @@ struct SwigluJob {
   float* h_up = nullptr;    // [c, m] scratch (GEMM path: up pre-activations)
   float* out = nullptr;     // [c, d] outputs (row stride d)
   // Block-quantized weights, decode path only: the inputs and h quantized to 8 bits per block of 32.
-  std::int8_t* xq = nullptr;  // [c, d] codes
-  float* xs = nullptr;        // [c, d / 32] scales
-  std::int8_t* hq = nullptr;  // [c, m] codes
-  float* hs = nullptr;        // [c, m / 32] scales
+  std::int8_t* xq = nullptr;     // [c, d] codes
+  float* xs = nullptr;           // [c, d / 32] scales
+  std::int32_t* xsum = nullptr;  // [c, d / 32] code sums
+  std::int8_t* hq = nullptr;     // [c, m] codes
+  float* hs = nullptr;           // [c, m / 32] scales
+  std::int32_t* hsum = nullptr;  // [c, m / 32] code sums
+  // bf16 weights, decode path on a CPU with native bf16 dot products: the inputs and h rounded to bf16.
+  bf16* xb = nullptr;  // [c, d]
+  bf16* hb = nullptr;  // [c, m]
+  bool bf16_native = false;
 };
+
+/// Workspace regions a job's decode activations need: int8 codes, scales and code sums for the block formats,
+/// bf16 copies for bf16 weights (`rows` activation rows of d_model and of d_hidden each).
+template <class W>
+inline void add_decode_activation_regions(WorkspaceLayout& layout, std::size_t rows, std::size_t d, std::size_t m) {
+  if constexpr (is_q8_dot_format_v<W>) {
+    layout.add(sizeof(std::int8_t), rows * d).add(sizeof(float), rows * (d / 32)).add(sizeof(std::int32_t), rows * (d / 32));
+    layout.add(sizeof(std::int8_t), rows * m).add(sizeof(float), rows * (m / 32)).add(sizeof(std::int32_t), rows * (m / 32));
+  } else if constexpr (std::is_same_v<W, bf16>) {
+    layout.add(sizeof(bf16), rows * d).add(sizeof(bf16), rows * m);
+  }
+}
+
+/// Takes the regions of add_decode_activation_regions for a job of `rows` activation rows; job.xq etc. point at
+/// their starts (ExpertSwiglu offsets them per expert).
+template <class W>
+inline void take_decode_activation_regions(WorkspaceCursor& cursor, SwigluJob<W>& job, std::size_t rows,
+                                           std::size_t d, std::size_t m) {
+  if constexpr (is_q8_dot_format_v<W>) {
+    job.xq = cursor.take<std::int8_t>(rows * d);
+    job.xs = cursor.take<float>(rows * (d / 32));
+    job.xsum = cursor.take<std::int32_t>(rows * (d / 32));
+    job.hq = cursor.take<std::int8_t>(rows * m);
+    job.hs = cursor.take<float>(rows * (m / 32));
+    job.hsum = cursor.take<std::int32_t>(rows * (m / 32));
+  } else if constexpr (std::is_same_v<W, bf16>) {
+    job.xb = cursor.take<bf16>(rows * d);
+    job.hb = cursor.take<bf16>(rows * m);
+  }
+}
+
+/// Rows [r0, r1) of a [rows, n] weight matrix against job activations (codes or bf16 copies), on the dispatched
+/// target: out[(r - r0) * c + t]. Only for the block formats, and for bf16 when job.bf16_native.
+template <class W>
+inline void dispatched_rows(W const* w, std::ptrdiff_t n, std::ptrdiff_t r0, std::ptrdiff_t r1, std::ptrdiff_t c,
+                            std::int8_t const* xq, float const* xs, std::int32_t const* xsum, bf16 const* xb,
+                            float* out) {
+  if constexpr (is_q8_dot_format_v<W>) {
+    (void)xb;
+    QDotArgs args;
+    args.w = w + r0 * (n / 32);
+    args.row_blocks = n / 32;
+    args.rows = r1 - r0;
+    args.xq = xq;
+    args.xs = xs;
+    args.xsum = xsum;
+    args.n_vec = c;
+    args.out = out;
+    args.out_stride = c;
+    args.format = std::is_same_v<W, q8_0> ? QDotFormat::q8_0 : QDotFormat::q4_0;
+    qdot_rows_dispatch(args);
+  } else {
+    static_assert(std::is_same_v<W, bf16>, "dispatched_rows: block formats and bf16 only");
+    (void)xq, (void)xs, (void)xsum;
+    Bf16DotArgs args;
+    args.w = w + r0 * n;
+    args.n = n;
+    args.rows = r1 - r0;
+    args.xb = xb;
+    args.n_vec = c;
+    args.out = out;
+    args.out_stride = c;
+    bf16_dot_rows_dispatch(args);
+  }
+}
+
+/// True for the weight formats whose decode may run on the dispatched kernels.
+template <class W>
+inline constexpr bool decode_may_dispatch_v = is_q8_dot_format_v<W> || std::is_same_v<W, bf16>;
+
+/// True when a decode job of weight format W runs on the dispatched kernels.
+template <class W>
+inline bool decode_is_dispatched(SwigluJob<W> const& job) noexcept {
+  if constexpr (is_q8_dot_format_v<W>) return true;
+  else if constexpr (std::is_same_v<W, bf16>) return job.bf16_native;
+  else return false;
+}
 
 /// Weights one stored element of W holds (32 for the block formats).
 template <class W>
@@ -110,14 +196,19 @@ void swiglu_phase1(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t i0,
     for (int which = 0; which < 2; ++which) {
       W const* w = which == 0 ? job.gate : job.up;
       float* out = which == 0 ? g : u;
-      for (std::ptrdiff_t i = i0; i < i1; ++i)
-        for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
-          std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
-          if constexpr (is_q8_dot_format_v<W>)
-            q8_multi_dot(w + i * (d / 32), job.xq + t0 * d, job.xs + t0 * (d / 32), nv, d, out + (i - i0) * c + t0);
-          else
-            multi_dot<Arch>(w + i * d, job.x + t0 * d, d, nv, d, out + (i - i0) * c + t0);
+      if constexpr (decode_may_dispatch_v<W>) {
+        if (decode_is_dispatched(job)) {
+          dispatched_rows(w, d, i0, i1, c, job.xq, job.xs, job.xsum, job.xb, out);
+          continue;
         }
+      }
+      if constexpr (!is_q8_dot_format_v<W>) {
+        for (std::ptrdiff_t i = i0; i < i1; ++i)
+          for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
+            std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
+            multi_dot<Arch>(w + i * d, job.x + t0 * d, d, nv, d, out + (i - i0) * c + t0);
+          }
+      }
     }
     for (std::ptrdiff_t i = i0; i < i1; ++i)
       for (std::ptrdiff_t t = 0; t < c; ++t) job.h_gate[t * m + i] = silu_f(g[(i - i0) * c + t]) * u[(i - i0) * c + t];
@@ -143,17 +234,25 @@ template <class Arch, class W>
 void swiglu_phase2(SwigluJob<W> const& job, std::ptrdiff_t d, std::ptrdiff_t o0, std::ptrdiff_t o1, float* panel) {
   std::ptrdiff_t const m = job.m, c = job.c;
   if (c <= kGemvMaxRows) {
-    float o[kGemvMaxRows];
-    for (std::ptrdiff_t r = o0; r < o1; ++r) {
-      W const* wd = job.down + r * (m / kWeightsPerElement<W>);
-      for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
-        std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
-        if constexpr (is_q8_dot_format_v<W>)
-          q8_multi_dot(wd, job.hq + t0 * m, job.hs + t0 * (m / 32), nv, m, o + t0);
-        else
-          multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
+    if constexpr (decode_may_dispatch_v<W>) {
+      if (decode_is_dispatched(job)) {
+        float o[kStreamBlockRows * kGemvMaxRows];
+        dispatched_rows(job.down, m, o0, o1, c, job.hq, job.hs, job.hsum, job.hb, o);
+        for (std::ptrdiff_t r = o0; r < o1; ++r)
+          for (std::ptrdiff_t t = 0; t < c; ++t) job.out[t * d + r] = o[(r - o0) * c + t];
+        return;
       }
-      for (std::ptrdiff_t t = 0; t < c; ++t) job.out[t * d + r] = o[t];
+    }
+    if constexpr (!is_q8_dot_format_v<W>) {
+      float o[kGemvMaxRows];
+      for (std::ptrdiff_t r = o0; r < o1; ++r) {
+        W const* wd = job.down + r * m;
+        for (std::ptrdiff_t t0 = 0; t0 < c; t0 += kMultiDotRows) {
+          std::ptrdiff_t const nv = std::min(kMultiDotRows, c - t0);
+          multi_dot<Arch>(wd, job.h_gate + t0 * m, m, nv, m, o + t0);
+        }
+        for (std::ptrdiff_t t = 0; t < c; ++t) job.out[t * d + r] = o[t];
+      }
     }
     return;
   }
@@ -184,16 +283,23 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
     return n;
   };
   for (int phase = 1; phase <= 2; ++phase) {
-    if constexpr (is_q8_dot_format_v<W>) {
-      // The decode jobs' int8 operands: inputs before phase 1, h before phase 2 (c <= 8 rows each: cheap).
-      for (std::ptrdiff_t j = 0; j < n_jobs; ++j) {
-        SwigluJob<W> const& job = jobs[j];
-        if (job.c == 0 || job.c > kGemvMaxRows) continue;
-        if (phase == 1)
-          for (std::ptrdiff_t t = 0; t < job.c; ++t) quantize_act_q8(job.x + t * d, d, job.xq + t * d, job.xs + t * (d / 32));
-        else
-          for (std::ptrdiff_t t = 0; t < job.c; ++t)
-            quantize_act_q8(job.h_gate + t * job.m, job.m, job.hq + t * job.m, job.hs + t * (job.m / 32));
+    // The decode jobs' activations for the dispatched kernels: inputs before phase 1, h before phase 2 (c <= 8
+    // rows each: cheap).
+    for (std::ptrdiff_t j = 0; j < n_jobs; ++j) {
+      SwigluJob<W> const& job = jobs[j];
+      if (job.c == 0 || job.c > kGemvMaxRows || !decode_is_dispatched(job)) continue;
+      std::ptrdiff_t const n = phase == 1 ? d : job.m;
+      float const* src = phase == 1 ? job.x : job.h_gate;
+      for (std::ptrdiff_t t = 0; t < job.c; ++t) {
+        if constexpr (is_q8_dot_format_v<W>) {
+          if (phase == 1)
+            quantize_act_q8(src + t * n, n, job.xq + t * n, job.xs + t * (n / 32), job.xsum + t * (n / 32));
+          else
+            quantize_act_q8(src + t * n, n, job.hq + t * n, job.hs + t * (n / 32), job.hsum + t * (n / 32));
+        } else if constexpr (std::is_same_v<W, bf16>) {
+          bf16* dst = (phase == 1 ? job.xb : job.hb) + t * n;
+          for (std::ptrdiff_t i = 0; i < n; ++i) dst[i] = bf16(src[t * n + i]);
+        }
       }
     }
     std::ptrdiff_t const n_tasks = count_tasks(phase == 1);
@@ -217,10 +323,6 @@ void run_swiglu_jobs(SwigluJob<W> const* jobs, std::ptrdiff_t n_jobs, std::ptrdi
 
 namespace kernel {
 
-/// 1 when W is block-quantized (its decode path needs int8 activation buffers), else 0.
-template <class W>
-inline constexpr std::size_t kQuantRegions = detail::is_q8_dot_format_v<W> ? 1 : 0;
-
 /// True for the weight formats and activations the CpuSimd SwiGLU kernels handle (others run the oracle).
 template <class W, class A>
 inline constexpr bool simd_swiglu_supports_v =
@@ -241,18 +343,16 @@ struct Swiglu<CpuSimd<Arch>> {
     } else {
       auto const t = static_cast<std::size_t>(n_tokens), m = static_cast<std::size_t>(d_hidden),
                  d = static_cast<std::size_t>(d_model);
-      return detail::WorkspaceLayout()
-          .add(sizeof(float), t * m)  // h_gate
+      detail::WorkspaceLayout layout;
+      layout.add(sizeof(float), t * m)  // h_gate
           .add(sizeof(float), t * m)  // h_up
           .add(sizeof(float), t * d)  // packed input (views may be strided)
           .add(sizeof(float), t * d)  // packed output
           .add(sizeof(float), static_cast<std::size_t>(max_workers) *
                                   static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_hidden)))
-          .add(sizeof(std::ptrdiff_t), 2)
-          .add(sizeof(std::int8_t), kQuantRegions<W> * t * d)        // input codes (block formats)
-          .add(sizeof(float), kQuantRegions<W> * t * (d / 32))       // input scales
-          .add(sizeof(std::int8_t), kQuantRegions<W> * t * m)        // h codes
-          .add(sizeof(float), kQuantRegions<W> * t * (m / 32));      // h scales
+          .add(sizeof(std::ptrdiff_t), 2);
+      detail::add_decode_activation_regions<W>(layout, t, d, m);
+      return layout;
     }
   }
 
@@ -275,12 +375,9 @@ struct Swiglu<CpuSimd<Arch>> {
       auto* starts = cursor.take<std::ptrdiff_t>(2);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(x.row(t), x.row(t) + d, xin + t * d);
       detail::SwigluJob<W> job{gate.data(), up.data(), down.data(), m, xin, n_tokens, hg, hu, out};
-      if constexpr (detail::is_q8_dot_format_v<W>) {
-        job.xq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_tokens * d));
-        job.xs = cursor.take<float>(static_cast<std::size_t>(n_tokens * (d / 32)));
-        job.hq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_tokens * m));
-        job.hs = cursor.take<float>(static_cast<std::size_t>(n_tokens * (m / 32)));
-      }
+      detail::take_decode_activation_regions(cursor, job, static_cast<std::size_t>(n_tokens), static_cast<std::size_t>(d),
+                                             static_cast<std::size_t>(m));
+      if constexpr (std::is_same_v<W, bf16>) job.bf16_native = detail::bf16_native_dot_dispatch();
       detail::run_swiglu_jobs<Arch>(&job, 1, d, panels, panel_floats, starts, exec);
       for (std::ptrdiff_t t = 0; t < n_tokens; ++t) std::copy(out + t * d, out + (t + 1) * d, y.row(t));
     }
@@ -308,18 +405,16 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
     } else {
       auto const s = static_cast<std::size_t>(n_slots), n = static_cast<std::size_t>(n_experts),
                  d = static_cast<std::size_t>(d_model), m = static_cast<std::size_t>(d_expert);
-      return detail::WorkspaceLayout()
-          .add(sizeof(float), s * d)                 // gathered inputs
+      detail::WorkspaceLayout layout;
+      layout.add(sizeof(float), s * d)                 // gathered inputs
           .add(sizeof(float), s * m)                 // h_gate
           .add(sizeof(float), s * m)                 // h_up
           .add(sizeof(detail::SwigluJob<W>), n)      // jobs
           .add(sizeof(std::ptrdiff_t), n + 1)        // task starts
           .add(sizeof(float), static_cast<std::size_t>(max_threads) *
-                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)))
-          .add(sizeof(std::int8_t), kQuantRegions<W> * s * d)        // input codes (block formats)
-          .add(sizeof(float), kQuantRegions<W> * s * (d / 32))       // input scales
-          .add(sizeof(std::int8_t), kQuantRegions<W> * s * m)        // h codes
-          .add(sizeof(float), kQuantRegions<W> * s * (m / 32));      // h scales
+                                  static_cast<std::size_t>(detail::swiglu_panel_floats(d_model, d_expert)));
+      detail::add_decode_activation_regions<W>(layout, s, d, m);
+      return layout;
     }
   }
 
@@ -348,16 +443,11 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
         std::copy(src, src + d, xg + r * d);
       }
       float* out = expert_out.data();  // dense [n_slots, d_model] (the front's region)
-      std::int8_t* xq = nullptr;
-      float* xs = nullptr;
-      std::int8_t* hq = nullptr;
-      float* hs = nullptr;
-      if constexpr (detail::is_q8_dot_format_v<W>) {
-        xq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_slots * d));
-        xs = cursor.take<float>(static_cast<std::size_t>(n_slots * (d / 32)));
-        hq = cursor.take<std::int8_t>(static_cast<std::size_t>(n_slots * m));
-        hs = cursor.take<float>(static_cast<std::size_t>(n_slots * (m / 32)));
-      }
+      detail::SwigluJob<W> act;  // the activation regions of all slots; each job takes its rows of them
+      detail::take_decode_activation_regions(cursor, act, static_cast<std::size_t>(n_slots), static_cast<std::size_t>(d),
+                                             static_cast<std::size_t>(m));
+      bool bf16_native = false;
+      if constexpr (std::is_same_v<W, bf16>) bf16_native = detail::bf16_native_dot_dispatch();
       // Elements of W per expert matrix (a block format stores 32 weights an element).
       std::ptrdiff_t const per_expert = m * d / detail::kWeightsPerElement<W>;
       for (std::ptrdiff_t e = 0; e < n; ++e) {
@@ -366,10 +456,16 @@ struct ExpertSwiglu<CpuSimd<Arch>> {
                                        experts.down.data() + e * per_expert, m, xg + r0 * d, c, hg + r0 * m, hu + r0 * m,
                                        out + r0 * d};
         if constexpr (detail::is_q8_dot_format_v<W>) {
-          jobs[e].xq = xq + r0 * d;
-          jobs[e].xs = xs + r0 * (d / 32);
-          jobs[e].hq = hq + r0 * m;
-          jobs[e].hs = hs + r0 * (m / 32);
+          jobs[e].xq = act.xq + r0 * d;
+          jobs[e].xs = act.xs + r0 * (d / 32);
+          jobs[e].xsum = act.xsum + r0 * (d / 32);
+          jobs[e].hq = act.hq + r0 * m;
+          jobs[e].hs = act.hs + r0 * (m / 32);
+          jobs[e].hsum = act.hsum + r0 * (m / 32);
+        } else if constexpr (std::is_same_v<W, bf16>) {
+          jobs[e].xb = act.xb + r0 * d;
+          jobs[e].hb = act.hb + r0 * m;
+          jobs[e].bf16_native = bf16_native;
         }
       }
       detail::run_swiglu_jobs<Arch>(jobs, n, d, panels, panel_floats, starts, exec);
