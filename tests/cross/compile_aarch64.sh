@@ -4,7 +4,7 @@
 # compiler, so that x86-only code outside a guard (an unguarded <immintrin.h>, an _mm_* call, an x86 asm
 # block) fails CI on an x86 machine.
 #
-# The header-only dependencies (Eigen, xsimd, xtl, nlohmann-json, Catch2) are installed under /usr/include,
+# The dependencies' headers (Eigen, xsimd, xtl, nlohmann-json, Catch2, Highway) are installed under /usr/include,
 # which the cross compiler does not search; -I/usr/include would also pull in x86 glibc headers. So the
 # dependencies alone are linked into a temporary folder that is passed with -isystem.
 #
@@ -31,7 +31,7 @@ trap 'rm -rf "$work"' EXIT
 sysroot_deps="$work/include"
 mkdir "$sysroot_deps"
 # <Eigen/...> and <unsupported/...> come from /usr/include/eigen3; the others are folders of /usr/include.
-for link in eigen3/Eigen eigen3/unsupported xsimd xtl nlohmann catch2; do
+for link in eigen3/Eigen eigen3/unsupported xsimd xtl nlohmann catch2 hwy; do
   [ -e "$deps/$link" ] || { echo "compile_aarch64: $deps/$link not found (a build dependency is missing)" >&2; exit 2; }
   ln -s "$deps/$link" "$sysroot_deps/$(basename "$link")"
 done

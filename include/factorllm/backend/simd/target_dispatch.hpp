@@ -118,10 +118,14 @@ inline bool bf16_dot_rows_dispatch(Bf16DotArgs const& args) { return HWY_DYNAMIC
 /// True when the chosen target multiplies bf16 natively (the activations are then rounded to bf16 first).
 inline bool bf16_native_dot_dispatch() { return HWY_DYNAMIC_DISPATCH(bf16_native_dot)(); }
 
+/// The chosen target's name. (HWY_DYNAMIC_DISPATCH takes an unqualified name: with a single compiled target it
+/// becomes N_<target>::name, so every call sits in this namespace.)
+inline char const* dispatch_target_name_dispatch() { return HWY_DYNAMIC_DISPATCH(dispatch_target_name)(); }
+
 }  // namespace detail
 
 /// The Highway target the CpuSimd decode kernels run on now ("AVX3_DL", "AVX2", "NEON", ...).
-inline std::string simd_dispatch_target() { return HWY_DYNAMIC_DISPATCH(detail::dispatch_target_name)(); }
+inline std::string simd_dispatch_target() { return detail::dispatch_target_name_dispatch(); }
 
 /// The targets compiled into this translation unit that the CPU supports, best first (Highway's bit values, for
 /// force_simd_dispatch_target).
