@@ -10,6 +10,8 @@
 // the last-level cache: weights come from DRAM, as in real decoding of a many-layer model.
 //
 // Counters: bytes_per_second (active weights streamed), flops (2 x MACs of active experts + router, rate),
+// dot_peak_fraction (flops over the register-only peak of the dot instruction the kernel uses, measured in the same
+// run; the label names it and the dispatch target),
 // bw_fraction (achieved bytes/s over STREAM read bandwidth), gemm_fraction (achieved flop/s over Eigen sgemm
 // on [T, d] x [d, d_ff]), speedup_vs_dense (dense FFN time / MoE time at the same T, dense on cpu_simd),
 // mask_all_ms and speedup_vs_mask_all (compute every expert on every token, then mask: the paper code).
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include <Eigen/Core>
+
 
 #include "factorllm/factorllm.hpp"
 
@@ -131,6 +134,53 @@ double eigen_sgemm_flops(std::ptrdiff_t t, std::ptrdiff_t d, std::ptrdiff_t d_ff
   std::fprintf(stderr, "machine: Eigen sgemm [%ld x %ld] x [%ld x %ld]: %.1f GFLOP/s\n", static_cast<long>(t), static_cast<long>(d),
               static_cast<long>(d), static_cast<long>(d_ff), best / 1e9);
   return cache[key] = best;
+}
+
+/// Peak rate (multiply-adds x 2 per second, all threads) of the dot instruction the MoE kernels for W run on the
+/// dispatched target, from the library's register-only loop (dot_peak_loop: 12 independent accumulators, no memory
+/// operand). Decode of q8_0 / q4_0 uses vpdpbusd on AVX3_DL (64 byte products an instruction), vpmaddubsw +
+/// vpmaddwd on AVX2 (32 a pair); bf16 decode with AVX512-BF16 uses vdpbf16ps (32 products); everything else (f32,
+/// f16, widened bf16, and every prefill: Eigen sgemm on float panels) is float FMA at the target's vector width.
+/// rate 0: the target has no such instruction (the counter is then omitted).
+struct DotPeak {
+  char const* instruction;
+  double rate;
+};
+
+DotPeak dot_peak(fl::detail::DotInstruction kind) {
+  static std::map<int, DotPeak> cache;
+  if (auto it = cache.find(static_cast<int>(kind)); it != cache.end()) return it->second;
+  std::string const target = fl::simd_dispatch_target();
+  char const* name = kind == fl::detail::DotInstruction::f32_fma ? "float FMA"
+                     : kind == fl::detail::DotInstruction::bf16_dot ? "vdpbf16ps"
+                     : target == "AVX3_DL" ? "vpdpbusd" : "vpmaddubsw+vpmaddwd";
+  constexpr std::int64_t kIterations = 4000000;
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    std::int64_t products = 0;
+    auto const t0 = Clock::now();
+#pragma omp parallel reduction(+ : products)
+    products += fl::detail::dot_peak_loop_dispatch(kind, kIterations);
+    best = std::max(best, 2.0 * static_cast<double>(products) / seconds_since(t0));
+  }
+  if (best > 0)
+    std::fprintf(stderr, "machine: %s (target %s) register-only peak %.1f G multiply-adds x 2 / s (%d threads)\n", name,
+                 target.c_str(), best / 1e9, fl::detail::max_threads());
+  return cache[static_cast<int>(kind)] = DotPeak{name, best};
+}
+
+/// The dot instruction the kernels for W run at T rows per expert on this CPU (see dot_peak).
+template <class W>
+fl::detail::DotInstruction dot_instruction(std::ptrdiff_t t) {
+  bool const decode = t <= fl::detail::kGemvMaxRows;
+  if constexpr (fl::is_block_format_v<W>) {
+    return decode ? fl::detail::DotInstruction::int8_dot : fl::detail::DotInstruction::f32_fma;
+  } else if constexpr (std::is_same_v<W, fl::bf16>) {
+    return decode && fl::detail::bf16_native_dot_dispatch() ? fl::detail::DotInstruction::bf16_dot
+                                                            : fl::detail::DotInstruction::f32_fma;
+  } else {
+    return fl::detail::DotInstruction::f32_fma;
+  }
 }
 
 /// A generated FFN layer in both layouts (dense and factorized), for weight type W. Copies made only to cycle
@@ -315,6 +365,10 @@ void BM_moe(benchmark::State& state, Shape s) {
     state.counters["bw_fraction"] = bytes / per_call / stream_read_bandwidth();
   }
   state.counters["gemm_fraction"] = flops / per_call / eigen_sgemm_flops(t, s.d, s.d_ff);
+  if (DotPeak const peak = dot_peak(dot_instruction<W>(t)); peak.rate > 0) {
+    state.counters["dot_peak_fraction"] = flops / per_call / peak.rate;
+    state.SetLabel(std::string("dot: ") + peak.instruction + ", target " + fl::simd_dispatch_target());
+  }
   state.counters["speedup_vs_dense"] = dense_s / per_call;
   state.counters["mask_all_ms"] = mask_s * 1e3;
   state.counters["speedup_vs_mask_all"] = mask_s / per_call;

@@ -12,6 +12,7 @@
 //               d_w * d_x and accumulated in float in block order, so a row's result depends on n alone.
 //   bf16_dot_rows  bf16 weight rows against activations rounded to bf16, with AVX512-BF16 `vdpbf16ps` (AVX3 and
 //               AVX3_DL targets on a CPU that has it); returns false elsewhere and the caller widens instead.
+//   dot_peak_loop  a register-only loop of a dot instruction, for the benchmarks' peak figures.
 //
 // Instructions Highway 1.0 does not wrap (vpdpbusd on 512 bits, vdpbf16ps) are intrinsics inside functions whose
 // target attribute adds the feature to the Highway target's own; the x86 paths run only when Highway chose
@@ -164,6 +165,20 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q8_avx512(Q
   }
 }
 
+/// dot_peak_loop's vpdpbusd loop (see there).
+__attribute__((target(HWY_TARGET_STR ",avx512vnni"))) std::int64_t dot_peak_vpdpbusd(std::int64_t iterations) {
+  __m512i acc[12];
+  for (auto& v : acc) v = _mm512_setzero_si512();
+  __m512i const u = _mm512_set1_epi8(1), w = _mm512_set1_epi8(2);
+  for (std::int64_t i = 0; i < iterations; ++i)
+    for (auto& v : acc) v = _mm512_dpbusd_epi32(v, u, w);
+  __m512i sum = acc[0];
+  for (int j = 1; j < 12; ++j) sum = _mm512_add_epi32(sum, acc[j]);
+  volatile int sink = _mm512_reduce_add_epi32(sum);
+  (void)sink;
+  return iterations * 12 * 64;
+}
+
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
 #if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
@@ -294,6 +309,20 @@ __attribute__((target(HWY_TARGET_STR ",avx512bf16"))) void bf16_dot_rows_native(
   }
 }
 
+/// dot_peak_loop's vdpbf16ps loop (see there).
+__attribute__((target(HWY_TARGET_STR ",avx512bf16"))) std::int64_t dot_peak_vdpbf16ps(std::int64_t iterations) {
+  __m512 acc[12];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  __m512bh const u = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80)), w = u;  // 1.0 in bf16
+  for (std::int64_t i = 0; i < iterations; ++i)
+    for (auto& v : acc) v = _mm512_dpbf16_ps(v, u, w);
+  __m512 sum = acc[0];
+  for (int j = 1; j < 12; ++j) sum = _mm512_add_ps(sum, acc[j]);
+  volatile float sink = _mm512_reduce_add_ps(sum);
+  (void)sink;
+  return iterations * 12 * 32;
+}
+
 #endif  // HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 
 /// True when this target runs bf16 dot products natively on this CPU (bf16_dot_rows then returns true).
@@ -314,6 +343,48 @@ bool bf16_dot_rows(Bf16DotArgs const& a) {
   (void)a;
   return false;
 #endif
+}
+
+/// Register-only loop of `kind` for `iterations` rounds of 12 independent accumulators; returns the multiply-adds
+/// done (0 when this target or CPU has no such instruction). The benchmarks time it for the peak their kernels'
+/// dot instruction can reach (bench_moe_ffn's dot_peak_fraction).
+std::int64_t dot_peak_loop(DotInstruction kind, std::int64_t iterations) {
+  constexpr int kAcc = 12;
+  if (kind == DotInstruction::f32_fma) {
+    hn::ScalableTag<float> const df;
+    using V = hn::Vec<decltype(df)>;
+    V acc[kAcc];
+    for (auto& v : acc) v = hn::Zero(df);
+    V const u = hn::Set(df, 1.0001f), w = hn::Set(df, 0.9999f);
+    for (std::int64_t i = 0; i < iterations; ++i)
+      for (auto& v : acc) v = hn::MulAdd(u, w, v);
+    V sum = acc[0];
+    for (int j = 1; j < kAcc; ++j) sum = hn::Add(sum, acc[j]);
+    volatile float sink = hn::GetLane(sum);
+    (void)sink;
+    return iterations * kAcc * static_cast<std::int64_t>(hn::Lanes(df));
+  }
+#if HWY_TARGET == HWY_AVX3_DL
+  if (kind == DotInstruction::int8_dot) return dot_peak_vpdpbusd(iterations);
+#endif
+#if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
+  if (kind == DotInstruction::int8_dot) {
+    __m256i acc[kAcc];
+    for (auto& v : acc) v = _mm256_setzero_si256();
+    __m256i const u = _mm256_set1_epi8(1), w = _mm256_set1_epi8(2), one = _mm256_set1_epi16(1);
+    for (std::int64_t i = 0; i < iterations; ++i)
+      for (auto& v : acc) v = _mm256_add_epi32(v, _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), one));
+    __m256i sum = acc[0];
+    for (int j = 1; j < kAcc; ++j) sum = _mm256_add_epi32(sum, acc[j]);
+    volatile int sink = _mm256_extract_epi32(sum, 0);
+    (void)sink;
+    return iterations * kAcc * 32;
+  }
+#endif
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  if (kind == DotInstruction::bf16_dot && cpu_has_avx512_bf16()) return dot_peak_vdpbf16ps(iterations);
+#endif
+  return 0;
 }
 
 }  // namespace

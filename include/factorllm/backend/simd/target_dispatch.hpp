@@ -69,6 +69,10 @@ struct Bf16DotArgs {
   std::ptrdiff_t out_stride = 0;
 };
 
+/// The dot instructions whose peak dot_peak_loop measures: int8 products (vpdpbusd on AVX3_DL, vpmaddubsw +
+/// vpmaddwd on AVX2 / AVX3), bf16 pairs (vdpbf16ps), float FMA at the target's vector width.
+enum class DotInstruction : int { int8_dot, bf16_dot, f32_fma };
+
 /// True when the CPU and OS support AVX512-BF16 (cpuid leaf 7 sub-leaf 1, EAX bit 5, and ZMM state saved); false
 /// off x86. Queried once.
 inline bool cpu_has_avx512_bf16() noexcept {
@@ -107,6 +111,7 @@ HWY_EXPORT(qdot_rows);
 HWY_EXPORT(bf16_dot_rows);
 HWY_EXPORT(bf16_native_dot);
 HWY_EXPORT(dispatch_target_name);
+HWY_EXPORT(dot_peak_loop);
 }  // namespace
 
 /// Runs the q8_0 / q4_0 decode kernel of the chosen target (see QDotArgs).
@@ -121,6 +126,12 @@ inline bool bf16_native_dot_dispatch() { return HWY_DYNAMIC_DISPATCH(bf16_native
 /// The chosen target's name. (HWY_DYNAMIC_DISPATCH takes an unqualified name: with a single compiled target it
 /// becomes N_<target>::name, so every call sits in this namespace.)
 inline char const* dispatch_target_name_dispatch() { return HWY_DYNAMIC_DISPATCH(dispatch_target_name)(); }
+
+/// Runs the chosen target's register-only loop of `kind` (`iterations` rounds) and returns the multiply-adds done,
+/// 0 when the target has no such instruction.
+inline std::int64_t dot_peak_loop_dispatch(DotInstruction kind, std::int64_t iterations) {
+  return HWY_DYNAMIC_DISPATCH(dot_peak_loop)(kind, iterations);
+}
 
 }  // namespace detail
 
