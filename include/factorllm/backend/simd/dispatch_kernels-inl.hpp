@@ -345,6 +345,37 @@ bool bf16_dot_rows(Bf16DotArgs const& a) {
 #endif
 }
 
+/// Dequantizes n_blocks blocks of q8_0 or q4_0 (ggml's layout, consecutive) to 32 floats each: d * code, exact in
+/// float, so the same values as core/quant.hpp's dequantize_row. The prefill path's panels.
+template <class Block>
+void dequantize_blocks_impl(Block const* HWY_RESTRICT w, std::ptrdiff_t n_blocks, float* HWY_RESTRICT out) {
+  hn::CappedTag<float, 16> const df;
+  hn::Rebind<std::int32_t, decltype(df)> const d32;
+  hn::Rebind<std::int8_t, decltype(df)> const d8;
+  std::ptrdiff_t const step = static_cast<std::ptrdiff_t>(hn::Lanes(df));
+  for (std::ptrdiff_t b = 0; b < n_blocks; ++b) {
+    HWY_ALIGN std::int8_t codes[32];
+    if constexpr (sizeof(Block) == 34) {
+      std::memcpy(codes, w[b].qs, 32);
+    } else {
+      for (int i = 0; i < 16; ++i) {  // ggml's nibble order: low nibbles are weights 0..15
+        codes[i] = static_cast<std::int8_t>((w[b].qs[i] & 0x0F) - 8);
+        codes[i + 16] = static_cast<std::int8_t>((w[b].qs[i] >> 4) - 8);
+      }
+    }
+    auto const scale = hn::Set(df, w[b].d.to_float());
+    for (std::ptrdiff_t k = 0; k < 32; k += step)
+      hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::PromoteTo(d32, hn::LoadU(d8, codes + k))), scale), df, out + b * 32 + k);
+  }
+}
+
+void dequantize_blocks(void const* w, QDotFormat format, std::ptrdiff_t n_blocks, float* out) {
+  if (format == QDotFormat::q8_0)
+    dequantize_blocks_impl(static_cast<q8_0 const*>(w), n_blocks, out);
+  else
+    dequantize_blocks_impl(static_cast<q4_0 const*>(w), n_blocks, out);
+}
+
 /// Register-only loop of `kind` for `iterations` rounds of 12 independent accumulators; returns the multiply-adds
 /// done (0 when this target or CPU has no such instruction). The benchmarks time it for the peak their kernels'
 /// dot instruction can reach (bench_moe_ffn's dot_peak_fraction).

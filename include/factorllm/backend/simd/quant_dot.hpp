@@ -85,14 +85,11 @@ inline void q8_multi_dot(W const* w, std::int8_t const* x, float const* sx, std:
   qdot_rows_dispatch(args);
 }
 
-/// Dequantizes n weights (n / 32 blocks) to float: the GEMM path's panel. The same values as dequantize_row
-/// (d * code is exact in float), without its argument check and with the scale converted once per block.
+/// Dequantizes n weights (n / 32 blocks) to float on the dispatched target: the GEMM path's panel. The same values
+/// as dequantize_row (d * code is exact in float), without its argument check.
 template <class W>
-inline void dequantize_blocks(W const* FLLM_RESTRICT w, std::ptrdiff_t n, float* FLLM_RESTRICT out) noexcept {
-  for (std::ptrdiff_t b = 0; b < n / 32; ++b) {
-    float const d = w[b].d.to_float();
-    for (int i = 0; i < 32; ++i) out[b * 32 + i] = d * static_cast<float>(block_quant(w[b], i));
-  }
+inline void dequantize_blocks(W const* FLLM_RESTRICT w, std::ptrdiff_t n, float* FLLM_RESTRICT out) {
+  dequantize_blocks_dispatch(w, std::is_same_v<W, q8_0> ? QDotFormat::q8_0 : QDotFormat::q4_0, n / 32, out);
 }
 
 }  // namespace detail

@@ -112,6 +112,7 @@ HWY_EXPORT(bf16_dot_rows);
 HWY_EXPORT(bf16_native_dot);
 HWY_EXPORT(dispatch_target_name);
 HWY_EXPORT(dot_peak_loop);
+HWY_EXPORT(dequantize_blocks);
 }  // namespace
 
 /// Runs the q8_0 / q4_0 decode kernel of the chosen target (see QDotArgs).
@@ -126,6 +127,11 @@ inline bool bf16_native_dot_dispatch() { return HWY_DYNAMIC_DISPATCH(bf16_native
 /// The chosen target's name. (HWY_DYNAMIC_DISPATCH takes an unqualified name: with a single compiled target it
 /// becomes N_<target>::name, so every call sits in this namespace.)
 inline char const* dispatch_target_name_dispatch() { return HWY_DYNAMIC_DISPATCH(dispatch_target_name)(); }
+
+/// Dequantizes n_blocks consecutive q8_0 / q4_0 blocks to float (32 each) on the chosen target.
+inline void dequantize_blocks_dispatch(void const* w, QDotFormat format, std::ptrdiff_t n_blocks, float* out) {
+  HWY_DYNAMIC_DISPATCH(dequantize_blocks)(w, format, n_blocks, out);
+}
 
 /// Runs the chosen target's register-only loop of `kind` (`iterations` rounds) and returns the multiply-adds done,
 /// 0 when the target has no such instruction.
