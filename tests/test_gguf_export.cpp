@@ -532,3 +532,69 @@ TEST_CASE("gguf export: expert_type refusals name the reason", "[io][gguf][expor
   o.expert_type = GgmlType::f16;
   CHECK_NOTHROW(io::llama_moe_gguf(ck192, tok, synthetic_moe<float>(ck192), o));
 }
+
+TEST_CASE("gguf export: d_expert 43 padded to 64 with zero neurons exports as Q8_0 / Q4_0 and computes the same",
+          "[io][gguf][export][quant][pad]") {
+  auto const ck = synthetic_checkpoint(172);  // stories260K's hidden_dim: 4 experts of 43 neurons
+  auto const tok = synthetic_tokenizer();
+  std::vector<int> const tokens{1, 5, 9, 3, 14, 7, 7, 12, 4, 10};
+  using ScalarMoe = fl::moe::MoeFfn<float, fl::CpuScalar>;
+  std::vector<ScalarMoe> plain, padded;
+  std::vector<fl::moe::MoeFfn<fl::q8_0, fl::CpuScalar>> q8;
+  std::vector<fl::moe::MoeFfn<fl::q4_0, fl::CpuScalar>> q4;
+  for (int l = 0; l < ck.config().n_layers; ++l) {
+    auto const ex = fl::ffn::factorize(ck.ffn(l), fl::ffn::ExpertPartition::random(172, 4, 70 + l));
+    auto const router = fl::moe::Router<float>::random(ck.config().dim, 4, 80 + l, 1.0);
+    auto const g = gating(fl::moe::CombineMode::softmax_topk_renorm, 2);
+    auto const ex64 = fl::ffn::pad_experts(ex, 32);
+    REQUIRE(ex64.d_expert() == 64);
+    plain.emplace_back(ex, router, g);
+    padded.emplace_back(ex64, router, g);
+    q8.emplace_back(fl::ffn::convert_format<fl::q8_0>(ex64), router, g);
+    q4.emplace_back(fl::ffn::convert_format<fl::q4_0>(ex64), router, g);
+  }
+  io::GgufExportOptions as_q8;
+  as_q8.expert_type = GgmlType::q8_0;
+  CHECK_THROWS_WITH(io::llama_moe_gguf(ck, tok, plain, as_q8),
+                    Catch::Contains("d_expert 43 (ffn::pad_experts pads d_expert with zero neurons)"));
+  // Our engine: padding changes no logit beyond float rounding (the zero neurons add exact zeros to the sums).
+  auto logits_of = [&](auto const& layers) {
+    using Layer = typename std::decay_t<decltype(layers)>::value_type;
+    factorllm_examples::Llama2cEngine engine(ck);
+    for (int l = 0; l < ck.config().n_layers; ++l)
+      engine.set_ffn(l, std::make_unique<factorllm_examples::MoeLayerAdapter<Layer>>(layers[static_cast<std::size_t>(l)], 16));
+    auto const v = engine.forward_sequence(tokens);
+    RowMajorF out(v.rows(), v.cols());
+    for (Eigen::Index t = 0; t < out.rows(); ++t)
+      for (Eigen::Index k = 0; k < out.cols(); ++k) out(t, k) = v(t, k);
+    return out;
+  };
+  RowMajorF const lp = logits_of(plain), l64 = logits_of(padded);
+  double const pad_diff = (lp - l64).cwiseAbs().maxCoeff();
+  INFO("padded vs unpadded: max |logit difference| = " << pad_diff);
+  CHECK(pad_diff < 1e-5);
+  // The files: feed_forward_length 64, experts [4, 64, 64] in blocks, and a ggml-semantics forward over them (float
+  // sums of the dequantized weights) matches our engine on the same quantized layers (oracle: double sums).
+  auto check = [&](auto const& layers, GgmlType type, char const* what) {
+    Bytes const bytes = io::llama_moe_gguf(ck, tok, layers).serialize();
+    auto const f = GgufFile::parse(bytes.data(), bytes.size());
+    CHECK(f.get_int("llama.feed_forward_length") == 64);
+    CHECK(f.tensor("blk.0.ffn_gate_exps.weight").type == type);
+    CHECK(f.tensor("blk.0.ffn_gate_exps.weight").ne == std::vector<std::int64_t>{64, 64, 4});
+    CHECK(f.tensor("blk.1.ffn_down_exps.weight").ne == std::vector<std::int64_t>{64, 64, 4});
+    // Every padded down column (neurons 43..63 of each expert) dequantizes to exactly 0.
+    auto const down = f.to_float("blk.1.ffn_down_exps.weight");  // [4][64 rows of d_model][64 neurons]
+    for (std::size_t e = 0; e < 4; ++e)
+      for (std::size_t o = 0; o < 64; ++o)
+        for (std::size_t i = 43; i < 64; ++i) REQUIRE(down[(e * 64 + o) * 64 + i] == 0.f);
+    double const diff = (ggml_llama_forward(f, tokens) - logits_of(layers)).cwiseAbs().maxCoeff();
+    INFO(what << ": max |logit difference| = " << diff);
+    CHECK(diff < 2e-3);  // float vs double summation only, as in the unpadded Q8_0 / Q4_0 test above
+  };
+  check(q8, GgmlType::q8_0, "Q8_0");
+  check(q4, GgmlType::q4_0, "Q4_0");
+  // The layers may have more neurons than the checkpoint's hidden_dim (padding), never fewer.
+  auto const ck128 = synthetic_checkpoint(128);
+  CHECK_THROWS_WITH(io::llama_moe_gguf(ck, tok, synthetic_moe<float>(ck128)),
+                    Catch::Contains("d_ff may exceed hidden_dim only by zero-neuron padding"));
+}

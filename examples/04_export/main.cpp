@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // Export: converts stories260K into a K-of-N MoE that llama.cpp can run (softmax-TopK-renormalize gating, bias-free
-// routers), writes the dense and MoE models as GGUF (F32 and F16), the MoE as a factorized safetensors file and as a
-// Hugging Face Mixtral checkpoint, and records our engine's greedy tokens and teacher-forced next-token
-// probabilities for each GGUF file in reference.json (tests/llama_cpp/check.mjs compares llama.cpp with them).
+// routers), writes the dense and MoE models as GGUF (F32 and F16), the MoE also with Q8_0 and Q4_0 experts (d_expert
+// padded to whole 32-weight blocks with zero neurons: ffn::pad_experts), the MoE as a factorized safetensors file and
+// as a Hugging Face Mixtral checkpoint, and records our engine's greedy tokens (from BOS and from sampled prompts) and
+// teacher-forced next-token logits and probabilities for each GGUF file in reference.json (tests/llama_cpp/check.mjs
+// compares llama.cpp with them). For the Q8_0 / Q4_0 files our engine runs the same blocks on the CpuScalar oracle
+// (exact weights, unrounded activations), and, as "act8", on CpuSimd's decode kernels, which round activations to
+// 8 bits per block as ggml does; it prints how far apart the two are (activation rounding alone).
 //
 // Usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K] [--router R]
-//                         [--steps S] [--calib N] [--length L] [--forced T]
+//                         [--steps S] [--calib N] [--length L] [--forced T] [--prompts P] [--prompt-steps G]
 //   --out DIR     output folder (created; default factorllm_export)
 //   --experts N   routed experts per layer (default 4; must divide hidden_dim = 172)
 //   --top-k K     experts per token (default 2)
@@ -14,8 +18,10 @@
 //   --steps S     greedy tokens generated from BOS for the reference (default 128)
 //   --calib N     calibration sequences for the conversion (default 64), --length L tokens each (default 128)
 //   --forced T    length of the teacher-forced sequence, BOS included (default 96)
-// Exit status: 0 on success, 1 if a self-check fails (reloaded files disagree with what was written), 2 on bad
-// usage or input.
+//   --prompts P   greedy prompts (BOS + 24 tokens sampled from the dense model, seeds 5000 + i; default 8), each
+//                 continued for --prompt-steps G greedy tokens (default 40)
+// Exit status: 0 on success, 1 if a self-check fails (reloaded files disagree with what was written, or the padded
+// experts do not compute what the unpadded ones do), 2 on bad usage or input.
 //
 // The conversion (per layer, bottom-up on the inputs the converted lower layers produce):
 //   1. partition the neurons by co-activation (ffn::cluster_activations) and factorize (docs/math.md §1.2);
@@ -73,6 +79,10 @@ namespace fs = std::filesystem;
 using SimdMoe = fl::moe::MoeFfn<float, fl::CpuSimd<>>;
 
 constexpr std::uint64_t kSeed = 2024;  // partition, router training of layer l use kSeed + l
+constexpr int kPromptLength = 25;      // BOS + 24 sampled tokens per greedy prompt (distinct stories by then)
+/// Largest |dp| allowed between the padded and unpadded f32 layers: float summation order only (measured 3.4e-6;
+/// check.mjs's F32 tolerance).
+constexpr double kPadTolerance = 1e-4;
 
 /// How the routers are obtained (both bias-free).
 enum class RouterKind { lsq, par };
@@ -81,7 +91,7 @@ struct Options {
   std::string out = "factorllm_export";
   std::string model = std::string(FACTORLLM_SHARED_DIR) + "/models/stories260K.bin";
   std::string tokenizer;
-  int experts = 4, top_k = 2, steps = 128, calib = 64, length = 128, forced = 96;
+  int experts = 4, top_k = 2, steps = 128, calib = 64, length = 128, forced = 96, prompts = 8, prompt_steps = 40;
   RouterKind router = RouterKind::lsq;
 };
 
@@ -89,7 +99,8 @@ struct Options {
   std::fprintf(stderr,
                "factorllm_export: %s\n"
                "usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K]\n"
-               "                        [--router lsq|par] [--steps S] [--calib N] [--length L] [--forced T]\n",
+               "                        [--router lsq|par] [--steps S] [--calib N] [--length L] [--forced T]\n"
+               "                        [--prompts P] [--prompt-steps G]\n",
                msg.c_str());
   std::exit(2);
 }
@@ -118,6 +129,8 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--calib") o.calib = integer(i);
     else if (a == "--length") o.length = integer(i);
     else if (a == "--forced") o.forced = integer(i);
+    else if (a == "--prompts") o.prompts = integer(i);
+    else if (a == "--prompt-steps") o.prompt_steps = integer(i);
     else if (a == "--router") {
       std::string const r = value(i);
       if (r == "lsq") o.router = RouterKind::lsq;
@@ -240,31 +253,90 @@ SimdMoe f16_copy(SimdMoe const& a) {
 // ---------------------------------------------------------------------------------------------------------------
 
 struct Reference {
-  std::vector<int> greedy;                  // tokens after BOS
-  std::vector<std::vector<float>> probs;    // [forced.size(), vocab] next-token probabilities
+  std::vector<int> greedy;                      // tokens after BOS
+  std::vector<std::vector<int>> prompt_greedy;  // per prompt: the greedy tokens after it
+  std::vector<std::vector<float>> probs;        // [forced.size(), vocab] next-token probabilities
+  std::vector<std::vector<float>> logits;       // [forced.size(), vocab] the logits they come from
 };
 
-Reference run_reference(fx::Llama2cEngine& engine, std::vector<int> const& forced, int steps) {
+/// The greedy continuations and teacher-forced outputs of the engine as it is.
+/// \param prompts         prompts (BOS first) to continue greedily for prompt_steps tokens each
+/// \param step_by_step    run the teacher-forced sequence one forward_step per token (every FFN call sees one row)
+///                        instead of one forward_sequence; for kernels whose decode path differs from prefill
+Reference run_reference(fx::Llama2cEngine& engine, std::vector<int> const& forced, int steps,
+                        std::vector<std::vector<int>> const& prompts, int prompt_steps, bool step_by_step = false) {
   Reference r;
   fx::Sampler greedy(0.f);
   r.greedy = engine.generate({fl::io::Llama2cTokenizer::kBos}, steps, greedy, /*stop_at_bos=*/false);
-  auto const logits = engine.forward_sequence(forced);
+  for (auto const& prompt : prompts) {
+    auto const n = static_cast<std::ptrdiff_t>(prompt.size());
+    auto const out = engine.generate(prompt, static_cast<int>(n - 1) + prompt_steps, greedy, /*stop_at_bos=*/false);
+    r.prompt_greedy.emplace_back(out.begin() + (n - 1), out.end());  // generate returns the forced prompt tokens too
+  }
   std::ptrdiff_t const vocab = engine.vocab_size();
-  for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) {
-    float const* row = logits.row(t);
+  auto add_row = [&](float const* row) {
     double const mx = *std::max_element(row, row + vocab);
     double sum = 0;
     for (std::ptrdiff_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
     std::vector<float> p(static_cast<std::size_t>(vocab));
     for (std::ptrdiff_t v = 0; v < vocab; ++v) p[static_cast<std::size_t>(v)] = static_cast<float>(std::exp(row[v] - mx) / sum);
     r.probs.push_back(std::move(p));
+    r.logits.emplace_back(row, row + vocab);
+  };
+  if (step_by_step) {
+    for (std::size_t t = 0; t < forced.size(); ++t) add_row(engine.forward_step(forced[t], static_cast<int>(t)).data());
+  } else {
+    auto const logits = engine.forward_sequence(forced);
+    for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) add_row(logits.row(t));
   }
   return r;
 }
 
-void install_moe(fx::Llama2cEngine& engine, std::vector<SimdMoe> const& layers, std::ptrdiff_t max_tokens) {
+template <class Layer>
+void install_moe(fx::Llama2cEngine& engine, std::vector<Layer> const& layers, std::ptrdiff_t max_tokens) {
   for (std::size_t l = 0; l < layers.size(); ++l)
-    engine.set_ffn(static_cast<int>(l), std::make_unique<fx::MoeFfnLayer>(layers[l], max_tokens, "moe"));
+    engine.set_ffn(static_cast<int>(l), std::make_unique<fx::MoeLayerAdapter<Layer>>(layers[l], max_tokens, "moe"));
+}
+
+/// The layers with their experts in block format Q (q8_0 or q4_0) on backend B: same router and gating.
+template <class Q, class B>
+std::vector<fl::moe::MoeFfn<Q, B>> quantized_layers(std::vector<SimdMoe> const& padded) {
+  std::vector<fl::moe::MoeFfn<Q, B>> out;
+  for (auto const& a : padded) out.emplace_back(fl::ffn::convert_format<Q>(a.experts()), a.router(), a.gating());
+  return out;
+}
+
+/// Returns the largest |a - b| over the teacher-forced probabilities of two references.
+double max_prob_diff(Reference const& a, Reference const& b) {
+  double m = 0;
+  for (std::size_t t = 0; t < a.probs.size(); ++t)
+    for (std::size_t v = 0; v < a.probs[t].size(); ++v)
+      m = std::max(m, std::fabs(static_cast<double>(a.probs[t][v]) - b.probs[t][v]));
+  return m;
+}
+
+/// Returns the largest |a - b| over the teacher-forced logits of two references.
+double max_logit_diff(Reference const& a, Reference const& b) {
+  double m = 0;
+  for (std::size_t t = 0; t < a.logits.size(); ++t)
+    for (std::size_t v = 0; v < a.logits[t].size(); ++v)
+      m = std::max(m, std::fabs(static_cast<double>(a.logits[t][v]) - b.logits[t][v]));
+  return m;
+}
+
+/// Returns how many greedy tokens two references share before their paths part, over BOS and every prompt, and
+/// the total.
+std::pair<std::size_t, std::size_t> greedy_agreement(Reference const& a, Reference const& b) {
+  std::size_t agree = 0, total = 0;
+  auto prefix = [&](std::vector<int> const& x, std::vector<int> const& y) {
+    std::size_t i = 0;
+    while (i < x.size() && i < y.size() && x[i] == y[i]) ++i;
+    agree += i;
+    total += x.size();
+  };
+  prefix(a.greedy, b.greedy);
+  for (std::size_t p = 0; p < a.prompt_greedy.size(); ++p) prefix(a.prompt_greedy[p], b.prompt_greedy[p]);
+  return {agree, total};
 }
 
 /// Returns the fraction of positions where the two models' most likely next tokens agree.
@@ -285,6 +357,7 @@ int run(Options const& o) {
   if (c.hidden_dim % o.experts != 0)
     usage("--experts " + std::to_string(o.experts) + " does not divide hidden_dim " + std::to_string(c.hidden_dim));
   if (o.steps + 1 > c.seq_len || o.forced > c.seq_len || o.forced < 2) usage("--steps / --forced do not fit seq_len");
+  if (kPromptLength + o.prompt_steps > c.seq_len) usage("--prompt-steps does not fit seq_len");
   fs::create_directories(o.out);
   std::string const moe_tag = "moe-n" + std::to_string(o.experts) + "k" + std::to_string(o.top_k);
 
@@ -295,7 +368,13 @@ int run(Options const& o) {
   std::vector<int> forced{fl::io::Llama2cTokenizer::kBos};
   auto const sampled = engine.generate(forced, o.forced - 1, sampler, /*stop_at_bos=*/false);
   forced.insert(forced.end(), sampled.begin(), sampled.end());
-  Reference const dense = run_reference(engine, forced, o.steps);
+  // Prompts for greedy continuations: BOS + 24 tokens sampled from the dense model (seeds 5000 + i); shorter ones
+  // would nearly all be "Once upon a time,".
+  auto const prompts = fx::sample_sequences(engine, o.prompts, kPromptLength - 1, 5000);
+  auto const reference = [&](fx::Llama2cEngine& e, bool step_by_step = false) {
+    return run_reference(e, forced, o.steps, prompts, o.prompt_steps, step_by_step);
+  };
+  Reference const dense = reference(engine);
   std::printf("dense greedy: %s\n", tok.decode(dense.greedy).c_str());
 
   // Conversion, bottom-up on calibration text sampled from the dense model.
@@ -305,7 +384,7 @@ int run(Options const& o) {
     layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k, o.router, kSeed + static_cast<std::uint64_t>(l)));
     return std::make_unique<fx::MoeFfnLayer>(layers.back(), c.seq_len, moe_tag);
   });
-  Reference const moe = run_reference(engine, forced, o.steps);
+  Reference const moe = reference(engine);
   std::printf("%s greedy: %s\n", moe_tag.c_str(), tok.decode(moe.greedy).c_str());
   std::printf("%s top-1 agreement with dense on the forced sequence: %.3f (%.1fs)\n", moe_tag.c_str(),
               top1_agreement(dense, moe), seconds());
@@ -314,11 +393,48 @@ int run(Options const& o) {
   std::vector<unsigned char> const ck16_bytes = f16_checkpoint_bytes(o.model, ck);
   auto const ck16 = fl::io::Llama2cCheckpoint::parse(ck16_bytes.data(), ck16_bytes.size());
   fx::Llama2cEngine engine16(ck16);
-  Reference const dense16 = run_reference(engine16, forced, o.steps);
+  Reference const dense16 = reference(engine16);
   std::vector<SimdMoe> layers16;
   for (auto const& a : layers) layers16.push_back(f16_copy(a));
   install_moe(engine16, layers16, c.seq_len);
-  Reference const moe16 = run_reference(engine16, forced, o.steps);
+  Reference const moe16 = reference(engine16);
+
+  // Q8_0 / Q4_0 experts. d_expert = hidden_dim / N (43 for N = 4) holds no whole 32-weight block, so every expert is
+  // first padded with zero neurons to a multiple of 32 (ffn::pad_experts: the same function), then quantized with
+  // ggml's reference rounding. Our references run the quantized layers on the CpuScalar oracle: every weight
+  // dequantized exactly, double sums, activations never rounded. Everything else stays F32, as in the files.
+  std::vector<SimdMoe> padded;
+  for (auto const& a : layers) padded.emplace_back(fl::ffn::pad_experts(a.experts(), fl::kQuantBlock), a.router(), a.gating());
+  std::ptrdiff_t const d_expert_padded = padded[0].d_expert();
+  fx::Llama2cEngine engine_pad(ck);
+  install_moe(engine_pad, padded, c.seq_len);
+  Reference const moe_pad = reference(engine_pad);
+  auto const q8 = quantized_layers<fl::q8_0, fl::CpuScalar>(padded);
+  auto const q4 = quantized_layers<fl::q4_0, fl::CpuScalar>(padded);
+  fx::Llama2cEngine engine_q(ck);
+  install_moe(engine_q, q8, c.seq_len);
+  Reference const moe_q8 = reference(engine_q);
+  install_moe(engine_q, q4, c.seq_len);
+  Reference const moe_q4 = reference(engine_q);
+  // The same quantized weights on CpuSimd's decode kernels, which also round each FFN input and h to 8 bits per
+  // block of 32 as ggml does (backend/simd/quant_dot.hpp): run one token per forward call so that every FFN call
+  // takes that path. Reported next to the oracle to show what activation rounding alone moves.
+  install_moe(engine_q, quantized_layers<fl::q8_0, fl::CpuSimd<>>(padded), c.seq_len);
+  Reference const moe_q8_act8 = reference(engine_q, /*step_by_step=*/true);
+  install_moe(engine_q, quantized_layers<fl::q4_0, fl::CpuSimd<>>(padded), c.seq_len);
+  Reference const moe_q4_act8 = reference(engine_q, /*step_by_step=*/true);
+  auto const report = [&](char const* what, Reference const& a, Reference const& b) {
+    auto const [agree, total] = greedy_agreement(a, b);
+    std::printf("%s: greedy tokens equal %zu/%zu (BOS + %d prompts), teacher-forced max |dp| %.2e, max |dlogit| %.2e, "
+                "top-1 agreement %.3f\n", what, agree, total, o.prompts, max_prob_diff(a, b), max_logit_diff(a, b),
+                top1_agreement(a, b));
+  };
+  std::printf("experts padded with zero neurons: d_expert %td -> %td\n", layers[0].d_expert(), d_expert_padded);
+  report("padded f32 vs unpadded f32 (same function)", moe_pad, moe);
+  report("q8_0 (oracle) vs f32", moe_q8, moe);
+  report("q4_0 (oracle) vs f32", moe_q4, moe);
+  report("q8_0 8-bit activations (CpuSimd decode) vs q8_0 oracle", moe_q8_act8, moe_q8);
+  report("q4_0 8-bit activations (CpuSimd decode) vs q4_0 oracle", moe_q4_act8, moe_q4);
 
   // Files.
   auto const path = [&](std::string const& name) { return (fs::path(o.out) / name).string(); };
@@ -330,6 +446,9 @@ int run(Options const& o) {
   f32_opts.name = f16_opts.name = "stories260K-" + moe_tag;
   fl::io::export_llama_gguf(path(moe_tag + "-f32.gguf"), ck, tok, layers, f32_opts);
   fl::io::export_llama_gguf(path(moe_tag + "-f16.gguf"), ck, tok, layers, f16_opts);
+  // expert_type unset: the q8_0 / q4_0 layers are written in their own format, bit for bit; the rest F32.
+  fl::io::export_llama_gguf(path(moe_tag + "-q8_0.gguf"), ck, tok, q8, f32_opts);
+  fl::io::export_llama_gguf(path(moe_tag + "-q4_0.gguf"), ck, tok, q4, f32_opts);
   fl::io::FactorizedSaveOptions fopts;
   fopts.metadata["source_model"] = fs::path(o.model).filename().string();
   fl::io::save_factorized(path(moe_tag + ".factorized.safetensors"), layers, fopts);
@@ -352,6 +471,23 @@ int run(Options const& o) {
     bool const exact = std::equal(gate.begin(), gate.end(), want.data());
     std::printf("GGUF reload of blk.0.ffn_gate_exps: %s\n", exact ? "bit-exact" : "MISMATCH");
     failures += !exact;
+    // The Q8_0 / Q4_0 files hold our blocks bit for bit.
+    auto const g8 = fl::io::GgufFile::load(path(moe_tag + "-q8_0.gguf")).to_blocks<fl::q8_0>("blk.1.ffn_down_exps.weight");
+    auto const g4 = fl::io::GgufFile::load(path(moe_tag + "-q4_0.gguf")).to_blocks<fl::q4_0>("blk.1.ffn_down_exps.weight");
+    auto const& w8 = q8[1].experts().down_tensor();
+    auto const& w4 = q4[1].experts().down_tensor();
+    bool const blocks = static_cast<std::ptrdiff_t>(g8.size()) == w8.size() && static_cast<std::ptrdiff_t>(g4.size()) == w4.size() &&
+                        std::memcmp(g8.data(), w8.data(), g8.size() * sizeof(fl::q8_0)) == 0 &&
+                        std::memcmp(g4.data(), w4.data(), g4.size() * sizeof(fl::q4_0)) == 0;
+    std::printf("GGUF reload of blk.1.ffn_down_exps (Q8_0, Q4_0): %s\n", blocks ? "bit-exact blocks" : "MISMATCH");
+    failures += !blocks;
+    // Zero-neuron padding computes the same function: float rounding only (the kernels block 64 neurons, not 43).
+    double const pad_dp = max_prob_diff(moe_pad, moe);
+    bool const pad_same = pad_dp <= kPadTolerance && moe_pad.greedy == moe.greedy;
+    std::printf("padded experts: %s (max |dp| %.2e, tolerance %.0e)\n",
+                pad_same ? "same greedy tokens and probabilities" : "DIFFERENT from the unpadded layers", pad_dp,
+                kPadTolerance);
+    failures += !pad_same;
   }
 
   // reference.json for tests/llama_cpp/check.mjs.
@@ -367,26 +503,46 @@ int run(Options const& o) {
   // fallback), which llama.cpp's tokenizer must reproduce from the exported vocabulary.
   std::string const probe = "Once upon a time, there was a little dog named Max.\nHe said: \"Let's run 123 miles!\" \xC3\xBC\xE2\x9C\x93";
   ref["tokenizer_probe"] = {{"text", probe}, {"tokens", tok.encode(probe, /*bos=*/false, /*eos=*/false)}};
+  ref["prompts"] = prompts;
+  ref["prompt_steps"] = o.prompt_steps;
   ref["moe"] = {{"n_experts", o.experts}, {"top_k", o.top_k}, {"d_expert", c.hidden_dim / o.experts},
                 {"router", o.router == RouterKind::lsq ? "lsq" : "par"},
                 {"combine_mode", "softmax_topk_renorm"}, {"router_bias", false},
                 {"top1_agreement_with_dense", top1_agreement(dense, moe)}};
-  auto entry = [&](std::string const& name, std::string const& file, char const* type, bool is_moe, Reference const& r) {
-    return nlohmann::json{{"name", name},
-                          {"file", file},
-                          {"weight_type", type},
-                          {"moe", is_moe},
-                          {"greedy_tokens", r.greedy},
-                          {"greedy_text", tok.decode(r.greedy)},
-                          {"forced_probs", r.probs}};
+  auto outputs = [&](Reference const& r) {
+    return nlohmann::json{{"greedy_tokens", r.greedy},
+                          {"prompt_greedy", r.prompt_greedy},
+                          {"forced_probs", r.probs},
+                          {"forced_logits", r.logits}};
   };
-  ref["models"] = {entry("dense-f32", "dense-f32.gguf", "F32", false, dense),
-                   entry("dense-f16", "dense-f16.gguf", "F16", false, dense16),
-                   entry(moe_tag + "-f32", moe_tag + "-f32.gguf", "F32", true, moe),
-                   entry(moe_tag + "-f16", moe_tag + "-f16.gguf", "F16", true, moe16)};
+  // weight_type: every 2-D weight but the experts; expert_type: the ffn_*_exps tensors (MoE only).
+  auto entry = [&](std::string const& name, char const* type, char const* expert_type, std::ptrdiff_t d_expert,
+                   Reference const& r) {
+    nlohmann::json e{{"name", name}, {"file", name + ".gguf"}, {"weight_type", type}, {"moe", d_expert > 0},
+                     {"greedy_text", tok.decode(r.greedy)}};
+    e.update(outputs(r));
+    if (d_expert > 0) {
+      e["expert_type"] = expert_type;
+      e["d_expert"] = d_expert;
+    }
+    return e;
+  };
+  std::ptrdiff_t const d_expert = layers[0].d_expert();
+  auto q_entry = [&](char const* suffix, char const* type, Reference const& r, Reference const& act8) {
+    auto e = entry(moe_tag + suffix, "F32", type, d_expert_padded, r);
+    e["act8"] = outputs(act8);  // CpuSimd's decode path: activations rounded to 8 bits as ggml does (informational)
+    return e;
+  };
+  ref["models"] = {entry("dense-f32", "F32", "", 0, dense),
+                   entry("dense-f16", "F16", "", 0, dense16),
+                   entry(moe_tag + "-f32", "F32", "F32", d_expert, moe),
+                   entry(moe_tag + "-f16", "F16", "F16", d_expert, moe16),
+                   q_entry("-q8_0", "Q8_0", moe_q8, moe_q8_act8),
+                   q_entry("-q4_0", "Q4_0", moe_q4, moe_q4_act8)};
   std::ofstream(path("reference.json")) << ref.dump() << "\n";
-  std::printf("wrote %s/{dense,%s}-{f32,f16}.gguf, %s.factorized.safetensors, %s-mixtral/, reference.json (%.1fs)\n",
-              o.out.c_str(), moe_tag.c_str(), moe_tag.c_str(), moe_tag.c_str(), seconds());
+  std::printf("wrote %s/{dense,%s}-{f32,f16}.gguf, %s-{q8_0,q4_0}.gguf, %s.factorized.safetensors, %s-mixtral/, "
+              "reference.json (%.1fs)\n",
+              o.out.c_str(), moe_tag.c_str(), moe_tag.c_str(), moe_tag.c_str(), moe_tag.c_str(), seconds());
   return failures == 0 ? 0 : 1;
 }
 

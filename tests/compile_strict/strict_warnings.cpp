@@ -53,6 +53,11 @@ int main() {
     sum += yq[0];
     auto const back = fl::ffn::convert_format<float>(l8.experts());
     sum += back.gate_tensor()[0];
+    // Zero-neuron padding: d_ff 64 -> 96, 4 experts of 24 -> 32 (whole blocks), then quantized.
+    auto const dense_96 = fl::ffn::pad_hidden(dense_q, 96);
+    auto const padded = fl::ffn::pad_experts(fl::ffn::factorize(dense_96.view(), fl::ffn::ExpertPartition::contiguous(96, 4)),
+                                             fl::kQuantBlock);
+    sum += static_cast<float>(fl::ffn::convert_format<fl::q4_0>(padded).d_expert());
   }
   // Dense FFN, PAR loss and the training forward/backward.
   std::vector<float> x(3 * d, 0.25f), y(3 * d);

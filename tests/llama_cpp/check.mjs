@@ -6,15 +6,16 @@
 // Usage: node check.mjs EXPORT_DIR      (run from a folder whose node_modules holds the packages of package.json;
 //                                        tests/llama_cpp/run_check.sh sets that up)
 //
-// Checks, per exported model (dense and MoE, F32 and F16 weights):
+// Checks, per exported model (dense and MoE, F32 and F16 weights; the MoE with Q8_0 and Q4_0 experts: see below):
 //  1. @huggingface/gguf parses the file: GGUF v3, the llama hyper-parameters, the sentencepiece vocabulary, the MoE
 //     keys (expert_count, expert_used_count, PER-EXPERT feed_forward_length) and every tensor with its ggml shape
 //     and type.
-//  2. llama.cpp greedy generation from BOS gives exactly our engine's tokens (all greedy_steps of them, >= 64). The
-//     one exception is a near-tie: where the paths part after at least 32 equal steps and llama.cpp's own
-//     probabilities for its token and ours differ by at most 2 x the tolerance below (each engine may move each
-//     probability by the tolerance, so such a tie can flip; with F16 weights ggml rounds activations to F16 and
-//     its SIMD kernels differ between AVX2 and AVX-512 machines).
+//  2. llama.cpp greedy generation from BOS gives exactly our engine's tokens (all greedy_steps of them, >= 64), and
+//     so does its greedy continuation of every prompt of reference.json (BOS + 5 sampled tokens, prompt_steps
+//     tokens each). The one exception is a near-tie: where a path parts (from BOS: after at least 32 equal steps)
+//     and llama.cpp's own probabilities for its token and ours differ by at most 2 x the tolerance below (each
+//     engine may move each probability by the tolerance, so such a tie can flip; with F16 weights ggml rounds
+//     activations to F16 and its SIMD kernels differ between AVX2 and AVX-512 machines).
 //  3. llama.cpp's next-token probabilities on a teacher-forced sequence agree with ours: max |p_llama - p_ours|
 //     over every position and every token <= the tolerance below.
 //  4. llama.cpp's detokenizer prints our text for the greedy tokens, and its tokenizer encodes a probe text (spaces,
@@ -27,6 +28,35 @@
 //    also rounds the activations to F16 (2^-11 relative) before the dot products.
 // The KV cache is F32 (node-llama-cpp's experimentalKvCacheKeyType/ValueType) and flash attention is off, so that
 // llama.cpp adds no F16 rounding of its own; its defaults (F16 cache, flash attention) are run too and reported only.
+//
+// Q8_0 and Q4_0 experts (moe-n4k2-q8_0 / -q4_0: d_expert 43 padded to 64 with zero neurons by ffn::pad_experts,
+// quantized with ggml's reference rounding; every other weight F32). Our reference runs the SAME blocks on the
+// CpuScalar oracle: exact weights (d * q), double sums, activations never rounded. llama.cpp's CPU kernels for these
+// types also round the ACTIVATIONS to 8 bits per block of 32 (each FFN input and h, as q8_0) before the integer dot
+// products, so they cannot equal the oracle token for token; what they must show is agreement of the size that
+// activation rounding alone explains. Checks 1 and 4 as above, then:
+//  5. against the oracle (the comparison this check exists for), thresholds in kQuant below: on every step of our
+//     greedy paths (BOS and every prompt, each step on our prefix) llama.cpp's argmax is our token for >= 90% of
+//     the steps, teacher-forced argmax agreement >= 90%, max |dp| and max |dlogit| within about 3x what was
+//     measured. Free-running greedy paths are reported only: one step that differs sends a path elsewhere for good.
+//  6. against our CpuSimd decode kernels on the same blocks (reference "act8": they round activations to 8 bits per
+//     block as ggml does, one token per call): checks 2 and 3 with a 0.05 tolerance, and argmax agreement >= 95%.
+// Measured (node-llama-cpp 3.x CPU build on a Xeon with AMX; ggml-cpu's sapphirerapids variant, then with only its
+// haswell = AVX2 variant installed; one figure where both gave it):
+//                    greedy steps   free-running   argmax         max |dp|           max |dlogit|
+//   Q8_0 vs oracle   438 / 437 of 448   266/448    94.8%          3.3e-2 / 3.5e-2    0.27
+//   Q4_0 vs oracle   438 of 448         320/448    99.0%          0.11               2.3
+//   Q8_0 vs act8     448 / 447 of 448   448/448    100 / 97.9%    5.0e-3 / 1.9e-2    0.12 / 0.24
+//   Q4_0 vs act8     447 of 448         441/448    100%           3.3e-3 / 1.5e-2    0.08 / 0.14
+// Our own engine with 8-bit activations differs from the oracle by the same figures as llama.cpp does (printed by
+// factorllm_export: free-running 266/448 and 320/448, argmax 94.8% and 99.0%, max |dp| 3.3e-2 and 0.11, max
+// |dlogit| 0.27 and 2.3): the whole difference is the activation rounding (a code that rounds the other way can
+// flip a later layer's top-2 expert choice, which moves that position a lot). A wrong block layout, scale or
+// nibble order turns the text into noise: swapping the nibbles of the Q4_0 gate experts, or two blocks of every
+// Q8_0 gate row, gave 4 and 11 of 448 greedy steps, 0% argmax agreement, max |dlogit| 22-25. The sapphirerapids
+// batch path equals act8 to float rounding (median |dlogit| 4e-6); the AVX2 kernels and single-token evaluation
+// differ from it by a median |dlogit| of 2-4e-2, hence the 0.05 tolerance of check 6 (the free-running 441/448
+// parts at a near-tie).
 
 import fs from "node:fs";
 import path from "node:path";
@@ -34,9 +64,15 @@ import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 import {gguf} from "@huggingface/gguf";
 
 const kTolerance = {F32: 1e-4, F16: 5e-3};
-const kGgmlType = {F32: 0, F16: 1};
+const kGgmlType = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 8};
 const kMinGreedySteps = 64;
 const kMinGreedyAgreeAtTie = 32;
+// Q8_0 / Q4_0 experts: the least agreement accepted with our oracle (check 5) and with our 8-bit-activation kernels
+// (check 6); the header gives the measured figures they were chosen from.
+const kQuant = {
+  Q8_0: {minGreedy: 0.9, minArgmax: 0.9, maxDp: 0.1, maxDlogit: 1, act8Tolerance: 0.05, act8MinArgmax: 0.95},
+  Q4_0: {minGreedy: 0.9, minArgmax: 0.9, maxDp: 0.3, maxDlogit: 6, act8Tolerance: 0.05, act8MinArgmax: 0.95},
+};
 
 const exportDir = process.argv[2];
 if (!exportDir) {
@@ -74,6 +110,7 @@ async function checkWithHfParser(model) {
   expectEq(`${model.name}: bos/eos ids`, [md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]],
            [ref.bos, ref.eos]);
   const type = kGgmlType[model.weight_type];
+  const expertType = kGgmlType[model.expert_type ?? model.weight_type];
   const want = new Map();  // name -> [ggml shape (ne), ggml type]
   want.set("token_embd.weight", [[dim, ref.vocab_size], type]);
   want.set("output_norm.weight", [[dim], 0]);
@@ -82,7 +119,7 @@ async function checkWithHfParser(model) {
   if (model.moe) {
     expectEq(`${model.name}: llama.expert_count`, md["llama.expert_count"], ref.moe.n_experts);
     expectEq(`${model.name}: llama.expert_used_count`, md["llama.expert_used_count"], ref.moe.top_k);
-    expectEq(`${model.name}: llama.feed_forward_length (per expert)`, dFf, ref.moe.d_expert);
+    expectEq(`${model.name}: llama.feed_forward_length (per expert)`, dFf, model.d_expert);
   } else if (md["llama.expert_count"] !== undefined) {
     fail(`${model.name}: a dense model declares llama.expert_count`);
   }
@@ -97,9 +134,9 @@ async function checkWithHfParser(model) {
     want.set(p + "attn_output.weight", [[dim, dim], type]);
     if (model.moe) {
       want.set(p + "ffn_gate_inp.weight", [[dim, n], 0]);
-      want.set(p + "ffn_gate_exps.weight", [[dim, dFf, n], type]);
-      want.set(p + "ffn_up_exps.weight", [[dim, dFf, n], type]);
-      want.set(p + "ffn_down_exps.weight", [[dFf, dim, n], type]);
+      want.set(p + "ffn_gate_exps.weight", [[dim, dFf, n], expertType]);
+      want.set(p + "ffn_up_exps.weight", [[dim, dFf, n], expertType]);
+      want.set(p + "ffn_down_exps.weight", [[dFf, dim, n], expertType]);
     } else {
       want.set(p + "ffn_gate.weight", [[dim, dFf], type]);
       want.set(p + "ffn_up.weight", [[dim, dFf], type]);
@@ -132,48 +169,101 @@ function softmax(logitsMap, vocab) {
   return p;
 }
 
-/// Runs one model in llama.cpp: greedy generation from BOS with llama.cpp's own sampler (temperature 0 = argmax),
-/// then the teacher-forced sequence in one batch with raw logits at every position.
+/// Runs one model in llama.cpp: greedy generation from BOS and from every prompt of reference.json with llama.cpp's
+/// own sampler (temperature 0 = argmax), then the teacher-forced sequence in one batch with raw logits at every
+/// position, and compares them with each of `refs` (our engine's outputs: greedy_tokens, prompt_greedy, forced_probs,
+/// forced_logits). Where a greedy path parts from ours, it also returns llama.cpp's probability gap between its token
+/// and ours on the shared prefix (a near-tie test).
 /// `exact` selects the configuration the tolerances are written for: F32 KV cache and no flash attention (llama.cpp's
 /// CPU flash-attention path rounds to F16 internally, measured at ~2e-3 in probability on its own). Otherwise
 /// llama.cpp's defaults (F16 KV cache, flash attention "auto") are used and only reported.
-async function runLlamaCpp(llama, model, exact) {
+async function runLlamaCpp(llama, model, exact, refs) {
   const lm = await llama.loadModel({modelPath: path.join(exportDir, model.file)});
   const context = await lm.createContext({
     contextSize: 512, batchSize: 512, sequences: 1, threads: 1,
     ...(exact ? {flashAttention: false, experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32"} : {}),
   });
   const seq = context.getSequence();
-  const greedy = [];
-  for await (const token of seq.evaluate([ref.bos], {temperature: 0, yieldEogToken: true})) {
-    greedy.push(token);
-    if (greedy.length >= ref.greedy_steps) break;
-  }
+  const generate = async (prompt, steps) => {
+    await seq.clearHistory();
+    const out = [];
+    if (steps <= 0) return out;
+    for await (const token of seq.evaluate(prompt, {temperature: 0, yieldEogToken: true})) {
+      out.push(token);
+      if (out.length >= steps) break;
+    }
+    return out;
+  };
+  const greedy = await generate([ref.bos], ref.greedy_steps);
+  const promptGreedy = [];
+  for (const prompt of ref.prompts) promptGreedy.push(await generate(prompt, ref.prompt_steps));
   await seq.clearHistory();
   const outs = await seq.controlledEvaluate(ref.forced_tokens.map((t) => [t, {generateNext: {logits: true}}]));
-  let maxDiff = 0, argmaxAgree = 0;
-  for (let t = 0; t < ref.forced_tokens.length; ++t) {
-    const p = softmax(outs[t].next.logits, ref.vocab_size);
-    const q = model.forced_probs[t];
-    let best = 0, bestRef = 0;
-    for (let v = 0; v < ref.vocab_size; ++v) {
-      maxDiff = Math.max(maxDiff, Math.abs(p[v] - q[v]));
-      if (p[v] > p[best]) best = v;
-      if (q[v] > q[bestRef]) bestRef = v;
-    }
-    argmaxAgree += best === bestRef;
-  }
-  let agree = 0;
-  while (agree < greedy.length && greedy[agree] === model.greedy_tokens[agree]) ++agree;
-  // Where the greedy paths part, llama.cpp's probability gap between its token and ours on the shared prefix: a gap
-  // within what the weight type's rounding may move two probabilities (2 x tolerance) is a near-tie, not a bug.
-  let gap = null;
-  if (agree < greedy.length && agree < model.greedy_tokens.length) {
+  const forced = outs.map((o) => {
+    const z = new Float64Array(ref.vocab_size).fill(-Infinity);
+    for (const [token, logit] of o.next.logits) z[token] = logit;
+    return {z, p: softmax(o.next.logits, ref.vocab_size)};
+  });
+  // llama.cpp's probabilities after `prefix`: for the gap between two tokens where greedy paths part.
+  const probsAfter = async (prefix) => {
     await seq.clearHistory();
-    const prefix = [ref.bos, ...greedy.slice(0, agree)];
     const pre = await seq.controlledEvaluate(prefix.map((t) => [t, {generateNext: {logits: true}}]));
-    const p = softmax(pre[prefix.length - 1].next.logits, ref.vocab_size);
-    gap = p[greedy[agree]] - p[model.greedy_tokens[agree]];
+    return softmax(pre[prefix.length - 1].next.logits, ref.vocab_size);
+  };
+  const results = [];
+  for (const ours of refs) {
+    let maxDiff = 0, maxLogitDiff = 0, argmaxAgree = 0;
+    for (let t = 0; t < ref.forced_tokens.length; ++t) {
+      const {z, p} = forced[t];
+      const q = ours.forced_probs[t], zq = ours.forced_logits[t];
+      let best = 0, bestRef = 0;
+      for (let v = 0; v < ref.vocab_size; ++v) {
+        maxDiff = Math.max(maxDiff, Math.abs(p[v] - q[v]));
+        maxLogitDiff = Math.max(maxLogitDiff, Math.abs(z[v] - zq[v]));
+        if (p[v] > p[best]) best = v;
+        if (q[v] > q[bestRef]) bestRef = v;
+      }
+      argmaxAgree += best === bestRef;
+    }
+    // One greedy path against ours: equal steps before they part, and llama.cpp's gap there.
+    const path1 = async (prompt, mine, theirs) => {
+      let agree = 0;
+      while (agree < mine.length && mine[agree] === theirs[agree]) ++agree;
+      let gap = null;
+      if (agree < mine.length && agree < theirs.length) {
+        const p = await probsAfter([...prompt, ...mine.slice(0, agree)]);
+        gap = p[mine[agree]] - p[theirs[agree]];
+      }
+      return {agree, length: mine.length, oursLength: theirs.length, gap,
+              mine: mine.slice(agree, agree + 5), theirs: theirs.slice(agree, agree + 5)};
+    };
+    // Every step of our greedy path on the same prefix (ours): is llama.cpp's argmax our token? Unlike the free-running
+    // paths above, one step that differs does not carry into the next ones.
+    const steps = async (prompt, theirs) => {
+      await seq.clearHistory();
+      const tokens = [...prompt, ...theirs.slice(0, -1)];
+      const out = await seq.controlledEvaluate(
+          tokens.map((t, i) => (i >= prompt.length - 1 ? [t, {generateNext: {logits: true}}] : t)));
+      let equal = 0;
+      for (let i = 0; i < theirs.length; ++i) {
+        let best = -1, bestZ = -Infinity;
+        for (const [token, z] of out[prompt.length - 1 + i].next.logits)
+          if (z > bestZ || (z === bestZ && token < best)) [best, bestZ] = [token, z];
+        equal += best === theirs[i];
+      }
+      return equal;
+    };
+    const bos = await path1([ref.bos], greedy, ours.greedy_tokens);
+    let stepEqual = await steps([ref.bos], ours.greedy_tokens);
+    const prompts = [];
+    for (let i = 0; i < ref.prompts.length; ++i) {
+      prompts.push(await path1(ref.prompts[i], promptGreedy[i], ours.prompt_greedy[i]));
+      stepEqual += await steps(ref.prompts[i], ours.prompt_greedy[i]);
+    }
+    const all = [bos, ...prompts];
+    results.push({bos, prompts, maxDiff, maxLogitDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length,
+                  greedyEqual: all.reduce((a, r) => a + r.agree, 0),
+                  greedyTotal: all.reduce((a, r) => a + r.oursLength, 0), stepEqual});
   }
   await context.dispose();
   // llama.cpp's own tokenizer and detokenizer on the exported vocabulary: its text for its greedy tokens, and for ours.
@@ -181,7 +271,7 @@ async function runLlamaCpp(llama, model, exact) {
   const oursText = lm.detokenize(model.greedy_tokens);
   const probeTokens = Array.from(lm.tokenize(ref.tokenizer_probe.text));
   await lm.dispose();
-  return {greedy, agree, gap, maxDiff, argmaxAgree: argmaxAgree / ref.forced_tokens.length, text, oursText, probeTokens};
+  return {greedy, results, text, oursText, probeTokens};
 }
 
 // One thread: the model is tiny, and ggml's worker threads spin while they wait for each other, which on a loaded
@@ -192,45 +282,84 @@ console.log(`llama.cpp through node-llama-cpp (${llama.buildType} CPU build, 1 t
             `${ref.forced_tokens.length} teacher-forced tokens`);
 if (ref.greedy_steps < kMinGreedySteps) fail(`reference has ${ref.greedy_steps} greedy steps, fewer than ${kMinGreedySteps}`);
 const summary = [];
+const fmt = (r) => `greedy steps equal on the same prefix ${r.stepEqual}/${r.greedyTotal}; free-running greedy ` +
+                   `tokens equal ${r.greedyEqual}/${r.greedyTotal} (BOS ${r.bos.agree}/${r.bos.oursLength}, ` +
+                   `prompts ${r.prompts.map((x) => x.agree).join(" ")} of ${ref.prompt_steps}); teacher-forced ` +
+                   `max |dp| ${r.maxDiff.toExponential(2)}, max |dlogit| ${r.maxLogitDiff.toExponential(2)}, ` +
+                   `argmax agreement ${(100 * r.argmaxAgree).toFixed(1)}%`;
 for (const model of ref.models) {
+  const quant = kQuant[model.expert_type] !== undefined;
   console.log(`\n== ${model.name} (${model.file}, ${model.weight_type} weights${model.moe ?
-    `, MoE ${ref.moe.top_k} of ${ref.moe.n_experts}, ${ref.moe.combine_mode}` : ", dense"})`);
+    `, ${model.expert_type} experts of ${model.d_expert}, MoE ${ref.moe.top_k} of ${ref.moe.n_experts}, ${ref.moe.combine_mode}` : ", dense"})`);
   const hf = await checkWithHfParser(model);
   console.log(`  @huggingface/gguf: ${hf.keys} metadata entries, ${hf.tensors} tensors as expected`);
   const distinct = new Set(model.greedy_tokens).size;
   if (model.moe && distinct < 8) fail(`${model.name}: our greedy text has only ${distinct} distinct tokens (degenerate)`);
   const t0 = Date.now();
-  const r = await runLlamaCpp(llama, model, true);
-  const tol = kTolerance[model.weight_type];
-  console.log(`  llama.cpp (F32 KV cache, no flash attention, ${Date.now() - t0} ms): greedy tokens equal for ${r.agree}/${r.greedy.length}; ` +
-              `teacher-forced max |dp| = ${r.maxDiff.toExponential(2)} (tolerance ${tol}), ` +
-              `argmax agreement ${(100 * r.argmaxAgree).toFixed(1)}%`);
-  if (r.agree !== model.greedy_tokens.length || r.greedy.length !== model.greedy_tokens.length) {
-    const where = `llama.cpp greedy diverges at step ${r.agree}: ` +
-                  `llama.cpp ${r.greedy.slice(r.agree, r.agree + 5)} vs ours ${model.greedy_tokens.slice(r.agree, r.agree + 5)}`;
-    if (r.gap !== null && r.gap <= 2 * tol && r.agree >= kMinGreedyAgreeAtTie)
-      console.log(`  ${where}; accepted as a near-tie: llama.cpp's probability gap between the two tokens is ` +
-                  `${r.gap.toExponential(2)} <= 2 x tolerance, after ${r.agree} equal steps`);
-    else
-      fail(`${model.name}: ${where}` + (r.gap === null ? "" : ` (llama.cpp's probability gap ${r.gap.toExponential(2)})`));
+  const refs = quant ? [model, model.act8] : [model];
+  const run = await runLlamaCpp(llama, model, true, refs);
+  const r = run.results[0];
+  console.log(`  llama.cpp (F32 KV cache, no flash attention, ${Date.now() - t0} ms) vs ` +
+              `${quant ? "our engine on the same blocks (CpuScalar oracle: exact weights, unrounded activations)" : "our engine"}:\n    ${fmt(r)}`);
+  const divergence = (where, x) => `${where}: llama.cpp greedy diverges at step ${x.agree}: llama.cpp ${x.mine} vs ours ` +
+                                   `${x.theirs}` + (x.gap === null ? "" : ` (llama.cpp's probability gap ${x.gap.toExponential(2)})`);
+  // Checks 2 and 3: each greedy path (BOS, then every prompt) is ours exactly, or parts at a near-tie: llama.cpp's
+  // probability gap between the two tokens within what the rounding may move two probabilities (2 x tolerance); from
+  // BOS only after kMinGreedyAgreeAtTie equal steps. Then max |dp| <= tolerance.
+  const exactChecks = (x, tol, what) => {
+    const paths = [["from BOS", x.bos, kMinGreedyAgreeAtTie], ...x.prompts.map((y, i) => [`prompt ${i}`, y, 0])];
+    for (const [where, y, minAgree] of paths) {
+      if (y.agree === y.oursLength && y.length === y.oursLength) continue;
+      if (y.gap !== null && y.gap <= 2 * tol && y.agree >= minAgree)
+        console.log(`  ${what}${divergence(where, y)}; accepted as a near-tie (<= 2 x tolerance ${tol})`);
+      else
+        fail(`${model.name}: ${what}${divergence(where, y)}`);
+    }
+    if (!(x.maxDiff <= tol)) fail(`${model.name}: ${what}max probability difference ${x.maxDiff} > ${tol}`);
+  };
+  if (!quant) {
+    exactChecks(r, kTolerance[model.weight_type], "");
+  } else {
+    // Check 5: against the oracle, the agreement activation rounding leaves.
+    const q = kQuant[model.expert_type];
+    for (const [where, x] of [["from BOS", r.bos], ...r.prompts.map((y, i) => [`prompt ${i}`, y])])
+      if (x.agree < x.oursLength) console.log(`    oracle, ${divergence(where, x)}`);
+    const frac = r.stepEqual / r.greedyTotal;
+    console.log(`    thresholds: greedy steps equal >= ${100 * q.minGreedy}% (measured ${(100 * frac).toFixed(1)}%), argmax ` +
+                `agreement >= ${100 * q.minArgmax}%, max |dp| <= ${q.maxDp}, max |dlogit| <= ${q.maxDlogit}`);
+    if (!(frac >= q.minGreedy)) fail(`${model.name}: greedy steps equal ${r.stepEqual}/${r.greedyTotal} < ${q.minGreedy}`);
+    if (!(r.argmaxAgree >= q.minArgmax)) fail(`${model.name}: teacher-forced argmax agreement ${r.argmaxAgree} < ${q.minArgmax}`);
+    if (!(r.maxDiff <= q.maxDp)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${q.maxDp}`);
+    if (!(r.maxLogitDiff <= q.maxDlogit)) fail(`${model.name}: max logit difference ${r.maxLogitDiff} > ${q.maxDlogit}`);
+    // Check 6: against our kernels that round activations as ggml does.
+    const a = run.results[1];
+    console.log(`  llama.cpp vs our engine on the same blocks with 8-bit activations as ggml (CpuSimd decode path):\n    ${fmt(a)}`);
+    exactChecks(a, q.act8Tolerance, "8-bit activations: ");
+    if (!(a.argmaxAgree >= q.act8MinArgmax))
+      fail(`${model.name}: 8-bit activations: teacher-forced argmax agreement ${a.argmaxAgree} < ${q.act8MinArgmax}`);
   }
-  if (!(r.maxDiff <= tol)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${tol}`);
   // Text: llama.cpp's detokenizer on its own greedy tokens must print what our decoder prints (up to the leading
   // space sentencepiece adds after BOS); its tokenizer must encode the probe text as ours does.
-  console.log(`  llama.cpp text: ${JSON.stringify(r.text.slice(0, 160))}...`);
-  if (r.oursText.trimStart() !== model.greedy_text.trimStart())
-    fail(`${model.name}: llama.cpp's detokenizer prints our greedy tokens differently:\n    ${JSON.stringify(r.oursText)}\n    ${JSON.stringify(model.greedy_text)}`);
-  if (r.agree === r.greedy.length && r.text.trimStart() !== model.greedy_text.trimStart())
-    fail(`${model.name}: llama.cpp's detokenized text differs from ours:\n    ${JSON.stringify(r.text)}\n    ${JSON.stringify(model.greedy_text)}`);
-  if (JSON.stringify(r.probeTokens) !== JSON.stringify(ref.tokenizer_probe.tokens))
-    fail(`${model.name}: llama.cpp tokenizes the probe text as ${r.probeTokens}, ours as ${ref.tokenizer_probe.tokens}`);
-  const r16 = await runLlamaCpp(llama, model, false);
-  console.log(`  llama.cpp defaults (F16 KV cache, flash attention auto; informational): greedy equal for ${r16.agree}/${r16.greedy.length}, ` +
+  console.log(`  llama.cpp text: ${JSON.stringify(run.text.slice(0, 160))}...`);
+  if (run.oursText.trimStart() !== model.greedy_text.trimStart())
+    fail(`${model.name}: llama.cpp's detokenizer prints our greedy tokens differently:\n    ${JSON.stringify(run.oursText)}\n    ${JSON.stringify(model.greedy_text)}`);
+  if (r.bos.agree === run.greedy.length && run.text.trimStart() !== model.greedy_text.trimStart())
+    fail(`${model.name}: llama.cpp's detokenized text differs from ours:\n    ${JSON.stringify(run.text)}\n    ${JSON.stringify(model.greedy_text)}`);
+  if (JSON.stringify(run.probeTokens) !== JSON.stringify(ref.tokenizer_probe.tokens))
+    fail(`${model.name}: llama.cpp tokenizes the probe text as ${run.probeTokens}, ours as ${ref.tokenizer_probe.tokens}`);
+  const run16 = await runLlamaCpp(llama, model, false, [model]);
+  const r16 = run16.results[0];
+  console.log(`  llama.cpp defaults (F16 KV cache, flash attention auto; informational): greedy equal ${r16.greedyEqual}/${r16.greedyTotal}, ` +
               `max |dp| = ${r16.maxDiff.toExponential(2)}`);
-  summary.push({name: model.name, file: model.file, weight_type: model.weight_type, moe: model.moe,
-                greedy_steps: r.greedy.length, greedy_equal: r.agree, max_prob_diff: r.maxDiff, tolerance: tol,
-                argmax_agreement: r.argmaxAgree, f16_kv_greedy_equal: r16.agree, f16_kv_max_prob_diff: r16.maxDiff,
-                greedy_text: model.greedy_text});
+  const stats = (x) => ({greedy_steps_equal: x.stepEqual, greedy_equal: x.greedyEqual, greedy_total: x.greedyTotal,
+                         bos_greedy_equal: x.bos.agree,
+                         prompt_greedy_equal: x.prompts.map((y) => y.agree), max_prob_diff: x.maxDiff,
+                         max_logit_diff: x.maxLogitDiff, argmax_agreement: x.argmaxAgree});
+  summary.push({name: model.name, file: model.file, weight_type: model.weight_type, expert_type: model.expert_type,
+                moe: model.moe, greedy_steps: run.greedy.length, ...stats(r),
+                ...(quant ? {criteria: kQuant[model.expert_type], act8: stats(run.results[1])}
+                          : {tolerance: kTolerance[model.weight_type]}),
+                f16_kv_greedy_equal: r16.greedyEqual, f16_kv_max_prob_diff: r16.maxDiff, greedy_text: model.greedy_text});
 }
 fs.writeFileSync(path.join(exportDir, "llama_cpp_check.json"), JSON.stringify({failures, models: summary}, null, 2));
 console.log(failures.length === 0 ? "\nllama.cpp check: PASSED" : `\nllama.cpp check: FAILED (${failures.length})`);

@@ -3,7 +3,8 @@
 # Runs factorllm's GGUF exports in real llama.cpp: installs node-llama-cpp (prebuilt llama.cpp for linux-x64) and
 # @huggingface/gguf with npm into BUILD_DIR/llama_check, checks factorllm's q8_0 / q4_0 quantization against the
 # ggml library that package ships (tests/llama_cpp/ggml_quant_check.cpp), converts stories260K with factorllm_export
-# (dense and a K-of-N MoE, F32 and F16), then compares llama.cpp with factorllm's engine (tests/llama_cpp/check.mjs).
+# (dense and a K-of-N MoE, F32 and F16; the MoE also with Q8_0 and Q4_0 experts), then compares llama.cpp with
+# factorllm's engine (tests/llama_cpp/check.mjs).
 #
 # Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
 # Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm

@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <utility>
+#include <vector>
 
 #include "../core/error.hpp"
 #include "../core/kernel_args.hpp"
@@ -169,6 +171,105 @@ ExpertWeights<To> convert_format(ExpertWeights<From> const& experts) {
   }
   return ExpertWeights<To>(convert<To>(experts.gate_tensor().cview()), convert<To>(experts.up_tensor().cview()),
                            convert<To>(experts.down_tensor().cview()), experts.partition());
+}
+
+}  // namespace ffn
+
+namespace detail {
+
+/// Returns d_ff (named size_name in messages) rounded up to a multiple of `multiple`: the size pad_hidden and
+/// pad_experts give.
+/// \throws value_error naming 'multiple' if it is < 1, or if the padded size would exceed 2^31 - 1 neurons
+///         (ExpertPartition numbers neurons with int32).
+inline std::ptrdiff_t padded_size(std::ptrdiff_t d_ff, std::ptrdiff_t multiple, char const* function,
+                                  char const* size_name) {
+  if (multiple < 1)
+    throw value_error(concat(function, ": argument 'multiple' = ", multiple, " must be >= 1"));
+  constexpr std::int64_t kMaxNeurons = std::numeric_limits<std::int32_t>::max();
+  // d_ff and multiple below 2^31: the rounded size is below 2^32, no overflow in 64 bits.
+  std::int64_t const padded = multiple > kMaxNeurons || d_ff > kMaxNeurons
+                                  ? kMaxNeurons + 1
+                                  : (std::int64_t{d_ff} + multiple - 1) / multiple * multiple;
+  if (padded > kMaxNeurons)
+    throw value_error(concat(function, ": argument 'multiple' = ", multiple, " rounds ", size_name, " = ", d_ff,
+                             " up beyond 2^31 - 1 neurons (partitions number neurons with int32)"));
+  return static_cast<std::ptrdiff_t>(padded);
+}
+
+}  // namespace detail
+
+namespace ffn {
+
+/// Zero-neuron padding: returns the dense FFN with d_ff rounded up to a multiple of `multiple` by appending zero
+/// neurons (gate row 0, up row 0, down column 0) after the last one; neurons 0..d_ff-1 keep their index and weights.
+/// A zero neuron contributes exactly nothing (SiLU(0 . x) * (0 . x) = 0, and its down column is 0), so the padded
+/// FFN computes the same function (docs/formats.md, "Padding to whole blocks"). Use: make d_ff a multiple of what a
+/// format or a partition needs (32 for q8_0 / q4_0 rows of W_down, or a multiple of the expert count). A block of
+/// zeros quantizes to scale 0 and dequantizes to exact zeros. To give each of N experts whole blocks, prefer
+/// pad_experts after factorizing: it puts the same number of zero neurons in every expert, whereas a co-activation
+/// clustering of a padded FFN groups the (identical) zero neurons into one dead expert. A d_ff that already is a
+/// multiple is copied unchanged. Copies; the view is not modified (any row stride is read).
+/// \throws shape_error if the dense shapes are inconsistent (DenseFfnView::validate); value_error naming 'multiple'
+///         if it is < 1 or the padded d_ff would exceed 2^31 - 1.
+template <class T>
+DenseFfn<T> pad_hidden(DenseFfnView<T> const& dense, std::ptrdiff_t multiple) {
+  static_assert(!is_block_format_v<T>, "pad_hidden: pad the plain-format weights (float, bf16, f16, double), then "
+                                       "quantize: a column of W_down is not a block");
+  dense.validate("pad_hidden");
+  std::ptrdiff_t const d = dense.d_model(), d_ff = dense.d_ff();
+  std::ptrdiff_t const padded = detail::padded_size(d_ff, multiple, "pad_hidden", "d_ff");
+  DenseFfn<T> out{Matrix<T>({padded, d}), Matrix<T>({padded, d}), Matrix<T>({d, padded})};  // zero-initialized
+  for (std::ptrdiff_t i = 0; i < d_ff; ++i)
+    for (std::ptrdiff_t k = 0; k < d; ++k) {
+      out.gate(i, k) = dense.gate(i, k);
+      out.up(i, k) = dense.up(i, k);
+    }
+  for (std::ptrdiff_t o = 0; o < d; ++o)
+    for (std::ptrdiff_t i = 0; i < d_ff; ++i) out.down(o, i) = dense.down(o, i);
+  return out;
+}
+
+/// Zero-neuron padding of factorized experts: returns experts whose d_expert is rounded up to a multiple of
+/// `multiple` by appending zero neurons (gate and up rows 0, down columns 0) at the end of EVERY expert, so each
+/// expert, and therefore any MoE built on them with the same router and gating, computes the same function. With
+/// m = d_expert, m' the padded size and N experts, the result's partition covers d_ff' = N m' neurons: expert e's
+/// slots i < m hold the same neurons as before, its slots m..m'-1 the new neurons d_ff + e (m' - m) + (i - m). So
+/// unfactorize(pad_experts(x, k)) == pad_hidden(unfactorize(x), N k) bit for bit (the padding of the dense FFN
+/// spread evenly over the experts). Use: d_expert = 172 / 4 = 43 holds no whole 32-weight block; padded to 64 the
+/// experts convert to q8_0 / q4_0 (convert_format) and export as llama.cpp's ffn_*_exps.
+/// \throws value_error for a default-constructed ExpertWeights (it holds no experts), naming 'multiple' if it is
+///         < 1 or the padded d_ff' would exceed 2^31 - 1.
+template <class T>
+ExpertWeights<T> pad_experts(ExpertWeights<T> const& experts, std::ptrdiff_t multiple) {
+  static_assert(!is_block_format_v<T>, "pad_experts: pad the plain-format experts, then convert_format to q8_0 / "
+                                       "q4_0 (a row of W_down holds d_expert weights, not whole blocks)");
+  if (experts.gate_tensor().empty()) throw value_error("pad_experts: argument 'experts' is default-constructed, holds no experts");
+  std::ptrdiff_t const n = experts.n_experts(), m = experts.d_expert(), d = experts.d_model(), d_ff = experts.d_ff();
+  std::ptrdiff_t const mp = detail::padded_size(m, multiple, "pad_experts", "d_expert");
+  if (mp > std::numeric_limits<std::int32_t>::max() / n)
+    throw value_error(detail::concat("pad_experts: argument 'multiple' = ", multiple, " pads ", n, " experts to ", mp,
+                                     " neurons each, beyond 2^31 - 1 neurons in all (partitions number neurons with int32)"));
+  Tensor<T, 3> gate({n, mp, d}), up({n, mp, d}), down({n, d, mp});  // zero-initialized
+  auto const& g = experts.gate_tensor();
+  auto const& u = experts.up_tensor();
+  auto const& dn = experts.down_tensor();
+  for (std::ptrdiff_t e = 0; e < n; ++e) {
+    for (std::ptrdiff_t i = 0; i < m; ++i)
+      for (std::ptrdiff_t k = 0; k < d; ++k) {
+        gate(e, i, k) = g(e, i, k);
+        up(e, i, k) = u(e, i, k);
+      }
+    for (std::ptrdiff_t o = 0; o < d; ++o)
+      for (std::ptrdiff_t i = 0; i < m; ++i) down(e, o, i) = dn(e, o, i);
+  }
+  auto const& perm = experts.partition().permutation();
+  std::vector<std::int32_t> padded_perm(static_cast<std::size_t>(n * mp));
+  for (std::ptrdiff_t e = 0; e < n; ++e)
+    for (std::ptrdiff_t i = 0; i < mp; ++i)
+      padded_perm[static_cast<std::size_t>(e * mp + i)] =
+          i < m ? perm[static_cast<std::size_t>(e * m + i)] : static_cast<std::int32_t>(d_ff + e * (mp - m) + (i - m));
+  return ExpertWeights<T>(std::move(gate), std::move(up), std::move(down),
+                          ExpertPartition::from_permutation(std::move(padded_perm), n));
 }
 
 }  // namespace ffn

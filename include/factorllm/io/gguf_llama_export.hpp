@@ -84,7 +84,8 @@ struct GgufExportOptions {
   GgmlType weight_type = GgmlType::f32;
   /// Type of the expert tensors of a MoE export (ffn_gate_exps, ffn_up_exps, ffn_down_exps): F32, F16, BF16, Q8_0
   /// or Q4_0 (the block types quantize each row with ggml's reference rounding, core/quant.hpp, and need d_model and
-  /// d_expert multiples of 32). Every other tensor keeps weight_type (or F32). Unset: weight_type for experts in a
+  /// d_expert multiples of 32: ffn::pad_experts(experts, 32) pads d_expert with zero neurons, e.g. stories260K's
+  /// 172 / 4 = 43 to 64, without changing what the layer computes). Every other tensor keeps weight_type (or F32). Unset: weight_type for experts in a
   /// plain format, the experts' own type for q8_0 / q4_0 experts (copied bit for bit). A dense export refuses it.
   std::optional<GgmlType> expert_type;
   /// general.name
@@ -129,7 +130,8 @@ GgufWriter llama_gguf_impl(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const
     if (c.dim % bw != 0 || d_ff % bw != 0)
       throw value_error(concat("llama GGUF export: expert_type ", to_string(et), " stores rows in ", bw,
                                "-weight blocks, so d_model and d_expert must be multiples of ", bw,
-                               "; the layers have d_model ", c.dim, " and d_expert ", d_ff));
+                               "; the layers have d_model ", c.dim, " and d_expert ", d_ff,
+                               " (ffn::pad_experts pads d_expert with zero neurons)"));
   }
   GgufVocab const vocab = llama_vocab_from_llama2c(tok);
 
@@ -214,7 +216,9 @@ inline GgufWriter llama_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer con
 /// \throws value_error when a layer's gating is not softmax -> TopK -> renormalize with a bias-free router, no
 ///         selection bias and output_scale 1 (llama.cpp's llama-architecture MoE computes exactly that and has no
 ///         router-bias tensor), when N or K differ between layers, when the layers do not fit the checkpoint, or when
-///         expert_type is a block type and d_model or d_expert is not a multiple of 32.
+///         expert_type is a block type and d_model or d_expert is not a multiple of 32 (ffn::pad_experts rounds
+///         d_expert up with zero neurons, which changes nothing the layers compute; the layers' d_ff may then exceed
+///         the checkpoint's hidden_dim).
 template <class T, class Backend>
 GgufWriter llama_moe_gguf(Llama2cCheckpoint const& ckpt, Llama2cTokenizer const& tok,
                           std::vector<moe::MoeFfn<T, Backend>> const& layers, GgufExportOptions const& options = {}) {

@@ -53,7 +53,9 @@ void check_softmax_topk_renorm_expressible(std::vector<moe::MoeFfn<T, Backend>> 
 }
 
 /// Throws value_error unless there is one layer per decoder layer of `ckpt`, each with the checkpoint's d_model and
-/// d_ff, and all with the same N and K (both formats store one expert count and one top-k per model).
+/// d_ff (or a larger d_ff: experts padded with zero neurons by ffn::pad_experts, e.g. to whole q8_0 / q4_0 blocks,
+/// compute the same function), and all with the same N and K (both formats store one expert count and one top-k
+/// per model).
 template <class T, class Backend>
 void check_moe_layers_fit(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
                           char const* function) {
@@ -63,10 +65,10 @@ void check_moe_layers_fit(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn
                                      " layers"));
   for (std::size_t l = 0; l < layers.size(); ++l) {
     auto const& a = layers[l];
-    if (a.d_model() != c.dim || a.experts().d_ff() != c.hidden_dim)
+    if (a.d_model() != c.dim || a.experts().d_ff() < c.hidden_dim)
       throw value_error(detail::concat(function, ": layer ", l, " has d_model ", a.d_model(), " and d_ff ",
                                        a.experts().d_ff(), ", the checkpoint has dim ", c.dim, " and hidden_dim ",
-                                       c.hidden_dim));
+                                       c.hidden_dim, " (d_ff may exceed hidden_dim only by zero-neuron padding)"));
     if (a.n_experts() != layers[0].n_experts() || a.top_k() != layers[0].top_k())
       throw value_error(detail::concat(function, ": layer ", l, " has N = ", a.n_experts(), ", K = ", a.top_k(),
                                        " but layer 0 has N = ", layers[0].n_experts(), ", K = ", layers[0].top_k(),
