@@ -19,7 +19,7 @@
 #define FLLM_RESTRICT __restrict__
 #endif
 
-// Kernels trust the public fronts that validated their arguments (docs/design.md §8); in debug builds
+// Kernels trust the public fronts that validated their arguments (docs/design.md §9); in debug builds
 // they still check their preconditions, and a failed check aborts with the location.
 #if !defined(NDEBUG) || defined(FLLM_ENABLE_ASSERTS)
 #define FLLM_ASSERT(cond)                                                                   \
