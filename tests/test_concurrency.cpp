@@ -111,7 +111,7 @@ TEMPLATE_TEST_CASE("cpu_simd dense SwiGLU: same bits for 1 and 2 threads and acr
     int const threads[4] = {1, 2, 2, 1};
     for (int i = 0; i < 4; ++i) {
       ScopedThreads scoped(threads[i]);
-      Workspace ws(ffn::swiglu_workspace_bytes(t, kD, kDff, Simd{}));
+      Workspace ws(ffn::swiglu_workspace_bytes<Simd, TestType>(t, kD, kDff, Simd{}));
       ffn::swiglu_forward(w.view(), x.cview(), y[i].view(), ws, Simd{});
     }
     INFO("T=" << t);

@@ -47,7 +47,7 @@ void compare(int d, int d_ff, int n, int k, int n_tokens, moe::CombineMode mode,
   fast.forward(x.cview(), y.view(), ws, &rec);
   INFO(dtype_traits<W>::name() << " d=" << d << " d_ff=" << d_ff << " n=" << n << " k=" << k << " T=" << n_tokens
                                << " mode=" << moe::to_string(mode));
-  REQUIRE(ref::rel_l2(y.data(), y_ref.data(), static_cast<std::size_t>(y.size())) < kTol);
+  REQUIRE(ref::rel_l2(y.data(), y_ref.data(), static_cast<std::size_t>(y.size())) < fixture::simd_oracle_tolerance<W>(kTol));
   // Routing is exact: same experts (logits differ only by float rounding, and these are well separated).
   for (std::ptrdiff_t i = 0; i < rec.ids.size(); ++i) REQUIRE(rec.ids[i] == rec_ref.ids[i]);
   for (std::ptrdiff_t i = 0; i < rec.slots.size(); ++i) REQUIRE(rec.slots[i] == rec_ref.slots[i]);
@@ -76,7 +76,9 @@ TEMPLATE_TEST_CASE("cpu_simd dense SwiGLU matches the scalar oracle", "[simd][sw
     ffn::swiglu_forward(w.view(), x.cview(), y_ref.view());
     ffn::swiglu_forward(w.view(), x.cview(), y.view(), Simd{});
     INFO("T=" << t);
-    REQUIRE(ref::rel_l2(y.data(), y_ref.data(), static_cast<std::size_t>(y.size())) < kTol);
+    // Above 8 rows (prefill) bf16 is widened exactly: the tight bound holds whatever the CPU.
+    double const tol = t > 8 ? kTol : fixture::simd_oracle_tolerance<TestType>(kTol);
+    REQUIRE(ref::rel_l2(y.data(), y_ref.data(), static_cast<std::size_t>(y.size())) < tol);
   }
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include <factorllm/backend/simd/target_dispatch.hpp>
 #include <factorllm/ffn/permutation.hpp>
 
 #include "reference.hpp"
@@ -77,5 +78,18 @@ bool same_bits(factorllm::Tensor<T, Rank> const& a, factorllm::Tensor<T, Rank> c
 }
 
 inline std::string shared_path(char const* rel) { return std::string(FACTORLLM_SHARED_DIR) + "/" + rel; }
+
+/// The relative L2 bound of a CpuSimd result against the CpuScalar oracle for weight format W, given the bound
+/// `exact_bound` that holds when the kernels only reorder float sums. bf16 decode on a CPU with AVX512-BF16 rounds the
+/// activations to bf16 before its `vdpbf16ps` dots (docs/design.md §8): that moves these small layers' outputs by
+/// 2e-3 to 3e-3 relative L2 (measured), so the bound is 1e-2 there. The native kernel's own math is checked tightly
+/// (1e-5 against a reference that rounds the same way) in test_quant_kernels.
+template <class W>
+double simd_oracle_tolerance(double exact_bound) {
+  if constexpr (std::is_same_v<W, factorllm::bf16>) {
+    if (factorllm::detail::bf16_native_dot_dispatch()) return 1e-2;
+  }
+  return exact_bound;
+}
 
 }  // namespace fixture
