@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "reference/compiler_half.hpp"
 #include "reference/reference.hpp"
 
 using namespace factorllm;
@@ -51,11 +52,11 @@ float to_float_rounded(double v) {
   return f;
 }
 
-/// IEEE half bits of a float, round to nearest even: the compiler's _Float16 when it has one (independent of the
-/// library's f16), else the library's conversion (tested against _Float16 in test_dtype.cpp).
+/// IEEE half bits of a float, round to nearest even: the compiler's half type when it has one (_Float16, or __fp16 on
+/// aarch64; independent of the library's f16), else the library's conversion (tested against it in test_dtype.cpp).
 std::uint16_t half_bits(float v) {
-#if defined(__FLT16_MAX__)
-  _Float16 const h = static_cast<_Float16>(v);
+#if defined(FLLM_TEST_COMPILER_HALF)
+  FLLM_TEST_COMPILER_HALF const h = static_cast<FLLM_TEST_COMPILER_HALF>(v);
   std::uint16_t b;
   std::memcpy(&b, &h, sizeof b);
   return b;

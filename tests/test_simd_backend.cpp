@@ -153,6 +153,15 @@ TEST_CASE("cpu_simd dense SwiGLU and router logits are bitwise identical for 1 a
 #endif
 }
 
+TEST_CASE("cpu_simd's default architecture is available, and is NEON on aarch64", "[simd][dispatch]") {
+  INFO("xsimd architecture: " << Simd::arch::name());
+#if defined(__aarch64__)
+  // The aarch64 run (tests/cross/run_aarch64.sh, under QEMU) compares these NEON kernels with the oracle.
+  STATIC_REQUIRE(std::is_same<Simd::arch, xsimd::neon64>::value);
+#endif
+  REQUIRE(Simd::available());
+}
+
 TEST_CASE("dispatch picks the first available backend", "[simd][dispatch]") {
   std::string picked = dispatch(BackendList<Simd, CpuScalar>{}, [](auto b) { return std::string(decltype(b)::name()); });
   CHECK(picked == "cpu_simd");

@@ -1,28 +1,35 @@
 # SPDX-License-Identifier: Apache-2.0
 # Configures and installs factorllm into WORK_DIR/prefix, then configures, builds and runs the consumer
 # project next to this script against that prefix. Any failure fails the test.
+# Cross builds: TOOLCHAIN (a CMake toolchain file) configures both projects, and the consumer runs through EMULATOR
+# (the command's words separated by '|'; empty: run it directly).
 file(REMOVE_RECURSE "${WORK_DIR}")
+set(_toolchain_arg "")
+if(TOOLCHAIN)
+  set(_toolchain_arg "-DCMAKE_TOOLCHAIN_FILE=${TOOLCHAIN}")
+endif()
+string(REPLACE "|" ";" _emulator "${EMULATOR}")
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "command failed (${rc}): ${ARGN}\n${out}\n${err}")
   endif()
 endfunction()
-run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/lib -DCMAKE_CXX_COMPILER=${CXX}
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/lib -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DFACTORLLM_BUILD_TESTS=OFF -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF
     -DFACTORLLM_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)
 run(${CMAKE_COMMAND} --install ${WORK_DIR}/lib)
-run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer -DCMAKE_CXX_COMPILER=${CXX}
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer)
-run(${WORK_DIR}/consumer/consumer)
+run(${_emulator} ${WORK_DIR}/consumer/consumer)
 
 # Plain factorllm::factorllm must not need OpenMP: the consumer configures with OpenMP made unfindable ...
-run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer_no_omp -DCMAKE_CXX_COMPILER=${CXX}
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer_no_omp -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=TRUE)
 # ... while asking for the openmp component then fails, naming it.
 execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer_omp_required
-                        -DCMAKE_CXX_COMPILER=${CXX} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix
+                        -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix
                         -DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=TRUE -DCONSUMER_REQUIRE_OPENMP=ON
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(rc EQUAL 0)

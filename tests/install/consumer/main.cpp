@@ -10,10 +10,13 @@ int main() {
   using namespace factorllm;
   std::ptrdiff_t const d = 4, d_ff = 8, n = 2;
   std::vector<float> g(d_ff * d), u(d_ff * d), dn(d * d_ff), x(d), y_dense(d), y_moe(d);
+  // Weights in [-1.5, 1.5] (signed: in size_t, 0 - 5 would wrap to ~1.8e19 and the outputs would be ~1e37, where the
+  // two paths' different summation orders differ by far more than the tolerance).
   for (std::size_t i = 0; i < g.size(); ++i) {
-    g[i] = static_cast<float>((i * 7 % 11) - 5) / 4.0f;
-    u[i] = static_cast<float>((i * 5 % 13) - 6) / 4.0f;
-    dn[i] = static_cast<float>((i * 3 % 7) - 3) / 4.0f;
+    int const k = static_cast<int>(i);
+    g[i] = static_cast<float>(k * 7 % 11 - 5) / 4.0f;
+    u[i] = static_cast<float>(k * 5 % 13 - 6) / 4.0f;
+    dn[i] = static_cast<float>(k * 3 % 7 - 3) / 4.0f;
   }
   for (std::ptrdiff_t k = 0; k < d; ++k) x[k] = 0.25f * static_cast<float>(k - 1);
   ffn::DenseFfnView<float> dense{matrix_view<float const>(g.data(), d_ff, d), matrix_view<float const>(u.data(), d_ff, d),

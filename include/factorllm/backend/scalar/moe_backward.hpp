@@ -47,8 +47,12 @@ void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, 
   switch (gating.mode) {
     case CombineMode::code_ref: return;
     case CombineMode::softmax_topk: {
-      double mx = -std::numeric_limits<double>::infinity(), sum = 0, pg = 0;
-      for (std::ptrdiff_t i = 0; i < n; ++i) mx = std::fmax(mx, static_cast<double>(z[i]));
+      // The maximum is taken in Z and widened once (exact, so the same value): GCC 12.2 for aarch64 crashes at -O3
+      // (internal compiler error in vect_transform_reduction) vectorizing an fmax reduction over widened floats.
+      Z zmax = -std::numeric_limits<Z>::infinity();
+      for (std::ptrdiff_t i = 0; i < n; ++i) zmax = std::fmax(zmax, z[i]);
+      double const mx = static_cast<double>(zmax);
+      double sum = 0, pg = 0;
       for (std::ptrdiff_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(z[i]) - mx);
       // g is s * dw on the selected experts and 0 elsewhere, so <p, g> only sums over S.
       for (std::ptrdiff_t j = 0; j < k; ++j) pg += std::exp(static_cast<double>(z[ids[j]]) - mx) / sum * s * dw[j];
