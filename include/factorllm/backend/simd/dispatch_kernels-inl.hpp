@@ -382,15 +382,18 @@ void dequantize_blocks(void const* w, QDotFormat format, std::ptrdiff_t n_blocks
 std::int64_t dot_peak_loop(DotInstruction kind, std::int64_t iterations) {
   constexpr int kAcc = 12;
   if (kind == DotInstruction::f32_fma) {
+    // Named accumulators, not an array: SVE vectors are sizeless and cannot be array elements.
     hn::ScalableTag<float> const df;
-    using V = hn::Vec<decltype(df)>;
-    V acc[kAcc];
-    for (auto& v : acc) v = hn::Zero(df);
-    V const u = hn::Set(df, 1.0001f), w = hn::Set(df, 0.9999f);
-    for (std::int64_t i = 0; i < iterations; ++i)
-      for (auto& v : acc) v = hn::MulAdd(u, w, v);
-    V sum = acc[0];
-    for (int j = 1; j < kAcc; ++j) sum = hn::Add(sum, acc[j]);
+    auto const u = hn::Set(df, 1.0001f), w = hn::Set(df, 0.9999f);
+    auto a0 = hn::Zero(df), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0;
+    for (std::int64_t i = 0; i < iterations; ++i) {
+      a0 = hn::MulAdd(u, w, a0), a1 = hn::MulAdd(u, w, a1), a2 = hn::MulAdd(u, w, a2), a3 = hn::MulAdd(u, w, a3);
+      a4 = hn::MulAdd(u, w, a4), a5 = hn::MulAdd(u, w, a5), a6 = hn::MulAdd(u, w, a6), a7 = hn::MulAdd(u, w, a7);
+      a8 = hn::MulAdd(u, w, a8), a9 = hn::MulAdd(u, w, a9), a10 = hn::MulAdd(u, w, a10), a11 = hn::MulAdd(u, w, a11);
+    }
+    auto const sum = hn::Add(hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)), hn::Add(hn::Add(a4, a5), hn::Add(a6, a7))),
+                             hn::Add(hn::Add(a8, a9), hn::Add(a10, a11)));
     volatile float sink = hn::GetLane(sum);
     (void)sink;
     return iterations * kAcc * static_cast<std::int64_t>(hn::Lanes(df));
