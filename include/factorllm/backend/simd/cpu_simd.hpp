@@ -123,7 +123,12 @@ inline void multi_dot_n(W const* FLLM_RESTRICT w, float const* FLLM_RESTRICT v, 
   for (int t = 0; t < NV; ++t)
     for (int u = 0; u < U; ++u) acc[t][u] = batch(0.f);
   std::ptrdiff_t k = 0;
+  // Decode streams consecutive rows: the next row's bytes at the same offset are prefetched (the hardware prefetcher
+  // alone leaves a core well short of its DRAM read rate on these kernels; see dispatch_kernels-inl.hpp).
+  char const* next_row = reinterpret_cast<char const*>(w + n);
   for (; k + U * kW <= n; k += U * kW) {
+    for (std::ptrdiff_t b = 0; b < static_cast<std::ptrdiff_t>(U * kW * sizeof(W)); b += 64)
+      __builtin_prefetch(next_row + k * static_cast<std::ptrdiff_t>(sizeof(W)) + b);
     for (int u = 0; u < U; ++u) {
       batch const wk = load_weights<Arch>(w + k + u * kW);
       for (int t = 0; t < NV; ++t) acc[t][u] = xsimd::fma(wk, batch::load_unaligned(v + t * v_stride + k + u * kW), acc[t][u]);

@@ -60,6 +60,16 @@ char const* dispatch_target_name() { return hwy::TargetName(HWY_TARGET); }
 
 #if HWY_TARGET == HWY_AVX3_DL
 
+/// Prefetches the next group of four rows (the bytes after this group's last row), spread over this group's blocks:
+/// at block b, the next group's bytes [b, b + 1) x 4 blocks. The hardware prefetcher alone left a core at about half
+/// of its DRAM read rate on these kernels (measured: q8_0 8.2 GB/s, q4_0 7.2 GB/s against 14 GB/s for a plain
+/// AVX-512 read loop on one core).
+template <std::ptrdiff_t kBlock>
+HWY_INLINE void prefetch_next_group(std::uint8_t const* next, std::ptrdiff_t b) {
+  std::uint8_t const* p = next + b * 4 * kBlock;
+  for (std::ptrdiff_t k = 0; k < 4 * kBlock + 64; k += 64) _mm_prefetch(reinterpret_cast<char const*>(p + k), _MM_HINT_T0);
+}
+
 /// Four rows of q4_0 per pass (see the file comment). Lanes 4j..4j+3 of an accumulator hold row j's partial sums;
 /// `vpdpbusd` multiplies the unsigned nibble codes u = w + 8 by the signed activation codes, and the accumulator
 /// of each block starts at -8 * sum(x codes) (precomputed per block), so the block's integer sum is sum(w * x).
@@ -72,10 +82,12 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q4_avx512(Q
   for (std::ptrdiff_t r0 = 0; r0 < a.rows; r0 += 4) {
     std::uint8_t const* wr[4];
     for (int j = 0; j < 4; ++j) wr[j] = base + std::min(r0 + j, a.rows - 1) * row_bytes;
+    std::uint8_t const* const next = r0 + 8 <= a.rows ? base + (r0 + 4) * row_bytes : nullptr;
     __m512 acc[kQDotMaxVectors];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc[t] = _mm512_setzero_ps();
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       std::ptrdiff_t const off = b * kBlock;
+      if (next) prefetch_next_group<kBlock>(next, b);
       __m512i raw = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[0] + off + 2)));
       raw = _mm512_inserti32x4(raw, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[1] + off + 2)), 1);
       raw = _mm512_inserti32x4(raw, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[2] + off + 2)), 2);
@@ -122,10 +134,12 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q8_avx512(Q
   for (std::ptrdiff_t r0 = 0; r0 < a.rows; r0 += 4) {
     std::uint8_t const* wr[4];
     for (int j = 0; j < 4; ++j) wr[j] = base + std::min(r0 + j, a.rows - 1) * row_bytes;
+    std::uint8_t const* const next = r0 + 8 <= a.rows ? base + (r0 + 4) * row_bytes : nullptr;
     __m512 acc01[kQDotMaxVectors], acc23[kQDotMaxVectors];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc01[t] = acc23[t] = _mm512_setzero_ps();
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       std::ptrdiff_t const off = b * kBlock;
+      if (next) prefetch_next_group<kBlock>(next, b);
       auto load256 = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<__m256i const*>(wr[j] + off + 2)); };
       __m512i const w01 = _mm512_inserti64x4(_mm512_castsi256_si512(load256(0)), load256(1), 1);
       __m512i const w23 = _mm512_inserti64x4(_mm512_castsi256_si512(load256(2)), load256(3), 1);
@@ -285,8 +299,14 @@ __attribute__((target(HWY_TARGET_STR ",avx512bf16"))) void bf16_dot_rows_native(
     auto x_at = [&](std::ptrdiff_t t, std::ptrdiff_t k) {
       return reinterpret_cast<std::uint16_t const*>(a.xb) + t * n + k;
     };
+    // The next row, prefetched over this one's iterations (rows are contiguous; see prefetch_next_group).
+    auto const* next = r + 1 < a.rows ? reinterpret_cast<char const*>(w + n) : nullptr;
     std::ptrdiff_t k = 0;
     for (; k < full; k += 64) {
+      if (next) {
+        _mm_prefetch(next + 2 * k, _MM_HINT_T0);
+        _mm_prefetch(next + 2 * k + 64, _MM_HINT_T0);
+      }
       __m512bh const w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + k));
       __m512bh const w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + k + 32));
       for (std::ptrdiff_t t = 0; t < nv; ++t) {
