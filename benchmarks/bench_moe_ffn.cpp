@@ -345,6 +345,9 @@ void BM_moe(benchmark::State& state, Shape s) {
   double const flops = 2.0 * static_cast<double>(t) * (static_cast<double>(k) * 3.0 * m * static_cast<double>(s.d) +
                                                        static_cast<double>(s.n * s.d));
   double const dense_s = dense_seconds<W>(s, ls, x);
+  // One untimed pass over every copy first: the first pass over freshly cloned gigabytes ran at half speed (measured:
+  // the first benchmark of a process took 2x, its CPU time half its real time), whatever the kernel.
+  for (std::size_t c = 0; c < copies; ++c) ls[c].moe->forward(x.cview(), y.view(), ws);
   std::size_t i = 0;
   auto const t0 = Clock::now();
   for (auto _ : state) {
