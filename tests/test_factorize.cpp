@@ -27,6 +27,27 @@ bool is_permutation_of_iota(std::vector<std::int32_t> p) {
   return true;
 }
 
+
+/// A reference FFN stored with `pad` unused floats (99) after every row, as a host engine may hand its weights, and
+/// the strided views of it.
+struct StridedFfn {
+  std::vector<float> gate, up, down;
+  ffn::DenseFfnView<float> view;
+  StridedFfn(ref::Ffn const& f, std::ptrdiff_t d, std::ptrdiff_t d_ff, std::ptrdiff_t pad)
+      : gate(static_cast<std::size_t>(d_ff * (d + pad)), 99.f), up(gate), down(static_cast<std::size_t>(d * (d_ff + pad)), 99.f) {
+    for (std::ptrdiff_t i = 0; i < d_ff; ++i)
+      for (std::ptrdiff_t k = 0; k < d; ++k) {
+        gate[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.gate[static_cast<std::size_t>(i * d + k)]);
+        up[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.up[static_cast<std::size_t>(i * d + k)]);
+        down[static_cast<std::size_t>(k * (d_ff + pad) + i)] = static_cast<float>(f.down[static_cast<std::size_t>(k * d_ff + i)]);
+      }
+    view = ffn::DenseFfnView<float>{matrix_view<float const>(gate.data(), d_ff, d, d + pad),
+                                    matrix_view<float const>(up.data(), d_ff, d, d + pad),
+                                    matrix_view<float const>(down.data(), d, d_ff, d_ff + pad)};
+  }
+  StridedFfn(StridedFfn const&) = delete;  // the views point into this object's vectors
+  StridedFfn& operator=(StridedFfn const&) = delete;
+};
 }  // namespace
 
 TEST_CASE("convert_format gives the experts factorize gives from the converted dense FFN, bit for bit", "[ffn][factorize]") {
@@ -106,16 +127,8 @@ TEST_CASE("factorize works on strided (padded) host weights", "[ffn][factorize]"
   // A host engine may hand weights with padded rows; the view's stride must be honoured.
   std::ptrdiff_t const d = 5, d_ff = 8, pad = 3;
   auto const f = ref::random_ffn(static_cast<int>(d), static_cast<int>(d_ff), 11);
-  std::vector<float> gate(static_cast<std::size_t>(d_ff * (d + pad)), 99.f), up = gate, down(static_cast<std::size_t>(d * (d_ff + pad)), 99.f);
-  for (std::ptrdiff_t i = 0; i < d_ff; ++i)
-    for (std::ptrdiff_t k = 0; k < d; ++k) {
-      gate[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.gate[static_cast<std::size_t>(i * d + k)]);
-      up[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.up[static_cast<std::size_t>(i * d + k)]);
-      down[static_cast<std::size_t>(k * (d_ff + pad) + i)] = static_cast<float>(f.down[static_cast<std::size_t>(k * d_ff + i)]);
-    }
-  ffn::DenseFfnView<float> strided{matrix_view<float const>(gate.data(), d_ff, d, d + pad),
-                                   matrix_view<float const>(up.data(), d_ff, d, d + pad),
-                                   matrix_view<float const>(down.data(), d, d_ff, d_ff + pad)};
+  StridedFfn const host(f, d, d_ff, pad);
+  ffn::DenseFfnView<float> const strided = host.view;
   fixture::DenseWeights<float> dense(f);
   auto const a = ffn::factorize(strided, ExpertPartition::random(d_ff, 2, 1));
   auto const b = ffn::factorize(dense.view(), ExpertPartition::random(d_ff, 2, 1));
@@ -213,17 +226,8 @@ TEMPLATE_TEST_CASE("pad_hidden appends zero neurons: the padded FFN equals the u
 TEST_CASE("pad_hidden reads strided views and refuses bad arguments with typed errors naming them", "[ffn][pad][errors]") {
   std::ptrdiff_t const d = 5, d_ff = 6, pad = 3;
   auto const f = ref::random_ffn(static_cast<int>(d), static_cast<int>(d_ff), 31);
-  std::vector<float> gate(static_cast<std::size_t>(d_ff * (d + pad)), 99.f), up = gate,
-      down(static_cast<std::size_t>(d * (d_ff + pad)), 99.f);
-  for (std::ptrdiff_t i = 0; i < d_ff; ++i)
-    for (std::ptrdiff_t k = 0; k < d; ++k) {
-      gate[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.gate[static_cast<std::size_t>(i * d + k)]);
-      up[static_cast<std::size_t>(i * (d + pad) + k)] = static_cast<float>(f.up[static_cast<std::size_t>(i * d + k)]);
-      down[static_cast<std::size_t>(k * (d_ff + pad) + i)] = static_cast<float>(f.down[static_cast<std::size_t>(k * d_ff + i)]);
-    }
-  ffn::DenseFfnView<float> strided{matrix_view<float const>(gate.data(), d_ff, d, d + pad),
-                                   matrix_view<float const>(up.data(), d_ff, d, d + pad),
-                                   matrix_view<float const>(down.data(), d, d_ff, d_ff + pad)};
+  StridedFfn const host(f, d, d_ff, pad);
+  ffn::DenseFfnView<float> const strided = host.view;
   fixture::DenseWeights<float> dense(f);
   auto const a = ffn::pad_hidden(strided, 4), b = ffn::pad_hidden(dense.view(), 4);
   REQUIRE(a.gate.extent(0) == 8);

@@ -73,9 +73,11 @@ HWY_INLINE void prefetch_next_group(std::uint8_t const* next, std::ptrdiff_t b) 
 /// Four rows of q4_0 per pass (see the file comment). Lanes 4j..4j+3 of an accumulator hold row j's partial sums;
 /// `vpdpbusd` multiplies the unsigned nibble codes u = w + 8 by the signed activation codes, and the accumulator
 /// of each block starts at -8 * sum(x codes) (precomputed per block), so the block's integer sum is sum(w * x).
+template <int NV>
 __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q4_avx512(QDotArgs const& a) {
   constexpr std::ptrdiff_t kBlock = 18;
-  std::ptrdiff_t const nb = a.row_blocks, row_bytes = nb * kBlock, nv = a.n_vec;
+  constexpr std::ptrdiff_t nv = NV;
+  std::ptrdiff_t const nb = a.row_blocks, row_bytes = nb * kBlock;
   auto const* base = static_cast<std::uint8_t const*>(a.w);
   __m512i const low4 = _mm512_set1_epi8(0x0F);
   __m512i const spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -83,7 +85,7 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q4_avx512(Q
     std::uint8_t const* wr[4];
     for (int j = 0; j < 4; ++j) wr[j] = base + std::min(r0 + j, a.rows - 1) * row_bytes;
     std::uint8_t const* const next = r0 + 8 <= a.rows ? base + (r0 + 4) * row_bytes : nullptr;
-    __m512 acc[kQDotMaxVectors];
+    __m512 acc[NV];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc[t] = _mm512_setzero_ps();
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       std::ptrdiff_t const off = b * kBlock;
@@ -124,9 +126,11 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q4_avx512(Q
 /// Four rows of q8_0 per pass, two rows a register. `vpdpbusd` takes the activation codes offset to unsigned
 /// (x + 128, a sign-bit flip) against the signed weight codes; the accumulator starts at -128 * sum(w codes),
 /// computed once per block and row by a `vpdpbusd` of the constant 128, so the integer sum is sum(w * x).
+template <int NV>
 __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q8_avx512(QDotArgs const& a) {
   constexpr std::ptrdiff_t kBlock = 34;
-  std::ptrdiff_t const nb = a.row_blocks, row_bytes = nb * kBlock, nv = a.n_vec;
+  constexpr std::ptrdiff_t nv = NV;
+  std::ptrdiff_t const nb = a.row_blocks, row_bytes = nb * kBlock;
   auto const* base = static_cast<std::uint8_t const*>(a.w);
   __m512i const bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i const spread01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -135,7 +139,7 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q8_avx512(Q
     std::uint8_t const* wr[4];
     for (int j = 0; j < 4; ++j) wr[j] = base + std::min(r0 + j, a.rows - 1) * row_bytes;
     std::uint8_t const* const next = r0 + 8 <= a.rows ? base + (r0 + 4) * row_bytes : nullptr;
-    __m512 acc01[kQDotMaxVectors], acc23[kQDotMaxVectors];
+    __m512 acc01[NV], acc23[NV];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc01[t] = acc23[t] = _mm512_setzero_ps();
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       std::ptrdiff_t const off = b * kBlock;
@@ -198,14 +202,15 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) std::int64_t dot_peak_vpdp
 #if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
 
 /// One row at a time with AVX2: |w| (unsigned) times x with w's sign, `vpmaddubsw` then `vpmaddwd` into 8 lanes.
-template <class Block>
+template <class Block, int NV>
 void qdot_rows_avx2(QDotArgs const& a) {
-  std::ptrdiff_t const nb = a.row_blocks, nv = a.n_vec;
+  constexpr std::ptrdiff_t nv = NV;
+  std::ptrdiff_t const nb = a.row_blocks;
   auto const* rows = static_cast<Block const*>(a.w);
   __m256i const ones16 = _mm256_set1_epi16(1);
   for (std::ptrdiff_t r = 0; r < a.rows; ++r) {
     Block const* w = rows + r * nb;
-    __m256 acc[kQDotMaxVectors];
+    __m256 acc[NV];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc[t] = _mm256_setzero_ps();
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       __m256i wq;
@@ -263,38 +268,63 @@ void qdot_rows_portable(QDotArgs const& a) {
   }
 }
 
-void qdot_rows(QDotArgs const& a) {
-  if (a.rows <= 0) return;
-  if (a.format == QDotFormat::q8_0) {
+/// Calls kernel.template run<NV>() for NV = n_vec (1..kQDotMaxVectors): the vector count is a compile-time constant
+/// inside the kernels, so their accumulators stay in registers (with a run-time count they went through the stack:
+/// measured 40% slower per call).
+template <class Kernel>
+HWY_INLINE void with_vector_count(std::ptrdiff_t n_vec, Kernel const& kernel) {
+  switch (n_vec) {
+    case 1: kernel.template run<1>(); break;
+    case 2: kernel.template run<2>(); break;
+    case 3: kernel.template run<3>(); break;
+    case 4: kernel.template run<4>(); break;
+    case 5: kernel.template run<5>(); break;
+    case 6: kernel.template run<6>(); break;
+    case 7: kernel.template run<7>(); break;
+    default: kernel.template run<8>(); break;
+  }
+}
+
+/// qdot_rows's kernel for this target, by vector count.
+struct QDotKernel {
+  QDotArgs const& a;
+  template <int NV>
+  void run() const {
 #if HWY_TARGET == HWY_AVX3_DL
-    qdot_rows_q8_avx512(a);
+    if (a.format == QDotFormat::q8_0) qdot_rows_q8_avx512<NV>(a);
+    else qdot_rows_q4_avx512<NV>(a);
 #elif HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
-    qdot_rows_avx2<q8_0>(a);
+    if (a.format == QDotFormat::q8_0) qdot_rows_avx2<q8_0, NV>(a);
+    else qdot_rows_avx2<q4_0, NV>(a);
 #else
-    qdot_rows_portable<q8_0>(a);
-#endif
-  } else {
-#if HWY_TARGET == HWY_AVX3_DL
-    qdot_rows_q4_avx512(a);
-#elif HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
-    qdot_rows_avx2<q4_0>(a);
-#else
-    qdot_rows_portable<q4_0>(a);
+    if (a.format == QDotFormat::q8_0) qdot_rows_portable<q8_0>(a);
+    else qdot_rows_portable<q4_0>(a);
 #endif
   }
+};
+
+void qdot_rows(QDotArgs const& a) {
+  if (a.rows <= 0) return;
+#if HWY_TARGET == HWY_AVX3_DL || HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
+  with_vector_count(a.n_vec, QDotKernel{a});
+#else
+  QDotKernel{a}.run<1>();  // the portable kernel takes the count at run time
+#endif
 }
 
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 
 /// Rows of bf16 weights against bf16 activations with `vdpbf16ps` (pairs of products summed into float lanes; the
 /// instruction flushes subnormal inputs to zero). Two accumulators a vector (four for one vector) hide its latency.
+template <int NV>
 __attribute__((target(HWY_TARGET_STR ",avx512bf16"))) void bf16_dot_rows_native(Bf16DotArgs const& a) {
-  std::ptrdiff_t const n = a.n, nv = a.n_vec;
+  constexpr std::ptrdiff_t nv = NV;
+  std::ptrdiff_t const n = a.n;
   std::ptrdiff_t const full = n / 64 * 64;
   __mmask32 const tail_mask = static_cast<__mmask32>((std::uint64_t{1} << (n % 32)) - 1);
   for (std::ptrdiff_t r = 0; r < a.rows; ++r) {
     auto const* w = reinterpret_cast<std::uint16_t const*>(a.w) + r * n;
-    __m512 acc[kQDotMaxVectors][2];
+    __m512 acc[NV][2];
     for (std::ptrdiff_t t = 0; t < nv; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     auto x_at = [&](std::ptrdiff_t t, std::ptrdiff_t k) {
       return reinterpret_cast<std::uint16_t const*>(a.xb) + t * n + k;
@@ -345,6 +375,17 @@ __attribute__((target(HWY_TARGET_STR ",avx512bf16"))) std::int64_t dot_peak_vdpb
 
 #endif  // HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+/// bf16_dot_rows's native kernel, by vector count.
+struct Bf16Kernel {
+  Bf16DotArgs const& a;
+  template <int NV>
+  void run() const {
+    bf16_dot_rows_native<NV>(a);
+  }
+};
+#endif
+
 /// True when this target runs bf16 dot products natively on this CPU (bf16_dot_rows then returns true).
 bool bf16_native_dot() {
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -357,7 +398,7 @@ bool bf16_native_dot() {
 bool bf16_dot_rows(Bf16DotArgs const& a) {
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
   if (!cpu_has_avx512_bf16()) return false;
-  if (a.rows > 0) bf16_dot_rows_native(a);
+  if (a.rows > 0) with_vector_count(a.n_vec, Bf16Kernel{a});
   return true;
 #else
   (void)a;

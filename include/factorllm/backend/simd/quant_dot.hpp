@@ -66,23 +66,30 @@ inline void quantize_act_q8(float const* FLLM_RESTRICT x, std::ptrdiff_t n, std:
   }
 }
 
-/// out[t] = dot of the weight row w (n / 32 blocks) with activation vector t < n_vec (codes x + t * n, scales
-/// sx + t * n / 32, code sums xsum + t * n / 32), on the dispatched target.
+/// out[r * out_stride + t] = dot of weight row r < rows (n / 32 blocks each, consecutive) with activation vector
+/// t < n_vec (codes x + t * n, scales sx + t * n / 32, code sums xsum + t * n / 32), on the dispatched target.
 template <class W>
-inline void q8_multi_dot(W const* w, std::int8_t const* x, float const* sx, std::int32_t const* xsum,
-                         std::ptrdiff_t n_vec, std::ptrdiff_t n, float* out) {
+inline void q8_dot_rows(W const* w, std::ptrdiff_t n, std::ptrdiff_t rows, std::int8_t const* x, float const* sx,
+                        std::int32_t const* xsum, std::ptrdiff_t n_vec, float* out, std::ptrdiff_t out_stride) {
   QDotArgs args;
   args.w = w;
   args.row_blocks = n / 32;
-  args.rows = 1;
+  args.rows = rows;
   args.xq = x;
   args.xs = sx;
   args.xsum = xsum;
   args.n_vec = n_vec;
   args.out = out;
-  args.out_stride = n_vec;
+  args.out_stride = out_stride;
   args.format = std::is_same_v<W, q8_0> ? QDotFormat::q8_0 : QDotFormat::q4_0;
   qdot_rows_dispatch(args);
+}
+
+/// out[t] = dot of the one weight row w with activation vector t < n_vec (q8_dot_rows for a single row).
+template <class W>
+inline void q8_multi_dot(W const* w, std::int8_t const* x, float const* sx, std::int32_t const* xsum,
+                         std::ptrdiff_t n_vec, std::ptrdiff_t n, float* out) {
+  q8_dot_rows(w, n, 1, x, sx, xsum, n_vec, out, n_vec);
 }
 
 /// Dequantizes n weights (n / 32 blocks) to float on the dispatched target: the GEMM path's panel. The same values

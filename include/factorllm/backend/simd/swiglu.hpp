@@ -106,18 +106,7 @@ inline void dispatched_rows(W const* w, std::ptrdiff_t n, std::ptrdiff_t r0, std
                             float* out) {
   if constexpr (is_q8_dot_format_v<W>) {
     (void)xb;
-    QDotArgs args;
-    args.w = w + r0 * (n / 32);
-    args.row_blocks = n / 32;
-    args.rows = r1 - r0;
-    args.xq = xq;
-    args.xs = xs;
-    args.xsum = xsum;
-    args.n_vec = c;
-    args.out = out;
-    args.out_stride = c;
-    args.format = std::is_same_v<W, q8_0> ? QDotFormat::q8_0 : QDotFormat::q4_0;
-    qdot_rows_dispatch(args);
+    q8_dot_rows(w + r0 * (n / 32), n, r1 - r0, xq, xs, xsum, c, out, c);
   } else {
     static_assert(std::is_same_v<W, bf16>, "dispatched_rows: block formats and bf16 only");
     (void)xq, (void)xs, (void)xsum;
