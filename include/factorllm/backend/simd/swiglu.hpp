@@ -36,6 +36,7 @@ namespace detail {
 
 /// Rows of input at or below which a block runs the streaming (GEMV-like) kernel instead of GEMMs.
 inline constexpr std::ptrdiff_t kGemvMaxRows = 8;
+static_assert(kGemvMaxRows <= kQDotMaxVectors, "the dispatched decode kernels take at most kQDotMaxVectors rows");
 /// Rows the multi-dot kernel handles per pass over a weight row (4 accumulators per ISA register file fits).
 inline constexpr std::ptrdiff_t kMultiDotRows = 4;
 /// Weight rows per task in both phases (fixed: results must not depend on the thread count). GEMM tasks are

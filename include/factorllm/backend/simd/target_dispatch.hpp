@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../../config.hpp"
 #include "../../core/dtype.hpp"
 #include "../../core/quant.hpp"
 
@@ -116,10 +117,16 @@ HWY_EXPORT(dequantize_blocks);
 }  // namespace
 
 /// Runs the q8_0 / q4_0 decode kernel of the chosen target (see QDotArgs).
-inline void qdot_rows_dispatch(QDotArgs const& args) { HWY_DYNAMIC_DISPATCH(qdot_rows)(args); }
+inline void qdot_rows_dispatch(QDotArgs const& args) {
+  FLLM_ASSERT(args.n_vec >= 1 && args.n_vec <= kQDotMaxVectors);
+  HWY_DYNAMIC_DISPATCH(qdot_rows)(args);
+}
 
 /// Runs the native bf16 kernel and returns true, or returns false (nothing written) when the chosen target has none.
-inline bool bf16_dot_rows_dispatch(Bf16DotArgs const& args) { return HWY_DYNAMIC_DISPATCH(bf16_dot_rows)(args); }
+inline bool bf16_dot_rows_dispatch(Bf16DotArgs const& args) {
+  FLLM_ASSERT(args.n_vec >= 1 && args.n_vec <= kQDotMaxVectors);
+  return HWY_DYNAMIC_DISPATCH(bf16_dot_rows)(args);
+}
 
 /// True when the chosen target multiplies bf16 natively (the activations are then rounded to bf16 first).
 inline bool bf16_native_dot_dispatch() { return HWY_DYNAMIC_DISPATCH(bf16_native_dot)(); }
