@@ -34,10 +34,12 @@
 #include <cstdint>
 #include <cstring>
 
-// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsics (their _mm512_undefined_* operands) once
-// they are inlined here: a false positive, silenced for this code only.
+// GCC 12 reports -Wuninitialized and -Wmaybe-uninitialized inside its own AVX-512 intrinsics (the
+// _mm*_undefined_* operands of _mm512_reduce_add_*, the casts and the broadcasts) once they are inlined here: false
+// positives, silenced for this code only.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 HWY_BEFORE_NAMESPACE();
