@@ -72,6 +72,13 @@ HWY_INLINE void prefetch_next_group(std::uint8_t const* next, std::ptrdiff_t b) 
   for (std::ptrdiff_t k = 0; k < 4 * kBlock + 64; k += 64) _mm_prefetch(reinterpret_cast<char const*>(p + k), _MM_HINT_T0);
 }
 
+/// The f16 scales of block `off` of the four rows, packed in one general register (one move into a vector
+/// afterwards, instead of a shuffle per scale).
+inline std::uint64_t packed_scales(std::uint8_t const* const* wr, std::ptrdiff_t off) {
+  return std::uint64_t{block_scale_bits(wr[0] + off)} | std::uint64_t{block_scale_bits(wr[1] + off)} << 16 |
+         std::uint64_t{block_scale_bits(wr[2] + off)} << 32 | std::uint64_t{block_scale_bits(wr[3] + off)} << 48;
+}
+
 /// Four rows of q4_0 per pass (see the file comment). Lanes 4j..4j+3 of an accumulator hold row j's partial sums;
 /// `vpdpbusd` multiplies the unsigned nibble codes u = w + 8 by the signed activation codes, and the accumulator
 /// of each block starts at -8 * sum(x codes) (precomputed per block), so the block's integer sum is sum(w * x).
@@ -92,17 +99,15 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q4_avx512(Q
     for (std::ptrdiff_t b = 0; b < nb; ++b) {
       std::ptrdiff_t const off = b * kBlock;
       if (next) prefetch_next_group<kBlock>(next, b);
-      __m512i raw = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[0] + off + 2)));
-      raw = _mm512_inserti32x4(raw, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[1] + off + 2)), 1);
-      raw = _mm512_inserti32x4(raw, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[2] + off + 2)), 2);
-      raw = _mm512_inserti32x4(raw, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[3] + off + 2)), 3);
+      // Row j's 16 code bytes into 128-bit lane j: masked broadcast loads (a load and a blend each, no shuffle).
+      __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[0] + off + 2)));
+      raw = _mm512_mask_broadcast_i32x4(raw, 0x00F0, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[1] + off + 2)));
+      raw = _mm512_mask_broadcast_i32x4(raw, 0x0F00, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[2] + off + 2)));
+      raw = _mm512_mask_broadcast_i32x4(raw, 0xF000, _mm_loadu_si128(reinterpret_cast<__m128i const*>(wr[3] + off + 2)));
       __m512i const lo = _mm512_and_si512(raw, low4);                         // weights 0..15 of each row
       __m512i const hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);   // weights 16..31
-      __m128i const h4 = _mm_setr_epi16(static_cast<short>(block_scale_bits(wr[0] + off)),
-                                        static_cast<short>(block_scale_bits(wr[1] + off)),
-                                        static_cast<short>(block_scale_bits(wr[2] + off)),
-                                        static_cast<short>(block_scale_bits(wr[3] + off)), 0, 0, 0, 0);
-      __m512 const dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(h4)));
+      __m512 const dw =
+          _mm512_permutexvar_ps(spread, _mm512_zextps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(packed_scales(wr, off))))));
       for (std::ptrdiff_t t = 0; t < nv; ++t) {
         std::int8_t const* x = a.xq + t * nb * 32 + b * 32;
         __m512i const xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<__m128i const*>(x)));
@@ -147,15 +152,12 @@ __attribute__((target(HWY_TARGET_STR ",avx512vnni"))) void qdot_rows_q8_avx512(Q
       std::ptrdiff_t const off = b * kBlock;
       if (next) prefetch_next_group<kBlock>(next, b);
       auto load256 = [&](int j) { return _mm256_loadu_si256(reinterpret_cast<__m256i const*>(wr[j] + off + 2)); };
-      __m512i const w01 = _mm512_inserti64x4(_mm512_castsi256_si512(load256(0)), load256(1), 1);
-      __m512i const w23 = _mm512_inserti64x4(_mm512_castsi256_si512(load256(2)), load256(3), 1);
+      // Two rows a register through masked broadcast loads (a load and a blend each, no shuffle).
+      __m512i const w01 = _mm512_mask_broadcast_i64x4(_mm512_broadcast_i64x4(load256(0)), 0xF0, load256(1));
+      __m512i const w23 = _mm512_mask_broadcast_i64x4(_mm512_broadcast_i64x4(load256(2)), 0xF0, load256(3));
       __m512i const n01 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w01));
       __m512i const n23 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w23));
-      __m128i const h4 = _mm_setr_epi16(static_cast<short>(block_scale_bits(wr[0] + off)),
-                                        static_cast<short>(block_scale_bits(wr[1] + off)),
-                                        static_cast<short>(block_scale_bits(wr[2] + off)),
-                                        static_cast<short>(block_scale_bits(wr[3] + off)), 0, 0, 0, 0);
-      __m512 const s4 = _mm512_castps128_ps512(_mm_cvtph_ps(h4));
+      __m512 const s4 = _mm512_zextps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(packed_scales(wr, off)))));
       __m512 const dw01 = _mm512_permutexvar_ps(spread01, s4), dw23 = _mm512_permutexvar_ps(spread23, s4);
       for (std::ptrdiff_t t = 0; t < nv; ++t) {
         std::int8_t const* x = a.xq + t * nb * 32 + b * 32;
