@@ -32,9 +32,9 @@ using TokenSequence = std::vector<int>;
 inline std::vector<TokenSequence> sample_sequences(LlamaEngine& engine, int n_sequences, int length,
                                                    std::uint64_t first_seed, float temperature = 1.f) {
   if (n_sequences < 1)
-    throw value_error(detail::concat("sample_sequences: n_sequences must be >= 1, got ", n_sequences));
+    throw value_error(factorllm::detail::concat("sample_sequences: n_sequences must be >= 1, got ", n_sequences));
   if (length < 1 || length + 1 > engine.max_seq_len())
-    throw value_error(detail::concat("sample_sequences: length ", length, " must be in [1, ",
+    throw value_error(factorllm::detail::concat("sample_sequences: length ", length, " must be in [1, ",
                                              engine.max_seq_len() - 1, "] (BOS + length tokens fit the context)"));
   std::vector<TokenSequence> out;
   out.reserve(static_cast<std::size_t>(n_sequences));
@@ -72,10 +72,10 @@ inline DataSplit make_data_split(LlamaEngine& engine, DataSplitConfig const& cfg
     return a < b + static_cast<std::uint64_t>(nb) && b < a + static_cast<std::uint64_t>(na);
   };
   if (cfg.n_calibration < 1 || cfg.n_evaluation < 1)
-    throw value_error(detail::concat("make_data_split: need at least one calibration and one held-out sequence, got ",
+    throw value_error(factorllm::detail::concat("make_data_split: need at least one calibration and one held-out sequence, got ",
                                              cfg.n_calibration, " and ", cfg.n_evaluation));
   if (overlaps(cfg.calibration_seed, cfg.n_calibration, cfg.evaluation_seed, cfg.n_evaluation))
-    throw value_error(detail::concat("make_data_split: calibration seeds [", cfg.calibration_seed, ", +",
+    throw value_error(factorllm::detail::concat("make_data_split: calibration seeds [", cfg.calibration_seed, ", +",
                                              cfg.n_calibration, ") overlap held-out seeds [", cfg.evaluation_seed, ", +",
                                              cfg.n_evaluation, ")"));
   DataSplit split;
@@ -85,7 +85,7 @@ inline DataSplit make_data_split(LlamaEngine& engine, DataSplitConfig const& cfg
   std::set<TokenSequence> const seen(split.calibration.begin(), split.calibration.end());
   for (std::size_t i = 0; i < split.evaluation.size(); ++i)
     if (seen.count(split.evaluation[i]) != 0)
-      throw value_error(detail::concat("make_data_split: held-out sequence ", i,
+      throw value_error(factorllm::detail::concat("make_data_split: held-out sequence ", i,
                                                " is identical to a calibration sequence; change the seeds"));
   return split;
 }

@@ -108,7 +108,7 @@ class Sampler {
   /// \throws value_error if temperature is negative or not finite.
   explicit Sampler(float temperature = 0.f, std::uint64_t seed = 0) : temperature_(temperature), rng_(seed) {
     if (!(temperature >= 0.f) || !std::isfinite(temperature))
-      throw value_error(detail::concat("Sampler: temperature must be finite and >= 0, got ", temperature));
+      throw value_error(factorllm::detail::concat("Sampler: temperature must be finite and >= 0, got ", temperature));
   }
 
   /// Returns the index of the largest logit (the lowest index on ties).
@@ -130,7 +130,7 @@ class Sampler {
     double const max_logit = logits(argmax(logits.data(), n));
     double sum = 0;
     for (std::ptrdiff_t i = 0; i < n; ++i) sum += probs_[static_cast<std::size_t>(i)] = std::exp((logits(i) - max_logit) * inv_t);
-    double const r = detail::uniform01(rng_) * sum;
+    double const r = factorllm::detail::uniform01(rng_) * sum;
     double cdf = 0;
     for (std::ptrdiff_t i = 0; i < n; ++i) {
       cdf += probs_[static_cast<std::size_t>(i)];
@@ -157,7 +157,7 @@ class MoeViewLayer final : public FfnLayer {
     moe_->forward(x, y, ws_);
   }
   std::string describe() const override {
-    return detail::concat("moe N=", moe_->n_experts(), " K=", moe_->top_k());
+    return factorllm::detail::concat("moe N=", moe_->n_experts(), " K=", moe_->top_k());
   }
 
  private:
@@ -178,7 +178,7 @@ class LlamaEngine {
   explicit LlamaEngine(LlamaModel const& model, std::int64_t max_context = std::int64_t{1} << 16)
       : model_(&model), cfg_(model.config) {
     model.validate();
-    if (max_context < 1) throw value_error(detail::concat("LlamaEngine: max_context must be >= 1, got ", max_context));
+    if (max_context < 1) throw value_error(factorllm::detail::concat("LlamaEngine: max_context must be >= 1, got ", max_context));
     seq_len_ = static_cast<std::ptrdiff_t>(std::min(cfg_.context_length, max_context));
     std::ptrdiff_t const d = cfg_.d_model, kv = cfg_.kv_dim(), q = cfg_.q_dim(), t = seq_len_, hs = cfg_.head_dim;
     key_cache_ = Tensor<float, 3>({cfg_.n_layers, t, kv});
@@ -303,7 +303,7 @@ class LlamaEngine {
 
   void check_layer(int l, char const* function) const {
     if (l < 0 || l >= n_layers())
-      throw value_error(detail::concat("LlamaEngine::", function, ": layer ", l, " outside [0, ", n_layers(), ")"));
+      throw value_error(factorllm::detail::concat("LlamaEngine::", function, ": layer ", l, " outside [0, ", n_layers(), ")"));
   }
 
   /// out [n, rows(w)] = x [n, cols(w)] w^T + bias (nn.Linear; no bias when `bias` is empty).
@@ -412,17 +412,17 @@ class LlamaEngine {
   }
 
   void validate_call(int const* tokens, std::ptrdiff_t n, std::ptrdiff_t pos0, char const* function) const {
-    if (n < 1) throw value_error(detail::concat("LlamaEngine::", function, ": no tokens"));
+    if (n < 1) throw value_error(factorllm::detail::concat("LlamaEngine::", function, ": no tokens"));
     if (pos0 < 0 || pos0 + n > seq_len_)
-      throw value_error(detail::concat("LlamaEngine::", function, ": positions [", pos0, ", ", pos0 + n,
+      throw value_error(factorllm::detail::concat("LlamaEngine::", function, ": positions [", pos0, ", ", pos0 + n,
                                        ") outside the engine's context [0, ", seq_len_, ")"));
     if (pos0 > cached_)
-      throw value_error(detail::concat("LlamaEngine::", function, ": position ", pos0,
+      throw value_error(factorllm::detail::concat("LlamaEngine::", function, ": position ", pos0,
                                        " needs the KV cache of positions 0..", pos0 - 1, " but only ", cached_,
                                        " are filled (run the earlier positions first)"));
     for (std::ptrdiff_t t = 0; t < n; ++t)
       if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
-        throw value_error(detail::concat("LlamaEngine::", function, ": token ", tokens[t], " at index ", t,
+        throw value_error(factorllm::detail::concat("LlamaEngine::", function, ": token ", tokens[t], " at index ", t,
                                          " outside the vocab [0, ", cfg_.vocab_size, ")"));
   }
 
