@@ -9,6 +9,7 @@
 #include <factorllm/io/hf_llama.hpp>
 #include <factorllm/io/llama2c.hpp>
 #include <factorllm/io/safetensors.hpp>
+#include <factorllm/model/llama_engine.hpp>
 #include <factorllm/model/llama_model.hpp>
 
 #include <cstdint>
@@ -22,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../examples/common/llama2c_engine.hpp"
 #include "reference/io_fixtures.hpp"
 
 namespace {
@@ -175,6 +177,29 @@ TEST_CASE("hf_llama: stories260K sharded reads back as the single file does", "[
   CHECK_FALSE(fs::exists(many + "/model.safetensors"));
   require_same_model(io::read_hf_llama(one), io::read_hf_llama(many));
   require_same_model(m, io::read_hf_llama(many));
+}
+
+TEST_CASE("hf_llama: stories260K through HF gives the llama2.c checkpoint's logits", "[io][hf][engine]") {
+  LlamaModel const m = stories();
+  std::string const dir = fresh_dir("logits");
+  io::write_hf_llama(dir, m, {SafetensorsDtype::f32, 200'000});
+  LlamaModel const back = io::read_hf_llama(dir);
+  io::Llama2cCheckpoint const ckpt = io::Llama2cCheckpoint::load(kModelPath);
+  factorllm_examples::Llama2cEngine reference(ckpt);
+  fl::model::LlamaEngine engine(back);
+  std::vector<int> const tokens = {1, 403, 407, 261, 378, 300, 1, 42, 511, 9};
+  fl::Matrix<float> const want(reference.forward_sequence(tokens));
+  auto const got = engine.forward_sequence(tokens);
+  REQUIRE(got.rows() == want.extent(0));
+  REQUIRE(got.cols() == want.extent(1));
+  for (std::ptrdiff_t t = 0; t < got.rows(); ++t) {
+    INFO("token " << t);
+    CHECK(std::memcmp(got.row(t), &want(t, 0), static_cast<std::size_t>(got.cols()) * sizeof(float)) == 0);
+  }
+  // Decoding step by step continues from the same cache.
+  auto const step = engine.forward_step(7, static_cast<int>(tokens.size()));
+  auto const ref_step = reference.forward_step(7, static_cast<int>(tokens.size()));
+  CHECK(std::memcmp(step.data(), ref_step.data(), static_cast<std::size_t>(step.size()) * sizeof(float)) == 0);
 }
 
 TEST_CASE("hf_llama: write_hf_llama refuses what HF Llama cannot hold", "[io][hf]") {
