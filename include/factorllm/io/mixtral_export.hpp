@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Export of a llama2.c model whose FFNs are MoE layers as a Hugging Face MixtralForCausalLM checkpoint
+// Export of a Llama-family model whose FFNs are MoE layers as a Hugging Face MixtralForCausalLM checkpoint
 // (model.safetensors and config.json).
 #pragma once
 
@@ -18,6 +18,7 @@
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
 #include "../model/llama_model.hpp"
+#include "detail/rope_layout.hpp"
 #include "llama2c.hpp"
 #include "moe_export.hpp"
 #include "safetensors.hpp"
@@ -30,24 +31,6 @@ struct MixtralExportOptions {
   /// Storage type of every tensor (F32, F16 or BF16); config.json's torch_dtype says the same.
   SafetensorsDtype dtype = SafetensorsDtype::f32;
 };
-
-namespace detail {
-/// Reorders the rows of a q or k projection from llama2.c/Meta's interleaved RoPE layout (pairs (2j, 2j+1) of each
-/// head) to Hugging Face's half-split layout (pairs (j, j + head_size/2)) — the inverse of the "permute" that
-/// llama.cpp's convert_hf_to_gguf.py applies to HF q/k weights.
-inline std::vector<float> interleaved_to_half_split(MatrixView<float const> w, std::ptrdiff_t n_heads) {
-  std::ptrdiff_t const rows = w.rows(), cols = w.cols(), hs = rows / n_heads;
-  std::vector<float> out(static_cast<std::size_t>(rows * cols));
-  for (std::ptrdiff_t h = 0; h < n_heads; ++h)
-    for (std::ptrdiff_t half = 0; half < 2; ++half)
-      for (std::ptrdiff_t j = 0; j < hs / 2; ++j) {
-        std::ptrdiff_t const dst = h * hs + half * (hs / 2) + j, src = h * hs + 2 * j + half;
-        std::copy(w.row(src), w.row(src) + cols, out.data() + dst * cols);
-      }
-  return out;
-}
-
-}  // namespace detail
 
 /// Builds the tensors of a Hugging Face MixtralForCausalLM checkpoint: model.embed_tokens.weight, per layer
 /// model.layers.{i}.input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (q and k rows reordered to HF's
