@@ -381,11 +381,12 @@ int cmd_convert(int argc, char** argv) {
 }
 
 char const* const kExportHelp =
-    "usage: factorllm export BASE --moe FACTORIZED -o OUT [--format gguf|mixtral|factorized] [options]\n"
+    "usage: factorllm export BASE [--moe FACTORIZED] -o OUT [--format gguf|mixtral|factorized|hf] [options]\n"
     "Writes BASE (llama2.c .bin, GGUF or Hugging Face folder) with its FFNs replaced by the MoE layers of FACTORIZED\n"
     "(the library's factorized safetensors, e.g. saved by examples/03_finetune_recipe). Output scales are folded\n"
     "into the expert down projections; a router bias cannot be exported to gguf or mixtral and is refused.\n"
-    "  --format F        gguf (default) | mixtral | factorized\n"
+    "Without --moe, BASE itself is written in the format (dense: gguf or hf).\n"
+    "  --format F        gguf (default) | mixtral | factorized | hf (a dense Hugging Face Llama folder)\n"
     "  --type T          f32 | f16 | bf16 storage of the weights (default f32)\n"
     "  --expert-type T   gguf only: f32 | f16 | bf16 | q8_0 | q4_0 experts\n"
     "  --tokenizer FILE  the llama2.c tokenizer of a .bin BASE (GGUF carries the vocabulary)\n";
@@ -399,9 +400,9 @@ int cmd_export(int argc, char** argv) {
   if (a.positional.size() != 1) throw usage_error("export takes one BASE model");
   auto const out = a.get("out");
   auto const moe = a.get("moe");
-  if (!out || !moe) throw usage_error("export needs --moe FACTORIZED and -o OUT");
-  fl::model::LlamaModel const m =
-      fl::io::apply_factorized(fl::io::load_model(a.positional[0], a.get_or("tokenizer", "")), *moe);
+  if (!out) throw usage_error("export needs -o OUT");
+  fl::model::LlamaModel base = fl::io::load_model(a.positional[0], a.get_or("tokenizer", ""));
+  fl::model::LlamaModel const m = moe ? fl::io::apply_factorized(std::move(base), *moe) : std::move(base);
   std::string const format = a.get_or("format", "gguf");
   write_model(m, *out, format, a);
   std::printf("wrote %s (%s) from %s\n", out->c_str(), format.c_str(), m.source.c_str());
