@@ -74,7 +74,7 @@ inline model::LlamaModel load_model(std::string const& path, std::string const& 
     case ModelFileKind::gguf: m = read_gguf_llama(path); break;
     case ModelFileKind::llama2c: {
       Llama2cCheckpoint const ck = Llama2cCheckpoint::load(path);
-      m = model::from_llama2c(ck, "llama2c '" + path + "'");
+      m = model_from_llama2c(ck, "llama2c '" + path + "'");
       break;
     }
     case ModelFileKind::factorized:
