@@ -2,7 +2,8 @@
 # Configures and installs factorllm into WORK_DIR/prefix, then configures, builds and runs the consumer
 # project next to this script against that prefix. Any failure fails the test.
 # Cross builds: TOOLCHAIN (a CMake toolchain file) configures both projects, and the consumer runs through EMULATOR
-# (the command's words separated by '|'; empty: run it directly).
+# (the command's words separated by '|'; empty: run it directly). WITH_TOOLS=ON also builds, installs and runs the
+# factorllm command-line tool.
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(_toolchain_arg "")
 if(TOOLCHAIN)
@@ -17,8 +18,15 @@ function(run)
 endfunction()
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/lib -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DFACTORLLM_BUILD_TESTS=OFF -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF
-    -DFACTORLLM_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)
+    -DFACTORLLM_BUILD_TOOLS=${WITH_TOOLS} -DFACTORLLM_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)
+if(WITH_TOOLS)
+  # The command-line tool is built by default and installed with the headers (bin/factorllm).
+  run(${CMAKE_COMMAND} --build ${WORK_DIR}/lib --target factorllm_cli)
+endif()
 run(${CMAKE_COMMAND} --install ${WORK_DIR}/lib)
+if(WITH_TOOLS)
+  run(${_emulator} ${WORK_DIR}/prefix/bin/factorllm --version)
+endif()
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/install/consumer -B ${WORK_DIR}/consumer -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer)
