@@ -226,7 +226,7 @@ TEST_CASE("calibration: held-out and calibration sequences are disjoint and repr
 
   auto const x = factorllm_examples::collect_ffn_inputs(engine, split.calibration, 1);
   CHECK(x.extent(0) == 1 + 6 * 24);
-  CHECK(x.extent(1) == engine.config().dim);
+  CHECK(x.extent(1) == engine.config().d_model);
 
   cfg.evaluation_seed = cfg.calibration_seed + 5;  // overlaps the calibration seeds
   CHECK_THROWS_AS(factorllm_examples::make_data_split(engine, cfg), fl::value_error);

@@ -140,6 +140,7 @@ TEST_CASE("safetensors: writer and reader round trip every dtype, metadata and e
   CHECK_THROWS_AS(f.read_float<2>("f32", {3, 2}), fl::format_error);   // shape mismatch
   CHECK_THROWS_AS(f.to_float("i32"), fl::format_error);                // not a floating type
   CHECK_THROWS_AS(f.to_int64("f32"), fl::format_error);                // not an integer type
+  CHECK_THROWS_AS(f.to_int64("empty"), fl::format_error);              // not an integer type, even with no elements
   CHECK_THROWS_AS(f.info("missing"), fl::format_error);
   CHECK(f.find("missing") == nullptr);
 

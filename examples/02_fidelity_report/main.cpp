@@ -42,6 +42,8 @@
 #endif
 
 #include "factorllm/factorllm.hpp"
+#include "factorllm/model/convert.hpp"
+#include "factorllm/model/evaluate.hpp"
 
 #include "../common/calibration.hpp"
 #include "../common/llama2c_engine.hpp"
@@ -63,269 +65,35 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 // Configurations
 // ---------------------------------------------------------------------------------------------------------------
 
-enum class PartitionKind { contiguous, random, cluster_weights, cluster_activations };
-enum class RouterKind { random, par, par_subset };
-enum class RecoveryKind { none, refit, distill, refit_distill };
+using fl::model::ConvertConfig;
+using fl::model::DenseReference;
+using fl::model::LayerStats;
+using fl::model::MethodConfig;
+using fl::model::Metrics;
+using fl::model::PartitionKind;
+using fl::model::RecoveryKind;
+using fl::model::RouterKind;
+using ConvConfig = ConvertConfig;
+using fl::model::name;
 
-char const* name(PartitionKind p) {
-  switch (p) {
-    case PartitionKind::contiguous: return "contiguous";
-    case PartitionKind::random: return "random";
-    case PartitionKind::cluster_weights: return "cluster_weights";
-    case PartitionKind::cluster_activations: return "cluster_activations";
-  }
-  return "?";
-}
-char const* name(RouterKind r) {
-  switch (r) {
-    case RouterKind::random: return "random_init";
-    case RouterKind::par: return "par_trained";
-    case RouterKind::par_subset: return "par_subset";
-  }
-  return "?";
-}
-char const* name(RecoveryKind r) {
-  switch (r) {
-    case RecoveryKind::none: return "none";
-    case RecoveryKind::refit: return "refit";
-    case RecoveryKind::distill: return "distill";
-    case RecoveryKind::refit_distill: return "refit+distill";
-  }
-  return "?";
-}
-
-/// One conversion recipe, applied to every layer.
-struct ConvConfig {
-  std::ptrdiff_t n_experts = 4;  // N routed experts
-  std::ptrdiff_t top_k = 2;      // K of them per token
-  std::ptrdiff_t shared = 0;     // S always-on experts (same size as a routed one)
-  PartitionKind partition = PartitionKind::contiguous;
-  RouterKind router = RouterKind::par;
-  RecoveryKind recovery = RecoveryKind::none;
-
-  std::string label() const {
-    std::string s = "N" + std::to_string(n_experts) + "K" + std::to_string(top_k);
-    if (shared > 0) s += "S" + std::to_string(shared);
-    return s + "-" + name(partition) + "-" + name(router) + "-" + name(recovery);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------------------------
-// Evaluation
-// ---------------------------------------------------------------------------------------------------------------
-
-/// Held-out metrics of one model against the dense one (the fidelity report's definitions).
-struct Metrics {
-  double top1_agreement = 0;  // argmax equals the dense model's argmax
-  double next_token_acc = 0;  // argmax equals the sequence's next token
-  double ppl = 0;             // exp(mean NLL of the next token)
-  double kl_to_dense = 0;     // mean KL(dense || model) of the next-token distributions
-  std::int64_t positions = 0;
-};
-
-/// The dense model's next-token distributions on the held-out set, computed once.
-struct DenseReference {
-  std::vector<std::vector<float>> log_probs;  // per sequence: [T - 1, vocab] log-softmax rows
-  std::vector<std::vector<int>> argmax;       // per sequence: [T - 1]
-  Metrics metrics;                            // the dense model's own numbers (agreement 1, KL 0)
-};
-
-/// Writes log-softmax of `logits` [vocab] into `out` (double internally: the max is subtracted first).
-void log_softmax(float const* logits, std::ptrdiff_t vocab, float* out) {
-  float const mx = *std::max_element(logits, logits + vocab);
-  double sum = 0;
-  for (std::ptrdiff_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
-  double const lse = static_cast<double>(mx) + std::log(sum);
-  for (std::ptrdiff_t i = 0; i < vocab; ++i) out[i] = static_cast<float>(static_cast<double>(logits[i]) - lse);
-}
-
-/// Runs the engine on every held-out sequence; compares with `ref` when given, else fills it (the dense pass).
-Metrics evaluate(fx::Llama2cEngine& engine, std::vector<fx::TokenSequence> const& eval, DenseReference* fill,
-                 DenseReference const* ref) {
-  std::ptrdiff_t const vocab = engine.vocab_size();
-  std::vector<float> lp(static_cast<std::size_t>(vocab));
-  std::int64_t agree = 0, correct = 0, positions = 0;
-  double nll = 0, kl = 0;
-  for (std::size_t i = 0; i < eval.size(); ++i) {
-    auto const& seq = eval[i];
-    auto const logits = engine.forward_sequence(seq);
-    std::ptrdiff_t const n_pred = static_cast<std::ptrdiff_t>(seq.size()) - 1;  // row t predicts token t + 1
-    if (fill != nullptr) {
-      fill->log_probs.emplace_back(static_cast<std::size_t>(n_pred * vocab));
-      fill->argmax.emplace_back(static_cast<std::size_t>(n_pred));
-    }
-    for (std::ptrdiff_t t = 0; t < n_pred; ++t) {
-      float const* row = logits.row(t);
-      int const top = fx::Sampler::argmax(row, vocab);
-      int const target = seq[static_cast<std::size_t>(t) + 1];
-      float* out = fill != nullptr ? fill->log_probs.back().data() + t * vocab : lp.data();
-      log_softmax(row, vocab, out);
-      nll -= out[target];
-      correct += top == target;
-      if (fill != nullptr) {
-        fill->argmax.back()[static_cast<std::size_t>(t)] = top;
-        agree += 1;
-      } else {
-        float const* dense_lp = ref->log_probs[i].data() + t * vocab;
-        agree += top == ref->argmax[i][static_cast<std::size_t>(t)];
-        double k = 0;
-        for (std::ptrdiff_t v = 0; v < vocab; ++v)
-          k += std::exp(static_cast<double>(dense_lp[v])) * (static_cast<double>(dense_lp[v]) - out[v]);
-        kl += k;
-      }
-      ++positions;
-    }
-  }
-  Metrics m;
-  m.positions = positions;
-  m.top1_agreement = static_cast<double>(agree) / static_cast<double>(positions);
-  m.next_token_acc = static_cast<double>(correct) / static_cast<double>(positions);
-  m.ppl = std::exp(nll / static_cast<double>(positions));
-  m.kl_to_dense = kl / static_cast<double>(positions);
-  if (fill != nullptr) fill->metrics = m;
-  return m;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Conversion of one layer
-// ---------------------------------------------------------------------------------------------------------------
-
-/// A dense FFN whose d_ff is zero-padded to a multiple of n_experts. Padded neurons have zero gate, up and down
-/// weights, so they contribute exactly 0 (SiLU(0) * 0 = 0): the padded FFN equals the original one.
-struct PaddedFfn {
-  fl::ffn::DenseFfn<float> weights;
-  std::ptrdiff_t d_ff_original = 0;
-};
-
-PaddedFfn pad_ffn(fl::ffn::DenseFfnView<float> const& dense, std::ptrdiff_t multiple) {
-  std::ptrdiff_t const d = dense.d_model(), m = dense.d_ff(), mp = (m + multiple - 1) / multiple * multiple;
-  PaddedFfn p{{fl::Matrix<float>({mp, d}), fl::Matrix<float>({mp, d}), fl::Matrix<float>({d, mp})}, m};
-  for (std::ptrdiff_t i = 0; i < m; ++i)
-    for (std::ptrdiff_t k = 0; k < d; ++k) {
-      p.weights.gate(i, k) = dense.gate(i, k);
-      p.weights.up(i, k) = dense.up(i, k);
-    }
-  for (std::ptrdiff_t o = 0; o < d; ++o)
-    for (std::ptrdiff_t i = 0; i < m; ++i) p.weights.down(o, i) = dense.down(o, i);
-  return p;
-}
-
-constexpr std::uint64_t kSeed = 2024;  // partitions, routers and training of layer l use kSeed + l
-
-using SimdMoe = fl::moe::MoeFfn<float, fl::CpuSimd<>>;
 using SimdSharedMoe = fl::moe::SharedExpertMoe<float, fl::CpuSimd<>>;
 
-/// Knobs of the conversion methods (the report's defaults; --quick shortens training).
-struct MethodConfig {
-  int router_steps = 300;        // Adam steps of router training (train::train_router)
-  int router_batch = 256;        // tokens per router minibatch
-  double router_lr = 0.01;
-  double balance_ratio = 0.2;    // balance_weight / par_weight of the paper's code (0.01 / 0.05)
-  double ridge = 1e-3;           // refit: ridge strength relative to the mean feature energy, toward the old weights
-  int distill_epochs = 30;       // passes over the calibration tokens (train::recover_distill steps = epochs x batches)
-  int distill_batch = 256;
-  double distill_lr = 1e-3;
-  int cluster_iters = 30;        // balanced k-means iterations
-  // Gating: code_ref with output_scale 1 / floor(N/K), so every selected expert has weight exactly 1 (a plain sum,
-  // the natural "drop the unselected neurons" approximation; the paper's x floor(N/K) amplifies the kept part and
-  // loses badly without recovery). false: the paper's code_ref weights floor(N/K). K = N is the dense FFN either way.
-  bool plain_sum_gating = true;
-};
-
-/// The partition of the recipe (library ffn/ builders). With S shared experts, experts 0 .. S-1 are the always-on
-/// ones (moe::make_shared_moe's layout): for co-activation clustering they take the neurons of largest mean
-/// contribution and the rest are clustered into the N-S routed experts (ffn::cluster_activations_shared); for the
-/// other partitions they are simply the partition's first S experts.
-fl::ffn::ExpertPartition make_partition(ConvConfig const& cfg, fl::ffn::DenseFfnView<float> const& w,
-                                        fl::MatrixView<float const> x, std::uint64_t seed, MethodConfig const& mc) {
-  std::ptrdiff_t const n = cfg.n_experts, m_all = w.d_ff();
-  switch (cfg.partition) {
-    case PartitionKind::contiguous: return fl::ffn::ExpertPartition::contiguous(m_all, n);
-    case PartitionKind::random: return fl::ffn::ExpertPartition::random(m_all, n, seed);
-    case PartitionKind::cluster_weights: return fl::ffn::cluster_weights(w, n, seed, mc.cluster_iters);
-    case PartitionKind::cluster_activations:
-      if (cfg.shared > 0) return fl::ffn::cluster_activations_shared(w, x, cfg.shared, n - cfg.shared, seed, mc.cluster_iters);
-      return fl::ffn::cluster_activations(w, x, n, seed, mc.cluster_iters);
-  }
-  throw fl::value_error("make_partition: unknown partition kind");
+Metrics evaluate(fx::Llama2cEngine& engine, std::vector<fx::TokenSequence> const& eval, DenseReference* fill,
+                 DenseReference const* ref) {
+  return fl::model::evaluate(engine, eval, fill, ref);
 }
 
-/// Per-layer numbers a conversion reports (averaged over layers in the table's notes).
-struct LayerStats {
-  double label_accuracy = 0;  // router TopK set == pseudo-label set, calibration tokens (before recovery)
-  double rel_err_routed = 0;  // ||MoE(x) - F(x)|| / ||F(x)|| before recovery
-  double rel_err_final = 0;   // after recovery
-};
-
-/// The deployed layer of a recipe: a plain K-of-N MoeFfn, or S shared + K of N-S routed experts.
-fl::train::LayerDiagnostics diagnose(fl::ffn::ExpertWeights<float> const& experts, std::ptrdiff_t shared,
-                                     fl::moe::Router<float> const& router, fl::moe::Gating const& gating,
-                                     fl::MatrixView<float const> x, fl::ffn::DenseFfnView<float> const& dense,
-                                     fl::train::ParLossConfig const& loss, fl::train::LabelKind labels) {
-  if (shared == 0) return fl::train::diagnose_layer(SimdMoe(experts, router, gating), x, dense, loss, labels);
-  return fl::train::diagnose_layer(fl::moe::make_shared_moe<fl::CpuSimd<>>(experts, shared, router, gating), x, dense,
-                                   loss, labels);
-}
-
-/// Converts one dense FFN (d_ff divisible by N) into the engine FFN the recipe describes, with the library's
-/// train/ API: partition -> factorize -> train::train_router (routed experts only) -> routing fixed
-/// (train::fixed_routing) -> train::recover_refit and/or train::recover_distill -> MoeFfn or SharedExpertMoe.
+/// Converts one dense FFN with the library's recipe (model::convert_layer) into the engine FFN: a MoeFfn, or a
+/// SharedExpertMoe with shared experts.
 std::unique_ptr<fx::FfnLayer> convert_layer(ConvConfig const& cfg, int l, fl::ffn::DenseFfnView<float> const& dense,
                                             fl::MatrixView<float const> x, std::ptrdiff_t max_tokens,
                                             MethodConfig const& mc, LayerStats& stats) {
-  std::uint64_t const seed = kSeed + static_cast<std::uint64_t>(l);
-  std::ptrdiff_t const n = cfg.n_experts, n_routed = n - cfg.shared, d = dense.d_model();
-  fl::ffn::ExpertWeights<float> experts = fl::ffn::factorize(dense, make_partition(cfg, dense, x, seed, mc));
-
-  fl::moe::Gating gating;
-  gating.mode = fl::moe::CombineMode::code_ref;
-  gating.top_k = cfg.top_k;
-  if (mc.plain_sum_gating)
-    gating.output_scale = static_cast<float>(1.0 / fl::moe::Gating::code_ref_scale(n_routed, cfg.top_k));
-  fl::train::LabelKind const labels =
-      cfg.router == RouterKind::par_subset ? fl::train::LabelKind::subset : fl::train::LabelKind::par;
-  fl::train::RouterTrainConfig rc;
-  rc.steps = mc.router_steps;
-  rc.batch_tokens = mc.router_batch;
-  rc.lr = mc.router_lr;
-  rc.seed = seed;
-  rc.loss.balance_weight = rc.loss.par_weight * mc.balance_ratio;
-  rc.labels = labels;
-
-  auto router = fl::moe::Router<float>::random(d, n_routed, seed);
-  if (cfg.router != RouterKind::random) {
-    if (cfg.shared == 0) {
-      fl::train::train_router(router, x, dense, experts, cfg.top_k, rc);
-    } else {  // the routed experts approximate what the shared ones leave: their own sum (= F - shared) is the teacher
-      auto const routed = fl::moe::split_experts(experts, cfg.shared).second;
-      fl::train::train_router(router, x, fl::ffn::unfactorize(routed).view(), routed, cfg.top_k, rc);
-    }
-  }
-  // Routing is fixed from here on: recovery adapts the experts to the router, not the reverse.
-  fl::train::LayerDiagnostics const before = diagnose(experts, cfg.shared, router, gating, x, dense, rc.loss, labels);
-  stats.label_accuracy = before.label_accuracy;
-  stats.rel_err_routed = before.relative_error;
-  stats.rel_err_final = before.relative_error;
-  if (cfg.recovery != RecoveryKind::none) {
-    auto const routing = fl::train::fixed_routing(router, gating, x, cfg.shared);
-    if (cfg.recovery == RecoveryKind::refit || cfg.recovery == RecoveryKind::refit_distill)
-      fl::train::recover_refit(experts, routing, x, dense, mc.ridge);
-    if (cfg.recovery == RecoveryKind::distill || cfg.recovery == RecoveryKind::refit_distill) {
-      fl::train::DistillConfig dc;
-      dc.batch_tokens = mc.distill_batch;
-      dc.steps = mc.distill_epochs * static_cast<int>((x.rows() + mc.distill_batch - 1) / mc.distill_batch);
-      dc.lr = mc.distill_lr;
-      dc.seed = seed;
-      fl::train::recover_distill(experts, routing, x, dense, dc);
-    }
-    stats.rel_err_final = diagnose(experts, cfg.shared, router, gating, x, dense, rc.loss, labels).relative_error;
-  }
-  if (cfg.shared == 0)
-    return std::make_unique<fx::MoeFfnLayer>(SimdMoe(std::move(experts), std::move(router), std::move(gating)),
-                                             max_tokens, cfg.label());
+  fl::model::ConvertedLayer c = fl::model::convert_layer(cfg, l, dense, x, mc);
+  stats = c.stats;
+  if (c.shared == 0) return std::make_unique<fx::MoeFfnLayer>(std::move(c).to_moe(), max_tokens, cfg.label());
   return std::make_unique<fx::MoeLayerAdapter<SimdSharedMoe>>(
-      fl::moe::make_shared_moe<fl::CpuSimd<>>(experts, cfg.shared, std::move(router), std::move(gating)), max_tokens,
-      cfg.label());
+      fl::moe::make_shared_moe<fl::CpuSimd<>>(c.experts, c.shared, std::move(c.router), std::move(c.gating)),
+      max_tokens, cfg.label());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -459,7 +227,7 @@ void side_by_side(std::string const& left_title, std::string a, std::string cons
 /// A converted model: the engine plus the padded weights some of its layers view.
 struct Converted {
   std::unique_ptr<fx::Llama2cEngine> engine;
-  std::vector<std::unique_ptr<PaddedFfn>> padded;
+  std::vector<std::unique_ptr<fl::ffn::DenseFfn<float>>> padded;
   std::ptrdiff_t d_ff_used = 0;
   LayerStats stats;
 };
@@ -474,8 +242,8 @@ Converted convert_model(fl::io::Llama2cCheckpoint const& ckpt, ConvConfig const&
   fx::convert_layers_in_order(*out.engine, calibration, [&](int l, fl::Matrix<float> const& x) {
     fl::ffn::DenseFfnView<float> view = ckpt.ffn(l);
     if (d_ff % c.n_experts != 0) {
-      out.padded.push_back(std::make_unique<PaddedFfn>(pad_ffn(view, c.n_experts)));
-      view = out.padded.back()->weights.view();
+      out.padded.push_back(std::make_unique<fl::ffn::DenseFfn<float>>(fl::ffn::pad_hidden(view, c.n_experts)));
+      view = out.padded.back()->view();
     }
     out.d_ff_used = view.d_ff();
     LayerStats st;
@@ -486,20 +254,6 @@ Converted convert_model(fl::io::Llama2cCheckpoint const& ckpt, ConvConfig const&
     return layer;
   });
   return out;
-}
-
-/// Checks a recipe against the model before any long computation starts.
-void validate(ConvConfig const& c, std::ptrdiff_t d_ff) {
-  if (c.n_experts < 1 || c.shared < 0 || c.shared >= c.n_experts)
-    throw fl::value_error(fl::detail::concat(c.label(), ": need 0 <= shared < N"));
-  if (c.top_k < 1 || c.top_k > c.n_experts - c.shared)
-    throw fl::value_error(fl::detail::concat(c.label(), ": K = ", c.top_k, " must be in [1, N - S = ",
-                                             c.n_experts - c.shared, "]"));
-  if (c.router == RouterKind::par_subset && c.n_experts - c.shared > fl::train::kMaxSubsetExperts)
-    throw fl::value_error(fl::detail::concat(c.label(), ": the subset pseudo-labels enumerate all C(N, K) subsets; N <= ",
-                                             fl::train::kMaxSubsetExperts));
-  if (c.n_experts > d_ff)
-    throw fl::value_error(fl::detail::concat(c.label(), ": N = ", c.n_experts, " exceeds d_ff = ", d_ff));
 }
 
 }  // namespace
@@ -520,7 +274,7 @@ int main(int argc, char** argv) {
   std::ptrdiff_t const d_ff = cfg.hidden_dim;
   std::vector<ConvConfig> const configs = grid(opt.quick);
   try {
-    for (auto const& c : configs) validate(c, d_ff);
+    for (auto const& c : configs) c.validate(d_ff);
   } catch (fl::error const& e) {
     std::fprintf(stderr, "factorllm_fidelity_report: %s\n", e.what());
     return 2;
@@ -563,7 +317,7 @@ int main(int argc, char** argv) {
   std::printf("method: layers converted bottom-up; router Adam %d steps (batch %d) on PAR KL (+ balance x %.2f); refit "
               "ridge %.0e; distill Adam %d epochs (batch %d, lr %.0e); gating = %s\n",
               mc.router_steps, mc.router_batch, mc.balance_ratio, mc.ridge, mc.distill_epochs, mc.distill_batch,
-              mc.distill_lr, mc.plain_sum_gating ? "plain sum of the selected experts" : "code_ref (x floor(N/K))");
+              mc.distill_lr, "plain sum of the selected experts");
   if (d_ff % 8 != 0)
     std::printf("note: N = 8 cannot split d_ff = %lld = 4 x 43 into equal experts; it zero-pads d_ff to %lld (%lld dead "
                 "neurons: exact, SiLU(0) * 0 = 0) and its FLOPs fraction counts the padded experts against the real "

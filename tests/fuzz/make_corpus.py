@@ -4,7 +4,8 @@
 
 Usage: python3 tests/fuzz/make_corpus.py OUT_DIR [--shared PATH]
 
-Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer, fuzz_gguf and fuzz_api, each holding
+Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer, fuzz_gguf, fuzz_api, fuzz_safetensors
+and fuzz_hf_config, each holding
 small valid inputs and broken variants of them (truncated, trailing bytes, bad header fields; for GGUF, tensors of
 every type the reader accepts, Q8_0 and Q4_0 blocks included). The real model files
 (stories260K.bin, tok512.bin) are copied from the shared folder when present (default: ../shared next to the
@@ -12,6 +13,7 @@ repository); nothing here is committed, everything is regenerated.
 """
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -219,6 +221,91 @@ def api_corpus(out):
         write(d, "random_%d.bin" % i, bytes(rng.getrandbits(8) for _ in range(rng.choice([8, 100, 1000]))))
 
 
+# ------------------------------------------------------------------------------------------- safetensors ----
+
+def safetensors_file(tensors, metadata=None, pad=True):
+    """tensors: list of (name, dtype, shape, data bytes); offsets assigned in order, header padded to 8 bytes."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    at = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(data)]}
+        at += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        text += b" " * ((8 - (8 + len(text)) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(t[3] for t in tensors)
+
+
+def safetensors_corpus(out):
+    d = os.path.join(out, "fuzz_safetensors")
+    rng = random.Random(7)
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+             "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    every = [("t_" + dt.lower(), dt, [2, 3], bytes(rng.getrandbits(8) for _ in range(6 * n)))
+             for dt, n in sizes.items()]
+    good = safetensors_file(every, {"format": "pt"})
+    write(d, "every_dtype.st", good)
+    write(d, "truncated.st", good[:-5])
+    write(d, "trailing.st", good + b"\0")
+    write(d, "empty_header.st", safetensors_file([]))
+    write(d, "scalar_and_empty.st", safetensors_file([("s", "F32", [], b"\0\0\x80\x3f"), ("e", "F16", [0, 4], b"")]))
+    write(d, "u64_max.st", safetensors_file([("u", "U64", [1], b"\xff" * 8)]))
+    write(d, "hf_names.st", safetensors_file([("model.layers.0.self_attn.q_proj.weight", "BF16", [4, 4], b"\x80\x3f" * 16),
+                                              ("model.norm.weight", "F32", [4], struct.pack("<4f", 1, 2, 3, 4))]))
+    h = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    write(d, "overlap.st", struct.pack("<Q", len(h)) + h + b"\0" * 8)
+    h = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    write(d, "repeated_key.st", struct.pack("<Q", len(h)) + h + b"\0" * 8)
+    h = b'{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,4]}}'
+    write(d, "shape_overflow.st", struct.pack("<Q", len(h)) + h + b"\0" * 4)
+    write(d, "deep.st", struct.pack("<Q", 64) + b"[" * 64)
+    write(d, "huge_length.st", struct.pack("<Q", 2**63) + b"{}")
+    write(d, "short.st", b"\x02\0\0")
+
+
+# ----------------------------------------------------------------------------------- Hugging Face config ----
+
+def hf_config_corpus(out):
+    d = os.path.join(out, "fuzz_hf_config")
+    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "hidden_act": "silu", "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": None, "vocab_size": 50, "tie_word_embeddings": True, "torch_dtype": "float32",
+            "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2}
+    variants = {
+        "llama": {},
+        "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+        "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False},
+        "defaults": {"num_key_value_heads": None, "head_dim": None, "rope_theta": None, "rms_norm_eps": None},
+        "rope_scaling": {"rope_scaling": {"type": "llama3", "factor": 8.0}},
+        "odd_head_dim": {"head_dim": 15},
+        "gelu": {"hidden_act": "gelu"},
+        "gqa_bad": {"num_key_value_heads": 3},
+        "negative": {"hidden_size": -64},
+        "huge": {"hidden_size": 2**62, "vocab_size": 2**63 - 1},
+        "float_size": {"hidden_size": 64.0},
+        "string_size": {"hidden_size": "64"},
+        "zero_heads": {"num_attention_heads": 0},
+        "unknown_arch": {"architectures": ["GPT2LMHeadModel"]},
+        "no_arch": {"architectures": []},
+        "nan_theta": {"rope_theta": "NaN"},
+        "tiny_eps": {"rms_norm_eps": 0},
+        "attention_bias": {"attention_bias": True},
+        "mlp_bias": {"mlp_bias": True},
+    }
+    for name, change in variants.items():
+        cfg = dict(base)
+        cfg.update(change)
+        write(d, name + ".json", json.dumps(cfg, indent=2).encode())
+    write(d, "truncated.json", json.dumps(base).encode()[:70])
+    write(d, "not_object.json", b"[1, 2, 3]")
+    write(d, "deep.json", b"[" * 200 + b"]" * 200)
+    write(d, "bad_utf8.json", b'{"architectures": ["Llama\xff"]}')
+    write(d, "empty.json", b"")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
@@ -229,6 +316,8 @@ def main():
     tokenizer_corpus(args.out_dir, args.shared)
     gguf_corpus(args.out_dir)
     api_corpus(args.out_dir)
+    safetensors_corpus(args.out_dir)
+    hf_config_corpus(args.out_dir)
     for target in sorted(os.listdir(args.out_dir)):
         path = os.path.join(args.out_dir, target)
         if os.path.isdir(path):

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Export of a llama2.c model whose FFNs are MoE layers as a Hugging Face MixtralForCausalLM checkpoint
+// Export of a Llama-family model whose FFNs are MoE layers as a Hugging Face MixtralForCausalLM checkpoint
 // (model.safetensors and config.json).
 #pragma once
 
@@ -17,6 +17,8 @@
 #include "../moe/moe_ffn.hpp"
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
+#include "../model/llama_model.hpp"
+#include "detail/rope_layout.hpp"
 #include "llama2c.hpp"
 #include "moe_export.hpp"
 #include "safetensors.hpp"
@@ -30,54 +32,40 @@ struct MixtralExportOptions {
   SafetensorsDtype dtype = SafetensorsDtype::f32;
 };
 
-namespace detail {
-/// Reorders the rows of a q or k projection from llama2.c/Meta's interleaved RoPE layout (pairs (2j, 2j+1) of each
-/// head) to Hugging Face's half-split layout (pairs (j, j + head_size/2)) — the inverse of the "permute" that
-/// llama.cpp's convert_hf_to_gguf.py applies to HF q/k weights.
-inline std::vector<float> interleaved_to_half_split(MatrixView<float const> w, std::ptrdiff_t n_heads) {
-  std::ptrdiff_t const rows = w.rows(), cols = w.cols(), hs = rows / n_heads;
-  std::vector<float> out(static_cast<std::size_t>(rows * cols));
-  for (std::ptrdiff_t h = 0; h < n_heads; ++h)
-    for (std::ptrdiff_t half = 0; half < 2; ++half)
-      for (std::ptrdiff_t j = 0; j < hs / 2; ++j) {
-        std::ptrdiff_t const dst = h * hs + half * (hs / 2) + j, src = h * hs + 2 * j + half;
-        std::copy(w.row(src), w.row(src) + cols, out.data() + dst * cols);
-      }
-  return out;
-}
-
-}  // namespace detail
-
 /// Builds the tensors of a Hugging Face MixtralForCausalLM checkpoint: model.embed_tokens.weight, per layer
 /// model.layers.{i}.input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (q and k rows reordered to HF's
 /// half-split RoPE layout), post_attention_layernorm.weight, block_sparse_moe.gate.weight [N, dim],
 /// block_sparse_moe.experts.{e}.w1.weight [d_expert, dim] (gate), .w2.weight [dim, d_expert] (down),
-/// .w3.weight [d_expert, dim] (up); model.norm.weight; lm_head.weight only when the classifier is not shared.
+/// .w3.weight [d_expert, dim] (up); model.norm.weight; lm_head.weight only when the classifier is not tied.
 /// \throws value_error when a layer's gating cannot be expressed (check_softmax_topk_renorm_expressible), the layers
-///         do not fit the checkpoint, or N, K differ between layers (check_moe_layers_fit).
+///         do not fit the model, N, K differ between layers (check_moe_layers_fit), or the model has q/k/v biases.
 template <class T, class Backend>
-SafetensorsWriter mixtral_tensors(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
+SafetensorsWriter mixtral_tensors(model::LlamaModel const& m, std::vector<moe::MoeFfn<T, Backend> const*> const& layers,
                                   MixtralExportOptions const& options = {}) {
-  check_moe_layers_fit(ckpt, layers, "mixtral_tensors");
+  m.validate();
+  check_moe_layers_fit(m.config, layers, "mixtral_tensors");
   check_softmax_topk_renorm_expressible(layers, "Mixtral");
+  if (m.layers[0].bq.size() != 0)
+    throw value_error(detail::concat("mixtral_tensors: ", m.source, " has q/k/v biases, which Mixtral does not have"));
   SafetensorsDtype const dt = options.dtype;
   if (dt != SafetensorsDtype::f32 && dt != SafetensorsDtype::f16 && dt != SafetensorsDtype::bf16)
     throw value_error(detail::concat("mixtral_tensors: dtype ", to_string(dt), " is not F32, F16 or BF16"));
-  auto const& c = ckpt.config();
+  auto const& c = m.config;
   SafetensorsWriter w;
   w.set_metadata("format", "pt");  // transformers expects "pt" for PyTorch checkpoints
-  w.add("model.embed_tokens.weight", dt, ckpt.token_embedding());
-  for (int l = 0; l < c.n_layers; ++l) {
+  w.add("model.embed_tokens.weight", dt, m.token_embedding.cview());
+  for (std::size_t l = 0; l < m.layers.size(); ++l) {
+    auto const& L = m.layers[l];
     std::string const p = "model.layers." + std::to_string(l) + ".";
-    w.add(p + "input_layernorm.weight", dt, ckpt.rms_att(l));
-    std::vector<float> const q = detail::interleaved_to_half_split(ckpt.wq(l), c.n_heads);
-    std::vector<float> const k = detail::interleaved_to_half_split(ckpt.wk(l), c.n_kv_heads);
-    w.add(p + "self_attn.q_proj.weight", dt, {c.dim, c.dim}, q.data());
-    w.add(p + "self_attn.k_proj.weight", dt, {ckpt.config().kv_dim(), c.dim}, k.data());
-    w.add(p + "self_attn.v_proj.weight", dt, ckpt.wv(l));
-    w.add(p + "self_attn.o_proj.weight", dt, ckpt.wo(l));
-    w.add(p + "post_attention_layernorm.weight", dt, ckpt.rms_ffn(l));
-    auto const& layer = layers[static_cast<std::size_t>(l)];
+    w.add(p + "input_layernorm.weight", dt, L.attn_norm.cview());
+    std::vector<float> const q = detail::interleaved_to_half_split(L.wq.cview(), c.n_heads);
+    std::vector<float> const k = detail::interleaved_to_half_split(L.wk.cview(), c.n_kv_heads);
+    w.add(p + "self_attn.q_proj.weight", dt, {c.q_dim(), c.d_model}, q.data());
+    w.add(p + "self_attn.k_proj.weight", dt, {c.kv_dim(), c.d_model}, k.data());
+    w.add(p + "self_attn.v_proj.weight", dt, L.wv.cview());
+    w.add(p + "self_attn.o_proj.weight", dt, L.wo.cview());
+    w.add(p + "post_attention_layernorm.weight", dt, L.ffn_norm.cview());
+    auto const& layer = *layers[l];
     w.add(p + "block_sparse_moe.gate.weight", dt, layer.router().weight());
     for (std::ptrdiff_t e = 0; e < layer.n_experts(); ++e) {
       std::string const ep = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
@@ -86,43 +74,52 @@ SafetensorsWriter mixtral_tensors(Llama2cCheckpoint const& ckpt, std::vector<moe
       w.add(ep + "w3.weight", dt, layer.experts().up(e));
     }
   }
-  w.add("model.norm.weight", dt, ckpt.rms_final());
-  if (!c.shared_classifier) w.add("lm_head.weight", dt, ckpt.classifier());
+  w.add("model.norm.weight", dt, m.final_norm.cview());
+  if (!c.tied_embeddings) w.add("lm_head.weight", dt, m.classifier.cview());
   return w;
+}
+
+/// mixtral_tensors for a llama2.c checkpoint whose FFNs are replaced by `layers`.
+template <class T, class Backend>
+SafetensorsWriter mixtral_tensors(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
+                                  MixtralExportOptions const& options = {}) {
+  return mixtral_tensors(model::from_llama2c(ckpt), layer_pointers(layers), options);
 }
 
 /// Returns the config.json of the Mixtral export (HF MixtralConfig fields). \throws value_error as mixtral_tensors.
 template <class T, class Backend>
-nlohmann::json mixtral_config(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
+nlohmann::json mixtral_config(model::LlamaModel const& m, std::vector<moe::MoeFfn<T, Backend> const*> const& layers,
                               MixtralExportOptions const& options = {}) {
-  check_moe_layers_fit(ckpt, layers, "mixtral_config");
+  check_moe_layers_fit(m.config, layers, "mixtral_config");
   check_softmax_topk_renorm_expressible(layers, "Mixtral");
-  auto const& c = ckpt.config();
+  auto const& c = m.config;
   char const* const torch_dtype = options.dtype == SafetensorsDtype::f16    ? "float16"
                                   : options.dtype == SafetensorsDtype::bf16 ? "bfloat16"
                                                                             : "float32";
+  std::int64_t const bos = m.vocab && m.vocab->bos_id >= 0 ? m.vocab->bos_id : Llama2cTokenizer::kBos;
+  std::int64_t const eos = m.vocab && m.vocab->eos_id >= 0 ? m.vocab->eos_id : Llama2cTokenizer::kEos;
   return nlohmann::json{
       {"architectures", {"MixtralForCausalLM"}},
       {"model_type", "mixtral"},
-      {"hidden_size", c.dim},
-      {"intermediate_size", layers[0].d_expert()},  // Mixtral's intermediate_size is per expert
+      {"hidden_size", c.d_model},
+      {"intermediate_size", layers[0]->d_expert()},  // Mixtral's intermediate_size is per expert
       {"num_hidden_layers", c.n_layers},
       {"num_attention_heads", c.n_heads},
       {"num_key_value_heads", c.n_kv_heads},
-      {"head_dim", c.head_size()},
+      {"head_dim", c.head_dim},
       {"hidden_act", "silu"},
-      {"max_position_embeddings", c.seq_len},
-      {"rms_norm_eps", 1e-5},
-      {"rope_theta", 10000.0},
-      {"num_local_experts", layers[0].n_experts()},
-      {"num_experts_per_tok", layers[0].top_k()},
+      {"max_position_embeddings", c.context_length},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"rope_theta", c.rope_theta},
+      {"num_local_experts", layers[0]->n_experts()},
+      {"num_experts_per_tok", layers[0]->top_k()},
       {"router_aux_loss_coef", 0.02},
       {"router_jitter_noise", 0.0},
       {"output_router_logits", false},
       {"vocab_size", c.vocab_size},
-      {"tie_word_embeddings", c.shared_classifier},
-      {"bos_token_id", Llama2cTokenizer::kBos},
-      {"eos_token_id", Llama2cTokenizer::kEos},
+      {"tie_word_embeddings", c.tied_embeddings},
+      {"bos_token_id", bos},
+      {"eos_token_id", eos},
       {"sliding_window", nullptr},
       {"attention_dropout", 0.0},
       {"initializer_range", 0.02},
@@ -131,20 +128,34 @@ nlohmann::json mixtral_config(Llama2cCheckpoint const& ckpt, std::vector<moe::Mo
   };
 }
 
-/// Writes `dir`/model.safetensors and `dir`/config.json (creating `dir`): a llama2.c checkpoint whose FFNs are
-/// replaced by `layers`, in the layout transformers' MixtralForCausalLM loads.
+/// mixtral_config for a llama2.c checkpoint whose FFNs are replaced by `layers`.
+template <class T, class Backend>
+nlohmann::json mixtral_config(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
+                              MixtralExportOptions const& options = {}) {
+  return mixtral_config(model::from_llama2c(ckpt), layer_pointers(layers), options);
+}
+
+/// Writes `dir`/model.safetensors and `dir`/config.json (creating `dir`): the model with its FFNs replaced by
+/// `layers` (one per decoder layer), in the layout transformers' MixtralForCausalLM loads.
 /// \throws value_error as mixtral_tensors; format_error when the files cannot be written.
 template <class T, class Backend>
-void export_mixtral(std::string const& dir, Llama2cCheckpoint const& ckpt,
-                    std::vector<moe::MoeFfn<T, Backend>> const& layers, MixtralExportOptions const& options = {}) {
-  SafetensorsWriter const w = mixtral_tensors(ckpt, layers, options);
-  std::string const config = mixtral_config(ckpt, layers, options).dump(2) + "\n";
+void export_mixtral(std::string const& dir, model::LlamaModel const& m,
+                    std::vector<moe::MoeFfn<T, Backend> const*> const& layers, MixtralExportOptions const& options = {}) {
+  SafetensorsWriter const w = mixtral_tensors(m, layers, options);
+  std::string const config = mixtral_config(m, layers, options).dump(2) + "\n";
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) throw format_error(detail::concat("export_mixtral: cannot create the folder '", dir, "': ", ec.message()));
   w.save((std::filesystem::path(dir) / "model.safetensors").string());
   detail::write_file_atomically((std::filesystem::path(dir) / "config.json").string(),
                                 reinterpret_cast<unsigned char const*>(config.data()), config.size(), "config.json");
+}
+
+/// export_mixtral for a llama2.c checkpoint whose FFNs are replaced by `layers`.
+template <class T, class Backend>
+void export_mixtral(std::string const& dir, Llama2cCheckpoint const& ckpt,
+                    std::vector<moe::MoeFfn<T, Backend>> const& layers, MixtralExportOptions const& options = {}) {
+  export_mixtral(dir, model::from_llama2c(ckpt), layer_pointers(layers), options);
 }
 
 }  // namespace io

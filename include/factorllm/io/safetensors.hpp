@@ -245,6 +245,21 @@ class SafetensorsFile {
     auto const& t = info(name);
     unsigned char const* p = data_.data() + t.data_begin;
     std::size_t const n = static_cast<std::size_t>(t.numel());
+    // The dtype is checked before the loop: a tensor with no elements must be refused too, not returned empty.
+    switch (t.dtype) {
+      case SafetensorsDtype::boolean:
+      case SafetensorsDtype::u8:
+      case SafetensorsDtype::i8:
+      case SafetensorsDtype::u16:
+      case SafetensorsDtype::i16:
+      case SafetensorsDtype::u32:
+      case SafetensorsDtype::i32:
+      case SafetensorsDtype::i64:
+      case SafetensorsDtype::u64: break;
+      default:
+        throw format_error(detail::concat(source_, ": tensor '", name, "' has dtype ", to_string(t.dtype),
+                                          ", expected an integer type"));
+    }
     std::vector<std::int64_t> out(n);
     for (std::size_t i = 0; i < n; ++i) {
       switch (t.dtype) {
@@ -268,9 +283,7 @@ class SafetensorsFile {
           out[i] = static_cast<std::int64_t>(u);
           break;
         }
-        default:
-          throw format_error(detail::concat(source_, ": tensor '", name, "' has dtype ", to_string(t.dtype),
-                                            ", expected an integer type"));
+        default: break;  // refused above
       }
     }
     return out;

@@ -47,7 +47,7 @@ struct LlamaConfig {
   void validate(std::string const& source) const {
     auto positive = [&](char const* name, std::int64_t v, std::int64_t hi) {
       if (v < 1 || v > hi)
-        throw format_error(detail::concat(source, ": ", name, " = ", v, " outside [1, ", hi, "]"));
+        throw format_error(factorllm::detail::concat(source, ": ", name, " = ", v, " outside [1, ", hi, "]"));
     };
     constexpr std::int64_t kMaxDim = std::int64_t{1} << 20, kMaxCount = std::int64_t{1} << 24;
     positive("d_model", d_model, kMaxDim);
@@ -59,14 +59,14 @@ struct LlamaConfig {
     positive("vocab_size", vocab_size, kMaxCount);
     positive("context_length", context_length, kMaxCount);
     if (n_heads % n_kv_heads != 0)
-      throw format_error(detail::concat(source, ": n_heads = ", n_heads, " is not a multiple of n_kv_heads = ",
+      throw format_error(factorllm::detail::concat(source, ": n_heads = ", n_heads, " is not a multiple of n_kv_heads = ",
                                         n_kv_heads, " (grouped-query attention shares whole key/value heads)"));
     if (head_dim % 2 != 0)
-      throw format_error(detail::concat(source, ": head_dim = ", head_dim, " is odd (RoPE rotates pairs)"));
+      throw format_error(factorllm::detail::concat(source, ": head_dim = ", head_dim, " is odd (RoPE rotates pairs)"));
     if (!(rope_theta > 1.0) || !std::isfinite(rope_theta))
-      throw format_error(detail::concat(source, ": rope_theta = ", rope_theta, " must be finite and > 1"));
+      throw format_error(factorllm::detail::concat(source, ": rope_theta = ", rope_theta, " must be finite and > 1"));
     if (!(rms_norm_eps > 0.0) || !std::isfinite(rms_norm_eps) || rms_norm_eps > 1.0)
-      throw format_error(detail::concat(source, ": rms_norm_eps = ", rms_norm_eps, " must be in (0, 1]"));
+      throw format_error(factorllm::detail::concat(source, ": rms_norm_eps = ", rms_norm_eps, " must be in (0, 1]"));
   }
 };
 
@@ -134,7 +134,7 @@ struct LlamaModel {
         std::string got, expected;
         for (int i = 0; i < rank; ++i) got += (i ? ", " : "") + std::to_string(t.extent(i));
         for (std::size_t i = 0; i < want.size(); ++i) expected += (i ? ", " : "") + std::to_string(want[i]);
-        throw format_error(detail::concat(source, ": tensor ", name, " has shape [", got, "], expected [",
+        throw format_error(factorllm::detail::concat(source, ": tensor ", name, " has shape [", got, "], expected [",
                                           expected, "]"));
       }
     };
@@ -143,10 +143,10 @@ struct LlamaModel {
     check(final_norm, {d}, "final_norm");
     if (!c.tied_embeddings) check(classifier, {v, d}, "classifier");
     if (static_cast<std::int64_t>(layers.size()) != c.n_layers)
-      throw format_error(detail::concat(source, ": ", layers.size(), " layers, the config says ", c.n_layers));
+      throw format_error(factorllm::detail::concat(source, ": ", layers.size(), " layers, the config says ", c.n_layers));
     for (std::size_t i = 0; i < layers.size(); ++i) {
       auto const& l = layers[i];
-      std::string const p = detail::concat("layers.", i, ".");
+      std::string const p = factorllm::detail::concat("layers.", i, ".");
       check(l.attn_norm, {d}, p + "attn_norm");
       check(l.wq, {q, d}, p + "wq");
       check(l.wk, {kv, d}, p + "wk");
@@ -160,7 +160,7 @@ struct LlamaModel {
       check(l.ffn_norm, {d}, p + "ffn_norm");
       if (l.moe) {
         if (l.moe->d_model() != d)
-          throw format_error(detail::concat(source, ": ", p, "moe has d_model ", l.moe->d_model(), ", expected ", d));
+          throw format_error(factorllm::detail::concat(source, ": ", p, "moe has d_model ", l.moe->d_model(), ", expected ", d));
       } else {
         check(l.ffn.gate, {f, d}, p + "ffn.gate");
         check(l.ffn.up, {f, d}, p + "ffn.up");
