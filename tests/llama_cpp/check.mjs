@@ -48,7 +48,8 @@
 //  5. against the oracle (the comparison this check exists for), thresholds in kQuant below: on every step of our
 //     greedy paths (BOS and every prompt, each step on our prefix) llama.cpp's argmax is our token for >= 90% of
 //     the steps, teacher-forced argmax agreement >= 90%, max |dp| and max |dlogit| within about 3x what was
-//     measured. Free-running greedy paths are reported only: one step that differs sends a path elsewhere for good.
+//     measured on the layer-local model, or within 1.5x what our own act8 kernels differ from the oracle on the
+//     model checked, whichever is larger (activation rounding moves a fine-tuned model more). Free-running greedy paths are reported only: one step that differs sends a path elsewhere for good.
 //  6. against our CpuSimd decode kernels on the same blocks (reference "act8": they round activations to 8 bits per
 //     block as ggml does, one token per call): checks 2 and 3 with a 0.05 tolerance, and argmax agreement >= 95%.
 // Measured (node-llama-cpp 3.x CPU build on a Xeon with AMX; ggml-cpu's sapphirerapids variant, then with only its
@@ -370,12 +371,27 @@ for (const model of ref.models) {
     exactChecks(r, kTolerance[model.weight_type], "");
   } else {
     // Check 5: against the oracle, the agreement activation rounding leaves.
-    const q = kQuant[model.expert_type];
+    // The max |dp| / |dlogit| bounds: the fixed ones of kQuant, or 1.5 x what activation rounding alone moves in
+    // THIS model, measured on our own engine (act8 kernels vs the oracle on the same blocks, both in reference.json),
+    // whichever is larger. A fine-tuned model's larger experts can make one router near-tie flip under 8-bit
+    // activations (measured on the recipe's N=4 K=2 Q8_0 model: our act8 vs oracle max |dp| 0.126, |dlogit| 3.54,
+    // exactly what llama.cpp shows; check 6 then requires llama.cpp to equal our act8 kernels within 0.05).
+    let oursDp = 0, oursDlogit = 0;
+    for (let t = 0; t < ref.forced_tokens.length; ++t)
+      for (let v = 0; v < ref.vocab_size; ++v) {
+        oursDp = Math.max(oursDp, Math.abs(model.act8.forced_probs[t][v] - model.forced_probs[t][v]));
+        oursDlogit = Math.max(oursDlogit, Math.abs(model.act8.forced_logits[t][v] - model.forced_logits[t][v]));
+      }
+    const q = {...kQuant[model.expert_type]};
+    q.maxDp = Math.max(q.maxDp, 1.5 * oursDp);
+    q.maxDlogit = Math.max(q.maxDlogit, 1.5 * oursDlogit);
     for (const [where, x] of [["from BOS", r.bos], ...r.prompts.map((y, i) => [`prompt ${i}`, y])])
       if (x.agree < x.oursLength) console.log(`    oracle, ${divergence(where, x)}`);
     const frac = r.stepEqual / r.greedyTotal;
+    console.log(`    our act8 kernels vs the oracle (activation rounding alone): max |dp| ${oursDp.toExponential(2)}, ` +
+                `max |dlogit| ${oursDlogit.toExponential(2)}`);
     console.log(`    thresholds: greedy steps equal >= ${100 * q.minGreedy}% (measured ${(100 * frac).toFixed(1)}%), argmax ` +
-                `agreement >= ${100 * q.minArgmax}%, max |dp| <= ${q.maxDp}, max |dlogit| <= ${q.maxDlogit}`);
+                `agreement >= ${100 * q.minArgmax}%, max |dp| <= ${q.maxDp.toPrecision(3)}, max |dlogit| <= ${q.maxDlogit.toPrecision(3)}`);
     if (!(frac >= q.minGreedy)) fail(`${model.name}: greedy steps equal ${r.stepEqual}/${r.greedyTotal} < ${q.minGreedy}`);
     if (!(r.argmaxAgree >= q.minArgmax)) fail(`${model.name}: teacher-forced argmax agreement ${r.argmaxAgree} < ${q.minArgmax}`);
     if (!(r.maxDiff <= q.maxDp)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${q.maxDp}`);
