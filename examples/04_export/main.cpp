@@ -18,6 +18,8 @@
 //                 toward the best K-subset labels (LabelKind::subset; 300 steps, lr 1e-2, the fidelity report's)
 //   --recovery R  refit (default): train::recover_refit; distill: train::recover_distill (30 epochs, lr 1e-3, the
 //                 fidelity report's); refit+distill: both, in that order. All under the fixed renormalized routing
+//   --scale-k     gating output scale K during recovery (equal weights = the plain sum of the K experts), folded into
+//                 the down projections afterwards (exact: K = 1, 2, 4 are powers of two; default: scale 1)
 //   --steps S     greedy tokens generated from BOS for the reference (default 128)
 //   --calib N     calibration sequences for the conversion (default 64), --length L tokens each (default 128)
 //   --forced T    length of the teacher-forced sequence, BOS included (default 96)
@@ -107,6 +109,7 @@ struct Options {
   int experts = 4, top_k = 2, steps = 128, calib = 64, length = 128, forced = 96, prompts = 8, prompt_steps = 40;
   RouterKind router = RouterKind::lsq;
   RecoveryKind recovery = RecoveryKind::refit;
+  bool scale_k = false;
   std::string moe_file, heldout_file;
 };
 
@@ -114,7 +117,7 @@ struct Options {
   std::fprintf(stderr,
                "factorllm_export: %s\n"
                "usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K]\n"
-               "                        [--router lsq|par|par_subset] [--recovery refit|distill|refit+distill] [--steps S] [--calib N] [--length L] [--forced T]\n"
+               "                        [--router lsq|par|par_subset] [--recovery refit|distill|refit+distill] [--scale-k] [--steps S] [--calib N] [--length L] [--forced T]\n"
                "                        [--prompts P] [--prompt-steps G] [--moe FACTORIZED] [--heldout FILE]\n",
                msg.c_str());
   std::exit(2);
@@ -147,6 +150,7 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--prompts") o.prompts = integer(i);
     else if (a == "--prompt-steps") o.prompt_steps = integer(i);
     else if (a == "--moe") o.moe_file = value(i);
+    else if (a == "--scale-k") o.scale_k = true;
     else if (a == "--heldout") o.heldout_file = value(i);
     else if (a == "--router") {
       std::string const r = value(i);
@@ -204,10 +208,24 @@ fl::moe::Router<float> lsq_router(fl::ffn::ExpertWeights<float> const& experts, 
   return fl::moe::Router<float>(std::move(rw), fl::Vector<float>({ne}));
 }
 
+/// The layer as llama.cpp's MoE computes it: output_scale folded into the down projections (gating output_scale 1).
+/// Exact when the scale is a power of two.
+template <class Layer>
+SimdMoe fold_output_scale(Layer const& a) {
+  fl::moe::Gating g = a.gating();
+  fl::Tensor<float, 3> down = a.experts().down_tensor();
+  for (std::ptrdiff_t i = 0; i < down.size(); ++i) down.data()[i] *= g.output_scale;
+  g.output_scale = 1.f;
+  fl::ffn::ExpertWeights<float> experts(fl::Tensor<float, 3>(a.experts().gate_tensor()),
+                                        fl::Tensor<float, 3>(a.experts().up_tensor()), std::move(down),
+                                        a.experts().partition());
+  return SimdMoe(std::move(experts), a.router(), std::move(g));
+}
+
 /// Converts one dense FFN into a bias-free softmax-TopK-renormalize MoE (steps 1-4 in the file comment).
 SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<float const> x_calib,
                       std::ptrdiff_t n_experts, std::ptrdiff_t top_k, RouterKind kind, RecoveryKind recovery,
-                      std::uint64_t seed) {
+                      bool scale_k, std::uint64_t seed) {
   auto const partition = fl::ffn::cluster_activations(dense, x_calib, n_experts, seed);
   auto experts = fl::ffn::factorize(dense, partition);
   fl::moe::Router<float> router;
@@ -230,6 +248,9 @@ SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<
   fl::moe::Gating gating;
   gating.mode = fl::moe::CombineMode::softmax_topk_renorm;
   gating.top_k = top_k;
+  // --scale-k: output scale K during recovery, so equal weights give the plain sum of the K experts (the recipe's and
+  // model/convert.hpp's softmax_renorm choice); folded into the down projections below.
+  if (scale_k) gating.output_scale = static_cast<float>(top_k);
   // The K renormalized weights sum to 1, so the experts must be refitted to reproduce the dense output under them.
   auto const routing = fl::train::fixed_routing(router, gating, x_calib);
   if (recovery != RecoveryKind::distill) fl::train::recover_refit(experts, routing, x_calib, dense, /*ridge=*/1e-3);
@@ -241,7 +262,7 @@ SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<
     dc.seed = seed;
     fl::train::recover_distill(experts, routing, x_calib, dense, dc);
   }
-  return SimdMoe(std::move(experts), std::move(router), std::move(gating));
+  return fold_output_scale(SimdMoe(std::move(experts), std::move(router), std::move(gating)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -426,22 +447,11 @@ Heldout heldout_metrics(fx::Llama2cEngine& engine, std::vector<std::vector<int>>
   return h;
 }
 
-/// The layers of a factorized file as llama.cpp's MoE computes them: output_scale folded into the down projections
-/// (gating output_scale 1). Exact when the scale is a power of two. The export refuses a non-zero router bias.
+/// The layers of a factorized file as llama.cpp's MoE computes them (fold_output_scale). The export refuses a
+/// non-zero router bias.
 std::vector<SimdMoe> load_for_llama(std::string const& path) {
-  auto loaded = fl::io::load_factorized<fl::CpuSimd<>>(path);
   std::vector<SimdMoe> out;
-  for (auto& a : loaded) {
-    fl::moe::Gating g = a.gating();
-    float const scale = g.output_scale;
-    fl::Tensor<float, 3> down = a.experts().down_tensor();
-    for (std::ptrdiff_t i = 0; i < down.size(); ++i) down.data()[i] *= scale;
-    g.output_scale = 1.f;
-    fl::ffn::ExpertWeights<float> experts(fl::Tensor<float, 3>(a.experts().gate_tensor()),
-                                          fl::Tensor<float, 3>(a.experts().up_tensor()), std::move(down),
-                                          a.experts().partition());
-    out.emplace_back(std::move(experts), a.router(), std::move(g));
-  }
+  for (auto const& a : fl::io::load_factorized<fl::CpuSimd<>>(path)) out.push_back(fold_output_scale(a));
   return out;
 }
 
@@ -496,7 +506,7 @@ int run(Options const& o) {
   if (layers.empty()) {
     auto const calib = fx::sample_sequences(engine, o.calib, o.length, 1000);
     fx::convert_layers_in_order(engine, calib, [&](int l, fl::Matrix<float> const& x) -> std::unique_ptr<fx::FfnLayer> {
-      layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k, o.router, o.recovery, kSeed + static_cast<std::uint64_t>(l)));
+      layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k, o.router, o.recovery, o.scale_k, kSeed + static_cast<std::uint64_t>(l)));
       return std::make_unique<fx::MoeFfnLayer>(layers.back(), c.seq_len, moe_tag);
     });
   } else {
@@ -630,6 +640,7 @@ int run(Options const& o) {
                 {"router", !o.moe_file.empty() ? "file"
                             : o.router == RouterKind::lsq ? "lsq"
                             : o.router == RouterKind::par ? "par" : "par_subset"},
+                {"output_scale_k", o.scale_k},
                 {"recovery", !o.moe_file.empty() ? "finetune"
                               : o.recovery == RecoveryKind::refit ? "refit"
                               : o.recovery == RecoveryKind::distill ? "distill" : "refit+distill"},
