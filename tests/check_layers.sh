@@ -2,8 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 # Layering check (docs/design.md §1): includes point down the layers only, and x86 intrinsics stay in backend/simd/.
 #
-#   backend/  may include core/, detail/ and backend/ itself; never moe/, ffn/, train/ or io/
-#   core/     may include core/ and detail/; never backend/, ffn/, moe/, train/ or io/
+#   backend/  may include core/, detail/ and backend/ itself; never moe/, ffn/, train/, model/ or io/
+#   core/     may include core/ and detail/; never backend/, ffn/, moe/, train/, model/ or io/
+#   ffn/, moe/, train/  never model/ or io/
+#   model/    (the Llama model type, engine, conversion) never io/
 #   <immintrin.h>, <x86intrin.h> and the other <*intrin.h> headers: only under include/factorllm/backend/simd/
 #
 # Every include is resolved to the file it names, so any spelling is caught ("../../moe/x.hpp",
@@ -21,8 +23,10 @@ lib="$inc/factorllm"
 # Layers a header in $1 (backend or core) must not include.
 forbidden_for() {
   case "$1" in
-    backend) echo "moe ffn train io" ;;
-    core) echo "backend ffn moe train io" ;;
+    backend) echo "moe ffn train model io" ;;
+    core) echo "backend ffn moe train model io" ;;
+    ffn|moe|train) echo "model io" ;;
+    model) echo "io" ;;
   esac
 }
 
@@ -43,7 +47,7 @@ resolve() {
 offences=()
 
 # 1. Layer rules for backend/ and core/.
-for layer in backend core; do
+for layer in backend core ffn moe train model; do
   [ -d "$lib/$layer" ] || continue
   read -r -a banned <<<"$(forbidden_for "$layer")"
   while IFS= read -r -d '' file; do
@@ -86,4 +90,4 @@ if [ "${#offences[@]}" -gt 0 ]; then
   printf '  %s\n' "${offences[@]}"
   exit 1
 fi
-echo "check_layers: OK (backend/ and core/ include only lower layers; x86 intrinsics only in backend/simd/)"
+echo "check_layers: OK (core/, backend/, ffn/, moe/, train/ and model/ include only lower layers; x86 intrinsics only in backend/simd/)"

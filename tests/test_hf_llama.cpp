@@ -42,7 +42,7 @@ std::string const kModelPath = std::string(FACTORLLM_SHARED_DIR) + "/models/stor
 LlamaModel stories() {
   INFO("stories260K is needed at " << kModelPath);
   REQUIRE(std::ifstream(kModelPath, std::ios::binary).good());
-  return fl::model::from_llama2c(io::Llama2cCheckpoint::load(kModelPath), "llama2c '" + kModelPath + "'");
+  return fl::io::model_from_llama2c(io::Llama2cCheckpoint::load(kModelPath), "llama2c '" + kModelPath + "'");
 }
 
 /// A fresh, empty temporary folder.

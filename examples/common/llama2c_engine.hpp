@@ -35,7 +35,7 @@ class Llama2cEngine : private detail::ModelHolder, public fl::model::LlamaEngine
  public:
   /// \throws fl::format_error if the checkpoint does not make a valid model.
   explicit Llama2cEngine(fl::io::Llama2cCheckpoint const& checkpoint)
-      : detail::ModelHolder{fl::model::from_llama2c(checkpoint)}, fl::model::LlamaEngine(held_model), ckpt_(&checkpoint) {}
+      : detail::ModelHolder{fl::io::model_from_llama2c(checkpoint)}, fl::model::LlamaEngine(held_model), ckpt_(&checkpoint) {}
 
   Llama2cEngine(Llama2cEngine const&) = delete;
   Llama2cEngine& operator=(Llama2cEngine const&) = delete;

@@ -4,7 +4,7 @@
 
 Usage: python3 tests/fuzz/make_corpus.py OUT_DIR [--shared PATH]
 
-Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer, fuzz_gguf, fuzz_api, fuzz_safetensors
+Creates OUT_DIR/<target>/ for fuzz_llama2c_checkpoint, fuzz_llama2c_tokenizer, fuzz_gguf, fuzz_gguf_model, fuzz_api, fuzz_safetensors
 and fuzz_hf_config, each holding
 small valid inputs and broken variants of them (truncated, trailing bytes, bad header fields; for GGUF, tensors of
 every type the reader accepts, Q8_0 and Q4_0 blocks included). The real model files
@@ -165,7 +165,12 @@ def gguf_file(tensors, kvs=(), alignment=32, rng=None):
     out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs) + 1)
     out += gguf_string("general.alignment") + struct.pack("<II", 4, alignment)
     for key, value in kvs:
-        out += gguf_string(key) + struct.pack("<II", 4, value)
+        if isinstance(value, str):
+            out += gguf_string(key) + struct.pack("<I", 8) + gguf_string(value)
+        elif isinstance(value, float):
+            out += gguf_string(key) + struct.pack("<If", 6, value)
+        else:
+            out += gguf_string(key) + struct.pack("<II", 4, value)
     blobs, offset = [], 0
     for name, ne, type_id in tensors:
         per_block, block_bytes = GGML_TYPES[type_id]
@@ -205,6 +210,29 @@ def gguf_corpus(out):
     write(d, "q8_0_huge.gguf", gguf_file([("a", [32, 1], 8)]).replace(struct.pack("<2Q", 32, 1), struct.pack("<2Q", 32, 1 << 52), 1))
     write(d, "empty.gguf", b"")
     write(d, "magic_only.gguf", b"GGUF")
+
+
+def gguf_model_corpus(out):
+    """Tiny llama-architecture models (d_model 8, 2 heads, 1 kv head, 1 layer, vocab 4), dense and 1-of-2 MoE, with
+    F32 or F16 weights; and the same files cut short."""
+    d = os.path.join(out, "fuzz_gguf_model")
+    keys = [("general.architecture", "llama"), ("llama.embedding_length", 8), ("llama.block_count", 1),
+            ("llama.attention.head_count", 2), ("llama.attention.head_count_kv", 1), ("llama.context_length", 8),
+            ("llama.attention.layer_norm_rms_epsilon", 1e-5), ("llama.rope.freq_base", 10000.0)]
+    common = [("token_embd.weight", [8, 4]), ("blk.0.attn_norm.weight", [8]), ("blk.0.attn_q.weight", [8, 8]),
+              ("blk.0.attn_k.weight", [8, 4]), ("blk.0.attn_v.weight", [8, 4]), ("blk.0.attn_output.weight", [8, 8]),
+              ("blk.0.ffn_norm.weight", [8]), ("output_norm.weight", [8])]
+    dense = [("blk.0.ffn_gate.weight", [8, 16]), ("blk.0.ffn_up.weight", [8, 16]), ("blk.0.ffn_down.weight", [16, 8])]
+    moe = [("blk.0.ffn_gate_inp.weight", [8, 2]), ("blk.0.ffn_gate_exps.weight", [8, 8, 2]),
+           ("blk.0.ffn_up_exps.weight", [8, 8, 2]), ("blk.0.ffn_down_exps.weight", [8, 8, 2])]
+    for type_id, tname in ((0, "f32"), (1, "f16")):
+        norms = lambda n: 0 if "norm" in n else type_id  # noqa: E731
+        dense_file = gguf_file([(n, ne, norms(n)) for n, ne in common + dense], keys + [("llama.feed_forward_length", 16)])
+        moe_file = gguf_file([(n, ne, norms(n)) for n, ne in common + moe],
+                             keys + [("llama.feed_forward_length", 8), ("llama.expert_count", 2), ("llama.expert_used_count", 1)])
+        for name, good in (("dense_" + tname, dense_file), ("moe_" + tname, moe_file)):
+            write(d, name + ".gguf", good)
+            write(d, name + "_truncated.gguf", good[:-9])
 
 
 def api_corpus(out):
@@ -316,6 +344,7 @@ def main():
     tokenizer_corpus(args.out_dir, args.shared)
     gguf_corpus(args.out_dir)
     api_corpus(args.out_dir)
+    gguf_model_corpus(args.out_dir)
     safetensors_corpus(args.out_dir)
     hf_config_corpus(args.out_dir)
     for target in sorted(os.listdir(args.out_dir)):

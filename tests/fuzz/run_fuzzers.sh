@@ -33,7 +33,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="${FUZZ_BUILD_DIR:-$repo_root/build-fuzz}"
 jobs="${FUZZ_JOBS:-2}"
 runs="${FUZZ_RUNS:-1000000}"
-readonly targets=(fuzz_llama2c_checkpoint fuzz_llama2c_tokenizer fuzz_gguf fuzz_api fuzz_safetensors fuzz_hf_config)
+readonly targets=(fuzz_llama2c_checkpoint fuzz_llama2c_tokenizer fuzz_gguf fuzz_gguf_model fuzz_api fuzz_safetensors fuzz_hf_config)
 
 # ---- Build. Configure every run (cheap with a cache): a build folder configured before a fuzz target was added
 # has no rule for it, and `cmake --build --target` fails before CMake would regenerate. Later runs only rebuild

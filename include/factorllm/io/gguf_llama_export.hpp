@@ -218,7 +218,7 @@ inline model::LlamaModel llama2c_model_with_vocab(Llama2cCheckpoint const& ckpt,
   if (tok.vocab_size() != ckpt.config().vocab_size)
     throw value_error(concat("llama GGUF export: the tokenizer has ", tok.vocab_size(), " tokens, the checkpoint ",
                              ckpt.config().vocab_size));
-  model::LlamaModel m = model::from_llama2c(ckpt);
+  model::LlamaModel m = model_from_llama2c(ckpt);
   m.vocab = llama_vocab_from_llama2c(tok);
   return m;
 }

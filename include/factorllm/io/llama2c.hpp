@@ -19,6 +19,7 @@
 #include "../core/tensor.hpp"
 #include "../core/tensor_view.hpp"
 #include "../ffn/swiglu.hpp"
+#include "../model/llama_model.hpp"
 #include "detail/bytes.hpp"
 #include "detail/file.hpp"
 
@@ -537,6 +538,40 @@ class Llama2cTokenizer {
   std::vector<float> scores_;        // [vocab_size]
   std::vector<int> sorted_ids_;      // [vocab_size] ids ordered by (piece, id), for find()
 };
+
+/// Copies a llama2.c checkpoint into the one in-memory model type (model/llama_model.hpp), without a vocabulary:
+/// rope_theta 10000, rms_norm_eps 1e-5, RoPE pairs adjacent (llama2.c's own layout).
+inline model::LlamaModel model_from_llama2c(Llama2cCheckpoint const& ckpt, std::string source = "llama2c checkpoint") {
+  auto const& c = ckpt.config();
+  model::LlamaModel m;
+  m.source = std::move(source);
+  m.config.architecture = "llama";
+  m.config.d_model = c.dim;
+  m.config.d_ff = c.hidden_dim;
+  m.config.n_layers = c.n_layers;
+  m.config.n_heads = c.n_heads;
+  m.config.n_kv_heads = c.n_kv_heads;
+  m.config.head_dim = c.head_size();
+  m.config.vocab_size = c.vocab_size;
+  m.config.context_length = c.seq_len;
+  m.config.tied_embeddings = c.shared_classifier;
+  m.token_embedding = Matrix<float>(ckpt.token_embedding());
+  for (int l = 0; l < c.n_layers; ++l) {
+    model::LlamaLayer L;
+    L.attn_norm = Vector<float>(ckpt.rms_att(l));
+    L.wq = Matrix<float>(ckpt.wq(l));
+    L.wk = Matrix<float>(ckpt.wk(l));
+    L.wv = Matrix<float>(ckpt.wv(l));
+    L.wo = Matrix<float>(ckpt.wo(l));
+    L.ffn_norm = Vector<float>(ckpt.rms_ffn(l));
+    L.ffn = ffn::DenseFfn<float>{Matrix<float>(ckpt.w1(l)), Matrix<float>(ckpt.w3(l)), Matrix<float>(ckpt.w2(l))};
+    m.layers.push_back(std::move(L));
+  }
+  m.final_norm = Vector<float>(ckpt.rms_final());
+  if (!c.shared_classifier) m.classifier = Matrix<float>(ckpt.classifier());
+  m.validate();
+  return m;
+}
 
 }  // namespace io
 }  // namespace factorllm

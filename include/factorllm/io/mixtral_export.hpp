@@ -83,7 +83,7 @@ SafetensorsWriter mixtral_tensors(model::LlamaModel const& m, std::vector<moe::M
 template <class T, class Backend>
 SafetensorsWriter mixtral_tensors(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
                                   MixtralExportOptions const& options = {}) {
-  return mixtral_tensors(model::from_llama2c(ckpt), layer_pointers(layers), options);
+  return mixtral_tensors(model_from_llama2c(ckpt), layer_pointers(layers), options);
 }
 
 /// Returns the config.json of the Mixtral export (HF MixtralConfig fields). \throws value_error as mixtral_tensors.
@@ -132,7 +132,7 @@ nlohmann::json mixtral_config(model::LlamaModel const& m, std::vector<moe::MoeFf
 template <class T, class Backend>
 nlohmann::json mixtral_config(Llama2cCheckpoint const& ckpt, std::vector<moe::MoeFfn<T, Backend>> const& layers,
                               MixtralExportOptions const& options = {}) {
-  return mixtral_config(model::from_llama2c(ckpt), layer_pointers(layers), options);
+  return mixtral_config(model_from_llama2c(ckpt), layer_pointers(layers), options);
 }
 
 /// Writes `dir`/model.safetensors and `dir`/config.json (creating `dir`): the model with its FFNs replaced by
@@ -155,7 +155,7 @@ void export_mixtral(std::string const& dir, model::LlamaModel const& m,
 template <class T, class Backend>
 void export_mixtral(std::string const& dir, Llama2cCheckpoint const& ckpt,
                     std::vector<moe::MoeFfn<T, Backend>> const& layers, MixtralExportOptions const& options = {}) {
-  export_mixtral(dir, model::from_llama2c(ckpt), layer_pointers(layers), options);
+  export_mixtral(dir, model_from_llama2c(ckpt), layer_pointers(layers), options);
 }
 
 }  // namespace io
