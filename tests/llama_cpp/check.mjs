@@ -29,7 +29,9 @@
 //     llama.cpp's argmax equals our engine's at >= 99% of the positions (F32 weights: only near-ties may flip) and
 //     the two perplexities agree to 1e-3 relative; optional minimum retentions from the environment
 //     (FLLM_MIN_RETENTION_<MODEL NAME with - as _>, e.g. FLLM_MIN_RETENTION_FT_N4K2_F32=0.95) fail the check when
-//     llama.cpp's retention is below them.
+//     llama.cpp's retention is below them. Measured (4096 positions, F32; llama.cpp's argmax = ours at 100 %, equal
+//     ppl): dense acc 0.6611, ppl 3.343; run_check's layer-local N4K2 retention 0.669; the recipe's fine-tuned
+//     bias-free N4K2 / N4K1 (full run) 0.959 / 0.915; its --quick N4K2 (run_check's CI run, 8 sequences) 0.698.
 //
 // Tolerances (written down once, here):
 //  - F32 weights: 1e-4 absolute. Both engines compute in float32 with different summation orders (ggml's SIMD

@@ -4,7 +4,10 @@
 # @huggingface/gguf with npm into BUILD_DIR/llama_check, checks factorllm's q8_0 / q4_0 quantization against the
 # ggml library that package ships (tests/llama_cpp/ggml_quant_check.cpp), converts stories260K with factorllm_export
 # (dense and a K-of-N MoE, F32 and F16; the MoE also with Q8_0 and Q4_0 experts), then compares llama.cpp with
-# factorllm's engine (tests/llama_cpp/check.mjs).
+# factorllm's engine (tests/llama_cpp/check.mjs), including held-out accuracy, retention, top-1 agreement and
+# perplexity from llama.cpp's own logits. Then the same for the two-stage recipe's fine-tuned, bias-free model
+# (examples/03_finetune_recipe --quick --router-bias none --save; FLLM_FT_MOE / FLLM_FT_HELDOUT select a saved one).
+# FLLM_EXPORT_ARGS: extra factorllm_export options for the layer-local conversion (e.g. --router par_subset).
 #
 # Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
 # Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm
