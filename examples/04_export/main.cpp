@@ -451,7 +451,16 @@ Heldout heldout_metrics(fx::Llama2cEngine& engine, std::vector<std::vector<int>>
 /// non-zero router bias.
 std::vector<SimdMoe> load_for_llama(std::string const& path) {
   std::vector<SimdMoe> out;
-  for (auto const& a : fl::io::load_factorized<fl::CpuSimd<>>(path)) out.push_back(fold_output_scale(a));
+  for (auto const& a : fl::io::load_factorized<fl::CpuSimd<>>(path)) {
+    // Refused here, before any reference is computed (the GGUF export would refuse it at the end).
+    auto const bias = a.router().bias();
+    for (std::ptrdiff_t e = 0; e < bias.extent(0); ++e)
+      if (bias(e) != 0.f)
+        throw fl::value_error(path + ": layer " + std::to_string(out.size()) + " has router bias[" + std::to_string(e) +
+                              "] = " + std::to_string(bias(e)) + ", but llama.cpp's MoE has no router bias (train it "
+                              "bias-free: finetune_recipe.py --router-bias none)");
+    out.push_back(fold_output_scale(a));
+  }
   return out;
 }
 
