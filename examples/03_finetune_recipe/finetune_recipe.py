@@ -20,8 +20,10 @@ kl_to_dense (mean KL(dense || model)).
 """
 import argparse
 import csv
+import json
 import math
 import os
+import struct
 import sys
 import time
 
@@ -338,6 +340,7 @@ def cluster_activations(h, n, iters=30, seed=0):
 def build_student(cfg, w, n, k, mode, seed, partition="contiguous", ffn_inputs=None):
     """The dense model with every FFN factorized into n experts (K of them per token) and a random router."""
     student = Llama(cfg, w)
+    student.perms = []  # each layer's permutation of the (padded) d_ff neurons, as saved in the factorized file
     for l in range(cfg["n_layers"]):
         w1, w2, w3 = pad_ffn(w["w1"][l], w["w2"][l], w["w3"][l], n)
         perm = None
@@ -356,12 +359,14 @@ def build_student(cfg, w, n, k, mode, seed, partition="contiguous", ffn_inputs=N
                  "code_ref": 1.0 / (n // k)}[mode]
         student.ffns[l] = fllm.MoeFfn.from_dense(w1, w3, w2, n, k, mode=mode, permutation=perm, seed=seed + l,
                                                  output_scale=scale)
+        student.perms.append(list(range(w1.shape[0])) if perm is None else [int(i) for i in perm])
     return student
 
 
-def stage_a(teacher, student, seqs, k, steps, lr, batch_tokens, balance_ratio, log):
+def stage_a(teacher, student, seqs, k, steps, lr, batch_tokens, balance_ratio, log, train_bias=True):
     """Routers by PAR (+ balance) on the dense teacher's FFN inputs (docs/math.md §3.2): per layer, Adam on
-    L_PA + balance_ratio * L_bal (the paper's weights 0.05 and 0.01 give balance_ratio 0.2)."""
+    L_PA + balance_ratio * L_bal (the paper's weights 0.05 and 0.01 give balance_ratio 0.2). train_bias=False keeps
+    the router bias at exactly 0 (not optimized): the bias-free router llama.cpp's MoE can run."""
     with torch.no_grad():
         xs = []
         teacher(seqs[:, :-1], ffn_inputs=xs)
@@ -372,8 +377,8 @@ def stage_a(teacher, student, seqs, k, steps, lr, batch_tokens, balance_ratio, l
         dense = teacher.ffns[l]
         w1, w2, w3 = pad_ffn(dense.w1.data, dense.w2.data, dense.w3.data, moe.n_experts)
         rw = moe.router_weight.detach().clone().requires_grad_()
-        rb = moe.router_bias.detach().clone().requires_grad_()
-        opt = torch.optim.Adam([rw, rb], lr=lr)
+        rb = moe.router_bias.detach().clone().requires_grad_(train_bias)
+        opt = torch.optim.Adam([rw, rb] if train_bias else [rw], lr=lr)
         g, u, dn = moe.gate.detach(), moe.up.detach(), moe.down.detach()
         for step in range(steps):
             idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen)
@@ -398,13 +403,17 @@ def teacher_log_probs(teacher, pool, chunk=64):
                       for i in range(0, pool.shape[0], chunk)])
 
 
-def stage_b(student, pool, teacher_lp, steps, batch, lr, router_lr, log, log_every=200):
+def stage_b(student, pool, teacher_lp, steps, batch, lr, router_lr, log, log_every=200, train_bias=True):
     """Experts + routers by logit distillation: mean over positions of KL(teacher || student), Adam with 20 warmup
-    steps then cosine decay to 0."""
+    steps then cosine decay to 0. train_bias=False leaves the router biases out of the optimizer (they stay 0)."""
     expert_params, router_params = [], []
     for moe in student.ffns:
         expert_params += [moe.gate, moe.up, moe.down]
-        router_params += [moe.router_weight, moe.router_bias]
+        router_params += [moe.router_weight]
+        if train_bias:
+            router_params.append(moe.router_bias)
+        else:
+            moe.router_bias.requires_grad_(False)
     opt = torch.optim.Adam([{"params": expert_params, "lr": lr}, {"params": router_params, "lr": router_lr}])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -421,6 +430,139 @@ def stage_b(student, pool, teacher_lp, steps, batch, lr, router_lr, log, log_eve
         sched.step()
         if (step + 1) % log_every == 0 or step == 0:
             log(f"  stage B step {step + 1}/{steps}: KL {loss.item():.4f} ({time.time() - t0:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving: the library's factorized-model schema (include/factorllm/io/factorized_checkpoint.hpp), written by hand
+# ---------------------------------------------------------------------------------------------------------------
+
+# torch dtype -> (safetensors dtype, the integer view whose bits are written, its little-endian numpy type)
+_ST_DTYPES = {torch.float32: ("F32", torch.int32, "<i4"), torch.float16: ("F16", torch.int16, "<i2"),
+              torch.bfloat16: ("BF16", torch.int16, "<i2"), torch.int32: ("I32", torch.int32, "<i4")}
+
+
+def write_safetensors(path, tensors, metadata):
+    """Writes a safetensors file: 8-byte little-endian header length, the JSON header (tensors in the order given,
+    back to back; __metadata__ of string values; padded with spaces so the data starts 8-byte aligned, as the
+    library's SafetensorsWriter does), then the little-endian data. tensors: list of (name, torch tensor)."""
+    header, blobs, at = {"__metadata__": {k: str(v) for k, v in metadata.items()}}, [], 0
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        code, view, le = _ST_DTYPES[t.dtype]
+        data = t.view(view).numpy().astype(le).tobytes()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [at, at + len(data)]}
+        blobs.append(data)
+        at += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((-(8 + len(text))) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+def output_scale_text(v):
+    """The shortest text that parses back to the float32 value (what the library's float_text writes)."""
+    v32 = np.float32(v)
+    for digits in range(1, 10):
+        s = f"{float(v32):.{digits}g}"
+        if np.float32(s) == v32:
+            return s
+    return repr(float(v32))
+
+
+def saved_tensors(student, save_dtype):
+    """Per layer (gate, up, down) as stored (rounded to save_dtype) and the router weight and bias (always F32)."""
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[save_dtype]
+    out = []
+    for moe in student.ffns:
+        out.append(tuple(t.detach().to(dt) for t in (moe.gate, moe.up, moe.down)) +
+                   tuple(t.detach().float() for t in (moe.router_weight, moe.router_bias)))
+    return out
+
+
+def save_factorized(path, student, k, mode, save_dtype, metadata):
+    """The fine-tuned MoE layers in the library's factorized schema (load_factorized reads it): per layer l, prefix
+    layers.{l}.ffn.: permutation I32 [d_ff] (d_ff zero-padded to a multiple of N when N does not divide it: the
+    permutation then covers the padded neurons, which are zero in every expert), experts.gate / experts.up
+    [N, d_expert, d_model], experts.down [N, d_model, d_expert] (F32, or F16 / BF16 with --save-dtype), router.weight
+    F32 [N, d_model], router.bias F32 [N]; __metadata__ format, format_version, n_layers, and per layer n_experts,
+    top_k, combine_mode, output_scale, sigmoid_renormalize (plus the recipe's own descriptive keys)."""
+    tensors, meta = [], dict(metadata)
+    meta.update({"format": "factorllm.moe", "format_version": "1", "n_layers": str(len(student.ffns))})
+    for l, (moe, (g, u, dn, rw, rb)) in enumerate(zip(student.ffns, saved_tensors(student, save_dtype))):
+        p, m = f"layers.{l}.ffn.", f"layers.{l}."
+        tensors += [(p + "permutation", torch.tensor(student.perms[l], dtype=torch.int32)),
+                    (p + "experts.gate", g), (p + "experts.up", u), (p + "experts.down", dn),
+                    (p + "router.weight", rw), (p + "router.bias", rb)]
+        meta.update({m + "n_experts": str(moe.n_experts), m + "top_k": str(k), m + "combine_mode": mode,
+                     m + "output_scale": output_scale_text(moe.output_scale), m + "sigmoid_renormalize": "false"})
+    write_safetensors(path, tensors, meta)
+
+
+def reference_moe(x, g, u, dn, rw, rb, k, scale):
+    """softmax_topk_renorm MoE in float64 with plain torch (independent of factorllm's kernels): p = softmax(W x + b),
+    S = the K largest, y = scale * sum_{e in S} p_e / sum_S p * down_e (silu(gate_e x) * up_e x). Also returns the
+    gap between the K-th and (K+1)-th router logits (inf when K = N): where it is tiny, float rounding may choose
+    another expert set."""
+    x, g, u, dn, rw, rb = (t.double() for t in (x, g, u, dn, rw, rb))
+    logits = x @ rw.t() + rb
+    p = torch.softmax(logits, -1)
+    top = torch.topk(logits, k, dim=-1)
+    srt = torch.sort(logits, dim=-1, descending=True).values
+    margin = (srt[:, k - 1] - srt[:, k]) if k < logits.shape[1] else torch.full((x.shape[0],), float("inf"),
+                                                                                 dtype=torch.float64)
+    ps = p.gather(-1, top.indices)
+    wts = ps / ps.sum(-1, keepdim=True) * scale
+    y = torch.zeros_like(x)
+    for j in range(k):
+        e = top.indices[:, j]
+        h = F.silu(torch.einsum("td,tmd->tm", x, g[e])) * torch.einsum("td,tmd->tm", x, u[e])
+        y += wts[:, j:j + 1] * torch.einsum("tdm,tm->td", dn[e], h)
+    return y, margin
+
+
+@torch.no_grad()
+def save_check(path, student, seq, k, save_dtype, metadata, log):
+    """Reference data for tests/recipe_checkpoint_check.cpp: per layer the FFN inputs x [T, d] of one held-out
+    sequence (the fine-tuned student's own), the plain-torch float64 reference of the saved layer (weights as
+    stored) y_ref [T, d] (stored F32), and the top-K logit margin [T]. Also checks here that factorllm's op (what
+    the recipe trained and evaluated with) matches the reference on the same inputs."""
+    xs = []
+    student(seq[None, :-1], ffn_inputs=xs)
+    tensors, worst = [], 0.0
+    for l, (moe, (g, u, dn, rw, rb)) in enumerate(zip(student.ffns, saved_tensors(student, save_dtype))):
+        x = xs[l][0].contiguous()
+        y_ref, margin = reference_moe(x, g.float(), u.float(), dn.float(), rw, rb, k, moe.output_scale)
+        if save_dtype == "f32":
+            y_op = moe(x).double()
+            ok = margin > 1e-4
+            err = ((y_op - y_ref)[ok].abs().max() / y_ref.abs().max().clamp_min(1e-30)).item() if ok.any() else 0.0
+            worst = max(worst, err)
+        tensors += [(f"layers.{l}.x", x.float()), (f"layers.{l}.y_ref", y_ref.float()),
+                    (f"layers.{l}.margin", margin.float())]
+    if save_dtype == "f32":
+        log(f"  check data: factorllm's moe_ffn op vs the float64 reference, max |dy| / max |y| = {worst:.2e}")
+        if worst > 1e-4:
+            raise SystemExit(f"factorllm's moe_ffn op differs from the plain-torch reference by {worst:.2e} > 1e-4")
+    write_safetensors(path, tensors, dict(metadata, format="factorllm.recipe_check", top_k=str(k)))
+
+
+def save_paths(path, label, several):
+    """--save PATH: a '{config}' in PATH becomes the config (e.g. N4K2); otherwise, when several configs run,
+    '-N4K2' is inserted before the extension. The check data goes next to it as <stem>.check.safetensors."""
+    if "{config}" in path:
+        out = path.replace("{config}", label)
+    elif several:
+        stem, ext = os.path.splitext(path)
+        out = f"{stem}-{label}{ext or '.safetensors'}"
+    else:
+        out = path
+    stem, ext = os.path.splitext(out)
+    return out, f"{stem}.check{ext or '.safetensors'}"
 
 
 def main():
@@ -447,6 +589,17 @@ def main():
     ap.add_argument("--csv", default=None, help="write (or with --append, add) the CSV rows here")
     ap.add_argument("--append", action="store_true", help="append to an existing fidelity CSV (same columns)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 8 held-out sequences, 40 steps")
+    ap.add_argument("--router-bias", choices=("trained", "none"), default="trained",
+                    help="trained (default): stage A and B train the router bias; none: the bias stays exactly 0 "
+                         "(not optimized), the bias-free router llama.cpp's MoE runs")
+    ap.add_argument("--save", default=None, metavar="PATH",
+                    help="write the fine-tuned MoE layers in the library's factorized schema (load_factorized, "
+                         "factorllm export --moe); with several configs, '-N4K2' etc. goes before the extension "
+                         "(or replaces '{config}' in PATH); check data for tests goes to <stem>.check.safetensors")
+    ap.add_argument("--save-dtype", choices=("f32", "f16", "bf16"), default="f32",
+                    help="storage type of the saved experts (routers stay F32)")
+    ap.add_argument("--save-heldout", default=None, metavar="FILE",
+                    help="write the held-out token sequences (BOS + length tokens each) as a JSON list of lists")
     args = ap.parse_args()
     configs = []  # checked before any long computation
     for spec in args.configs:
@@ -457,6 +610,9 @@ def main():
         if not 1 <= k <= n:
             ap.error(f"--configs: '{spec}' needs 1 <= K <= N")
         configs.append((n, k))
+    for out in (args.save, args.save_heldout):  # create output folders now, not after a long run
+        if out and os.path.dirname(os.path.abspath(out)):
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fllm.prefer_optimized_blas('note: ')
     if args.quick:
         args.eval, args.train_seqs, args.stage_a_steps, args.steps = 8, 256, 20, 40
@@ -490,6 +646,10 @@ def main():
     log(f"model: dim {cfg['dim']}, hidden {cfg['hidden']}, {cfg['n_layers']} layers; greedy text {text}")
 
     held_out = sample_sequences(teacher, args.eval, args.length, 1000000)
+    if args.save_heldout:
+        with open(args.save_heldout, "w") as f:
+            json.dump(held_out.tolist(), f)
+        log(f"wrote the {len(held_out)} held-out sequences to {args.save_heldout}")
     train_pool = sample_sequences(teacher, args.train_seqs, args.length, 2000000, batch=512)
     held = {tuple(s.tolist()) for s in held_out}
     overlap = sum(tuple(s.tolist()) in held for s in train_pool)
@@ -502,6 +662,7 @@ def main():
         f"{dense_m['next_token_acc']:.4f}, ppl {dense_m['ppl']:.3f} ({time.time() - t_start:.0f} s)")
 
     rows = []
+    train_bias = args.router_bias == "trained"
     for n, k in configs:
         t0 = time.time()
         calib = None
@@ -518,18 +679,33 @@ def main():
             f"{before['next_token_acc'] / dense_m['next_token_acc']:.3f}")
         if args.stage_a_steps > 0:
             stage_a(teacher, student, train_pool[:args.stage_a_seqs], k, args.stage_a_steps, args.stage_a_lr, 512, 0.2,
-                    log)
+                    log, train_bias=train_bias)
         after_a, _ = evaluate(student, held_out, dense_ref)
         log(f"  after stage A: top1 {after_a['top1_agreement']:.3f}, retention "
             f"{after_a['next_token_acc'] / dense_m['next_token_acc']:.3f} ({time.time() - t0:.0f} s)")
-        stage_b(student, train_pool, teacher_lp, args.steps, args.batch, args.lr, args.router_lr, log)
+        stage_b(student, train_pool, teacher_lp, args.steps, args.batch, args.lr, args.router_lr, log,
+                train_bias=train_bias)
+        if not train_bias and any(bool(moe.router_bias.detach().ne(0).any()) for moe in student.ffns):
+            raise SystemExit("--router-bias none: a router bias moved away from 0")
         m, _ = evaluate(student, held_out, dense_ref)
         retention = m["next_token_acc"] / dense_m["next_token_acc"]
         log(f"  after stage B: top1 {m['top1_agreement']:.4f}, acc {m['next_token_acc']:.4f}, retention "
             f"{retention:.4f}, ppl {m['ppl']:.3f} (dense {dense_m['ppl']:.3f}), KL {m['kl_to_dense']:.4f} "
             f"({time.time() - t0:.0f} s for this configuration)")
         router = "par_trained" if args.stage_a_steps > 0 else "random_init"
+        if not train_bias:
+            router += "_nobias"
         label = f"N{n}K{k}-{args.partition}-{router}-finetune"  # the fidelity report's label scheme
+        if args.save:
+            path, check_path = save_paths(args.save, f"N{n}K{k}", len(configs) > 1)
+            meta = {"source": "examples/03_finetune_recipe/finetune_recipe.py", "config": label,
+                    "base_model": os.path.basename(args.model), "router_bias": args.router_bias,
+                    "d_ff_dense": str(cfg["hidden"]), "steps": str(args.steps),
+                    "heldout_next_token_acc": f"{m['next_token_acc']:.6f}", "heldout_acc_retention": f"{retention:.6f}"}
+            save_factorized(path, student, k, args.mode, args.save_dtype, meta)
+            if args.mode == "softmax_topk_renorm":
+                save_check(check_path, student, held_out[0], k, args.save_dtype, {"model": os.path.basename(path)}, log)
+            log(f"  saved {path}" + (f" (check data {check_path})" if args.mode == "softmax_topk_renorm" else ""))
         rows.append([label, n, k, 0, args.partition, router, "finetune", f"{flops:.6f}",
                      f"{m['top1_agreement']:.6f}", f"{m['next_token_acc']:.6f}", f"{retention:.6f}", f"{m['ppl']:.6f}",
                      f"{dense_m['ppl']:.6f}", f"{m['kl_to_dense']:.6f}"])

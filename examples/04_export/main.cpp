@@ -14,12 +14,24 @@
 //   --experts N   routed experts per layer (default 4; must divide hidden_dim = 172)
 //   --top-k K     experts per token (default 2)
 //   --router R    lsq (default): bias-free least-squares router (below); par: train::train_router (PAR + balance,
-//                 docs/math.md §3.2) with train_bias = false, from train::router_from_partition
+//                 docs/math.md §3.2) with train_bias = false, from train::router_from_partition; par_subset: the same
+//                 toward the best K-subset labels (LabelKind::subset; 300 steps, lr 1e-2, the fidelity report's)
+//   --recovery R  refit (default): train::recover_refit; distill: train::recover_distill (30 epochs, lr 1e-3, the
+//                 fidelity report's); refit+distill: both, in that order. All under the fixed renormalized routing
+//   --scale-k     gating output scale K during recovery (equal weights = the plain sum of the K experts), folded into
+//                 the down projections afterwards (exact: K = 1, 2, 4 are powers of two; default: scale 1)
 //   --steps S     greedy tokens generated from BOS for the reference (default 128)
 //   --calib N     calibration sequences for the conversion (default 64), --length L tokens each (default 128)
 //   --forced T    length of the teacher-forced sequence, BOS included (default 96)
 //   --prompts P   greedy prompts (BOS + 24 tokens sampled from the dense model, seeds 5000 + i; default 8), each
 //                 continued for --prompt-steps G greedy tokens (default 40)
+//   --moe FILE    no conversion: the MoE layers of a factorized safetensors file (e.g. finetune_recipe.py --save with
+//                 --router-bias none); output_scale is folded into the down projections (exact for a power of two),
+//                 a non-zero router bias is refused (llama.cpp has none). Files are named ft-n{N}k{K}-*.
+//   --heldout F   held-out sequences for the fidelity figures (JSON list of token lists, BOS first, e.g.
+//                 finetune_recipe.py --save-heldout); default: 32 x (BOS + 128) sampled from the dense model with
+//                 seeds 1000000 + i, the fidelity report's set. reference.json gets them and, for dense-f32 and the
+//                 F32 MoE, our engine's argmax per position, next_token_acc, ppl and top-1 agreement with dense.
 // Exit status: 0 on success, 1 if a self-check fails (reloaded files disagree with what was written, or the padded
 // experts do not compute what the unpadded ones do), 2 on bad usage or input.
 //
@@ -60,6 +72,7 @@
 #include "factorllm/io/gguf.hpp"
 #include "factorllm/io/gguf_llama_export.hpp"
 #include "factorllm/io/mixtral_export.hpp"
+#include "factorllm/train/distillation.hpp"
 #include "factorllm/train/refit.hpp"
 #include "factorllm/train/router_training.hpp"
 
@@ -85,7 +98,9 @@ constexpr int kPromptLength = 25;      // BOS + 24 sampled tokens per greedy pro
 constexpr double kPadTolerance = 1e-4;
 
 /// How the routers are obtained (both bias-free).
-enum class RouterKind { lsq, par };
+enum class RouterKind { lsq, par, par_subset };
+/// How the experts are recovered under the fixed routing (docs/math.md; the fidelity report's methods).
+enum class RecoveryKind { refit, distill, refit_distill };
 
 struct Options {
   std::string out = "factorllm_export";
@@ -93,14 +108,17 @@ struct Options {
   std::string tokenizer;
   int experts = 4, top_k = 2, steps = 128, calib = 64, length = 128, forced = 96, prompts = 8, prompt_steps = 40;
   RouterKind router = RouterKind::lsq;
+  RecoveryKind recovery = RecoveryKind::refit;
+  bool scale_k = false;
+  std::string moe_file, heldout_file;
 };
 
 [[noreturn]] void usage(std::string const& msg) {
   std::fprintf(stderr,
                "factorllm_export: %s\n"
                "usage: factorllm_export [--out DIR] [--model PATH] [--tokenizer PATH] [--experts N] [--top-k K]\n"
-               "                        [--router lsq|par] [--steps S] [--calib N] [--length L] [--forced T]\n"
-               "                        [--prompts P] [--prompt-steps G]\n",
+               "                        [--router lsq|par|par_subset] [--recovery refit|distill|refit+distill] [--scale-k] [--steps S] [--calib N] [--length L] [--forced T]\n"
+               "                        [--prompts P] [--prompt-steps G] [--moe FACTORIZED] [--heldout FILE]\n",
                msg.c_str());
   std::exit(2);
 }
@@ -131,11 +149,22 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--forced") o.forced = integer(i);
     else if (a == "--prompts") o.prompts = integer(i);
     else if (a == "--prompt-steps") o.prompt_steps = integer(i);
+    else if (a == "--moe") o.moe_file = value(i);
+    else if (a == "--scale-k") o.scale_k = true;
+    else if (a == "--heldout") o.heldout_file = value(i);
     else if (a == "--router") {
       std::string const r = value(i);
       if (r == "lsq") o.router = RouterKind::lsq;
       else if (r == "par") o.router = RouterKind::par;
-      else usage("--router must be lsq or par, got '" + r + "'");
+      else if (r == "par_subset") o.router = RouterKind::par_subset;
+      else usage("--router must be lsq, par or par_subset, got '" + r + "'");
+    }
+    else if (a == "--recovery") {
+      std::string const r = value(i);
+      if (r == "refit") o.recovery = RecoveryKind::refit;
+      else if (r == "distill") o.recovery = RecoveryKind::distill;
+      else if (r == "refit+distill") o.recovery = RecoveryKind::refit_distill;
+      else usage("--recovery must be refit, distill or refit+distill, got '" + r + "'");
     }
     else if (a == "-h" || a == "--help") usage("help");
     else usage("unknown argument '" + a + "'");
@@ -179,9 +208,24 @@ fl::moe::Router<float> lsq_router(fl::ffn::ExpertWeights<float> const& experts, 
   return fl::moe::Router<float>(std::move(rw), fl::Vector<float>({ne}));
 }
 
+/// The layer as llama.cpp's MoE computes it: output_scale folded into the down projections (gating output_scale 1).
+/// Exact when the scale is a power of two.
+template <class Layer>
+SimdMoe fold_output_scale(Layer const& a) {
+  fl::moe::Gating g = a.gating();
+  fl::Tensor<float, 3> down = a.experts().down_tensor();
+  for (std::ptrdiff_t i = 0; i < down.size(); ++i) down.data()[i] *= g.output_scale;
+  g.output_scale = 1.f;
+  fl::ffn::ExpertWeights<float> experts(fl::Tensor<float, 3>(a.experts().gate_tensor()),
+                                        fl::Tensor<float, 3>(a.experts().up_tensor()), std::move(down),
+                                        a.experts().partition());
+  return SimdMoe(std::move(experts), a.router(), std::move(g));
+}
+
 /// Converts one dense FFN into a bias-free softmax-TopK-renormalize MoE (steps 1-4 in the file comment).
 SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<float const> x_calib,
-                      std::ptrdiff_t n_experts, std::ptrdiff_t top_k, RouterKind kind, std::uint64_t seed) {
+                      std::ptrdiff_t n_experts, std::ptrdiff_t top_k, RouterKind kind, RecoveryKind recovery,
+                      bool scale_k, std::uint64_t seed) {
   auto const partition = fl::ffn::cluster_activations(dense, x_calib, n_experts, seed);
   auto experts = fl::ffn::factorize(dense, partition);
   fl::moe::Router<float> router;
@@ -192,14 +236,33 @@ SimdMoe convert_layer(fl::ffn::DenseFfnView<float> const& dense, fl::MatrixView<
     fl::train::RouterTrainConfig rc;
     rc.seed = seed;
     rc.train_bias = false;  // llama.cpp and Mixtral have no router bias: it must stay exactly zero
+    if (kind == RouterKind::par_subset) {  // toward the best K-subset; the fidelity report's settings
+      rc.labels = fl::train::LabelKind::subset;
+      rc.steps = 300;
+      rc.batch_tokens = 256;
+      rc.lr = 0.01;
+      rc.loss.balance_weight = rc.loss.par_weight * 0.2;
+    }
     fl::train::train_router(router, x_calib, dense, experts, top_k, rc);
   }
   fl::moe::Gating gating;
   gating.mode = fl::moe::CombineMode::softmax_topk_renorm;
   gating.top_k = top_k;
+  // --scale-k: output scale K during recovery, so equal weights give the plain sum of the K experts (the recipe's and
+  // model/convert.hpp's softmax_renorm choice); folded into the down projections below.
+  if (scale_k) gating.output_scale = static_cast<float>(top_k);
   // The K renormalized weights sum to 1, so the experts must be refitted to reproduce the dense output under them.
-  fl::train::recover_refit(experts, router, gating, x_calib, dense, /*ridge=*/1e-3);
-  return SimdMoe(std::move(experts), std::move(router), std::move(gating));
+  auto const routing = fl::train::fixed_routing(router, gating, x_calib);
+  if (recovery != RecoveryKind::distill) fl::train::recover_refit(experts, routing, x_calib, dense, /*ridge=*/1e-3);
+  if (recovery != RecoveryKind::refit) {  // the fidelity report's distillation: 30 epochs, batch 256, lr 1e-3
+    fl::train::DistillConfig dc;
+    dc.batch_tokens = 256;
+    dc.steps = 30 * static_cast<int>((x_calib.rows() + 255) / 256);
+    dc.lr = 1e-3;
+    dc.seed = seed;
+    fl::train::recover_distill(experts, routing, x_calib, dense, dc);
+  }
+  return fold_output_scale(SimdMoe(std::move(experts), std::move(router), std::move(gating)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -348,18 +411,76 @@ double top1_agreement(Reference const& a, Reference const& b) {
   return static_cast<double>(agree) / static_cast<double>(a.probs.size());
 }
 
+/// Teacher-forced figures on the held-out sequences (the fidelity report's definitions): row t of a sequence predicts
+/// token t + 1; next_token_acc = fraction of positions whose argmax is that token, ppl = exp(mean NLL), top-1
+/// agreement with `dense_argmax` (when given).
+struct Heldout {
+  std::vector<int> argmax;
+  double acc = 0, ppl = 0, top1 = 1;
+};
+Heldout heldout_metrics(fx::Llama2cEngine& engine, std::vector<std::vector<int>> const& seqs,
+                        std::vector<int> const* dense_argmax) {
+  Heldout h;
+  double nll = 0;
+  std::size_t correct = 0, agree = 0;
+  std::ptrdiff_t const vocab = engine.vocab_size();
+  for (auto const& s : seqs) {
+    std::vector<int> const in(s.begin(), s.end() - 1);
+    auto const logits = engine.forward_sequence(in);
+    for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) {
+      float const* row = logits.row(t);
+      int const top = static_cast<int>(fx::Sampler::argmax(row, vocab));
+      double const mx = row[top];
+      double sum = 0;
+      for (std::ptrdiff_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
+      int const target = s[static_cast<std::size_t>(t) + 1];
+      nll -= static_cast<double>(row[target]) - mx - std::log(sum);
+      correct += top == target;
+      if (dense_argmax != nullptr) agree += (*dense_argmax)[h.argmax.size()] == top;
+      h.argmax.push_back(top);
+    }
+  }
+  double const n = static_cast<double>(h.argmax.size());
+  h.acc = static_cast<double>(correct) / n;
+  h.ppl = std::exp(nll / n);
+  if (dense_argmax != nullptr) h.top1 = static_cast<double>(agree) / n;
+  return h;
+}
+
+/// The layers of a factorized file as llama.cpp's MoE computes them (fold_output_scale). The export refuses a
+/// non-zero router bias.
+std::vector<SimdMoe> load_for_llama(std::string const& path) {
+  std::vector<SimdMoe> out;
+  for (auto const& a : fl::io::load_factorized<fl::CpuSimd<>>(path)) {
+    // Refused here, before any reference is computed (the GGUF export would refuse it at the end).
+    auto const bias = a.router().bias();
+    for (std::ptrdiff_t e = 0; e < bias.extent(0); ++e)
+      if (bias(e) != 0.f)
+        throw fl::value_error(path + ": layer " + std::to_string(out.size()) + " has router bias[" + std::to_string(e) +
+                              "] = " + std::to_string(bias(e)) + ", but llama.cpp's MoE has no router bias (train it "
+                              "bias-free: finetune_recipe.py --router-bias none)");
+    out.push_back(fold_output_scale(a));
+  }
+  return out;
+}
+
 int run(Options const& o) {
   auto const t0 = std::chrono::steady_clock::now();
   auto const seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto const ck = fl::io::Llama2cCheckpoint::load(o.model);
   auto const& c = ck.config();
   auto const tok = fl::io::Llama2cTokenizer::load(o.tokenizer, c.vocab_size);
-  if (c.hidden_dim % o.experts != 0)
+  if (o.moe_file.empty() && c.hidden_dim % o.experts != 0)
     usage("--experts " + std::to_string(o.experts) + " does not divide hidden_dim " + std::to_string(c.hidden_dim));
   if (o.steps + 1 > c.seq_len || o.forced > c.seq_len || o.forced < 2) usage("--steps / --forced do not fit seq_len");
   if (kPromptLength + o.prompt_steps > c.seq_len) usage("--prompt-steps does not fit seq_len");
   fs::create_directories(o.out);
-  std::string const moe_tag = "moe-n" + std::to_string(o.experts) + "k" + std::to_string(o.top_k);
+  std::vector<SimdMoe> layers;
+  if (!o.moe_file.empty()) layers = load_for_llama(o.moe_file);
+  int const n_experts = layers.empty() ? o.experts : static_cast<int>(layers[0].n_experts());
+  int const top_k = layers.empty() ? o.top_k : static_cast<int>(layers[0].top_k());
+  std::string const moe_tag =
+      (layers.empty() ? "moe-n" : "ft-n") + std::to_string(n_experts) + "k" + std::to_string(top_k);
 
   // Dense reference, and the teacher-forced sequence: a temperature-1 sample of the dense model (seed 4242), so the
   // forced path differs from the greedy one.
@@ -376,15 +497,34 @@ int run(Options const& o) {
   };
   Reference const dense = reference(engine);
   std::printf("dense greedy: %s\n", tok.decode(dense.greedy).c_str());
+  std::vector<std::vector<int>> heldout;
+  if (o.heldout_file.empty()) {
+    heldout = fx::sample_sequences(engine, 32, 128, 1000000);
+  } else {
+    heldout = nlohmann::json::parse(std::ifstream(o.heldout_file)).get<std::vector<std::vector<int>>>();
+    for (auto const& s : heldout)
+      if (s.size() < 2 || static_cast<int>(s.size()) > c.seq_len ||
+          std::any_of(s.begin(), s.end(), [&](int t) { return t < 0 || t >= c.vocab_size; }))
+        usage(o.heldout_file + ": a held-out sequence is too short, too long or has a token outside the vocabulary");
+  }
+  Heldout const dense_h = heldout_metrics(engine, heldout, nullptr);
+  std::printf("held-out: %zu sequences, %zu positions; dense next_token_acc %.4f, ppl %.3f\n", heldout.size(),
+              dense_h.argmax.size(), dense_h.acc, dense_h.ppl);
 
   // Conversion, bottom-up on calibration text sampled from the dense model.
-  auto const calib = fx::sample_sequences(engine, o.calib, o.length, 1000);
-  std::vector<SimdMoe> layers;
-  fx::convert_layers_in_order(engine, calib, [&](int l, fl::Matrix<float> const& x) -> std::unique_ptr<fx::FfnLayer> {
-    layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k, o.router, kSeed + static_cast<std::uint64_t>(l)));
-    return std::make_unique<fx::MoeFfnLayer>(layers.back(), c.seq_len, moe_tag);
-  });
+  if (layers.empty()) {
+    auto const calib = fx::sample_sequences(engine, o.calib, o.length, 1000);
+    fx::convert_layers_in_order(engine, calib, [&](int l, fl::Matrix<float> const& x) -> std::unique_ptr<fx::FfnLayer> {
+      layers.push_back(convert_layer(ck.ffn(l), x.cview(), o.experts, o.top_k, o.router, o.recovery, o.scale_k, kSeed + static_cast<std::uint64_t>(l)));
+      return std::make_unique<fx::MoeFfnLayer>(layers.back(), c.seq_len, moe_tag);
+    });
+  } else {
+    install_moe(engine, layers, c.seq_len);
+  }
   Reference const moe = reference(engine);
+  Heldout const moe_h = heldout_metrics(engine, heldout, &dense_h.argmax);
+  std::printf("%s held-out: next_token_acc %.4f, retention %.4f, top-1 agreement %.4f, ppl %.3f\n", moe_tag.c_str(),
+              moe_h.acc, moe_h.acc / dense_h.acc, moe_h.top1, moe_h.ppl);
   std::printf("%s greedy: %s\n", moe_tag.c_str(), tok.decode(moe.greedy).c_str());
   std::printf("%s top-1 agreement with dense on the forced sequence: %.3f (%.1fs)\n", moe_tag.c_str(),
               top1_agreement(dense, moe), seconds());
@@ -505,8 +645,15 @@ int run(Options const& o) {
   ref["tokenizer_probe"] = {{"text", probe}, {"tokens", tok.encode(probe, /*bos=*/false, /*eos=*/false)}};
   ref["prompts"] = prompts;
   ref["prompt_steps"] = o.prompt_steps;
-  ref["moe"] = {{"n_experts", o.experts}, {"top_k", o.top_k}, {"d_expert", c.hidden_dim / o.experts},
-                {"router", o.router == RouterKind::lsq ? "lsq" : "par"},
+  ref["moe"] = {{"n_experts", n_experts}, {"top_k", top_k}, {"d_expert", layers[0].d_expert()},
+                {"router", !o.moe_file.empty() ? "file"
+                            : o.router == RouterKind::lsq ? "lsq"
+                            : o.router == RouterKind::par ? "par" : "par_subset"},
+                {"output_scale_k", o.scale_k},
+                {"recovery", !o.moe_file.empty() ? "finetune"
+                              : o.recovery == RecoveryKind::refit ? "refit"
+                              : o.recovery == RecoveryKind::distill ? "distill" : "refit+distill"},
+                {"source", o.moe_file.empty() ? "layer-local conversion" : fs::path(o.moe_file).filename().string()},
                 {"combine_mode", "softmax_topk_renorm"}, {"router_bias", false},
                 {"top1_agreement_with_dense", top1_agreement(dense, moe)}};
   auto outputs = [&](Reference const& r) {
@@ -533,9 +680,15 @@ int run(Options const& o) {
     e["act8"] = outputs(act8);  // CpuSimd's decode path: activations rounded to 8 bits as ggml does (informational)
     return e;
   };
-  ref["models"] = {entry("dense-f32", "F32", "", 0, dense),
+  ref["heldout"] = {{"source", o.heldout_file.empty() ? "sampled: seeds 1000000 + i" : o.heldout_file},
+                    {"sequences", heldout}};
+  auto with_heldout = [](nlohmann::json e, Heldout const& h) {
+    e["heldout"] = {{"argmax", h.argmax}, {"next_token_acc", h.acc}, {"ppl", h.ppl}, {"top1_agreement", h.top1}};
+    return e;
+  };
+  ref["models"] = {with_heldout(entry("dense-f32", "F32", "", 0, dense), dense_h),
                    entry("dense-f16", "F16", "", 0, dense16),
-                   entry(moe_tag + "-f32", "F32", "F32", d_expert, moe),
+                   with_heldout(entry(moe_tag + "-f32", "F32", "F32", d_expert, moe), moe_h),
                    entry(moe_tag + "-f16", "F16", "F16", d_expert, moe16),
                    q_entry("-q8_0", "Q8_0", moe_q8, moe_q8_act8),
                    q_entry("-q4_0", "Q4_0", moe_q4, moe_q4_act8)};

@@ -21,6 +21,18 @@
 //  4. llama.cpp's detokenizer prints our text for the greedy tokens, and its tokenizer encodes a probe text (spaces,
 //     punctuation, digits, newline, UTF-8 byte fallback) to our tokens: the vocabulary conversion is faithful.
 //
+//  7. Held-out fidelity (models whose reference.json entry has "heldout": dense-f32 and the F32 MoE): llama.cpp
+//     teacher-forced on every held-out sequence of reference.json (the fidelity report's 32 x (BOS + 128) by default,
+//     or the recipe's --save-heldout file), and from llama.cpp's OWN logits: next_token_acc (argmax = the sequence's
+//     next token), retention = acc / llama.cpp's dense acc, top-1 agreement with llama.cpp's dense argmax, ppl =
+//     exp(mean NLL of the actual next token). Printed next to our engine's same figures (reference.json). Checked:
+//     llama.cpp's argmax equals our engine's at >= 99% of the positions (F32 weights: only near-ties may flip) and
+//     the two perplexities agree to 1e-3 relative; optional minimum retentions from the environment
+//     (FLLM_MIN_RETENTION_<MODEL NAME with - as _>, e.g. FLLM_MIN_RETENTION_FT_N4K2_F32=0.95) fail the check when
+//     llama.cpp's retention is below them. Measured (4096 positions, F32; llama.cpp's argmax = ours at 100 %, equal
+//     ppl): dense acc 0.6611, ppl 3.343; run_check's layer-local N4K2 retention 0.669; the recipe's fine-tuned
+//     bias-free N4K2 / N4K1 (full run) 0.959 / 0.915; its --quick N4K2 (run_check's CI run, 8 sequences) 0.698.
+//
 // Tolerances (written down once, here):
 //  - F32 weights: 1e-4 absolute. Both engines compute in float32 with different summation orders (ggml's SIMD
 //    dot products vs Eigen); measured differences are a few 1e-6.
@@ -38,7 +50,8 @@
 //  5. against the oracle (the comparison this check exists for), thresholds in kQuant below: on every step of our
 //     greedy paths (BOS and every prompt, each step on our prefix) llama.cpp's argmax is our token for >= 90% of
 //     the steps, teacher-forced argmax agreement >= 90%, max |dp| and max |dlogit| within about 3x what was
-//     measured. Free-running greedy paths are reported only: one step that differs sends a path elsewhere for good.
+//     measured on the layer-local model, or within 1.5x what our own act8 kernels differ from the oracle on the
+//     model checked, whichever is larger (activation rounding moves a fine-tuned model more). Free-running greedy paths are reported only: one step that differs sends a path elsewhere for good.
 //  6. against our CpuSimd decode kernels on the same blocks (reference "act8": they round activations to 8 bits per
 //     block as ggml does, one token per call): checks 2 and 3 with a 0.05 tolerance, and argmax agreement >= 95%.
 // Measured (node-llama-cpp 3.x CPU build on a Xeon with AMX; ggml-cpu's sapphirerapids variant, then with only its
@@ -66,6 +79,10 @@ import {gguf} from "@huggingface/gguf";
 const kTolerance = {F32: 1e-4, F16: 5e-3};
 const kGgmlType = {F32: 0, F16: 1, Q4_0: 2, Q8_0: 8};
 const kMinGreedySteps = 64;
+// Held-out fidelity (check 7): least share of positions where llama.cpp's argmax is our engine's, and the largest
+// relative perplexity difference (F32 weights; measured differences are float summation order only).
+const kHeldoutMinArgmaxAgree = 0.99;
+const kHeldoutMaxPplRel = 1e-3;
 const kMinGreedyAgreeAtTie = 32;
 // Q8_0 / Q4_0 experts: the least agreement accepted with our oracle (check 5) and with our 8-bit-activation kernels
 // (check 6); the header gives the measured figures they were chosen from.
@@ -274,6 +291,39 @@ async function runLlamaCpp(llama, model, exact, refs) {
   return {greedy, results, text, oursText, probeTokens};
 }
 
+/// Check 7: llama.cpp teacher-forced on every held-out sequence; its argmax and the NLL of the actual next token at
+/// every position (row t of a sequence predicts token t + 1), from its own logits.
+async function runHeldout(llama, model, sequences) {
+  const lm = await llama.loadModel({modelPath: path.join(exportDir, model.file)});
+  const context = await lm.createContext({contextSize: 512, batchSize: 512, sequences: 1, threads: 1,
+                                          flashAttention: false, experimentalKvCacheKeyType: "F32",
+                                          experimentalKvCacheValueType: "F32"});
+  const seq = context.getSequence();
+  const argmax = [], nll = [];
+  for (const s of sequences) {
+    await seq.clearHistory();
+    const outs = await seq.controlledEvaluate(s.slice(0, -1).map((t) => [t, {generateNext: {logits: true}}]));
+    for (let t = 0; t + 1 < s.length; ++t) {
+      let best = -1, bestZ = -Infinity, mx = -Infinity;
+      const logits = outs[t].next.logits;
+      for (const [token, z] of logits) {
+        if (z > bestZ || (z === bestZ && token < best)) [best, bestZ] = [token, z];
+        mx = Math.max(mx, z);
+      }
+      let sum = 0, target = -Infinity;
+      for (const [token, z] of logits) {
+        sum += Math.exp(z - mx);
+        if (token === s[t + 1]) target = z;
+      }
+      argmax.push(best);
+      nll.push(-(target - mx - Math.log(sum)));
+    }
+  }
+  await context.dispose();
+  await lm.dispose();
+  return {argmax, nll};
+}
+
 // One thread: the model is tiny, and ggml's worker threads spin while they wait for each other, which on a loaded
 // CI machine made a 128-token run take a minute instead of a fraction of a second.
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error, maxThreads: 1});
@@ -282,6 +332,8 @@ console.log(`llama.cpp through node-llama-cpp (${llama.buildType} CPU build, 1 t
             `${ref.forced_tokens.length} teacher-forced tokens`);
 if (ref.greedy_steps < kMinGreedySteps) fail(`reference has ${ref.greedy_steps} greedy steps, fewer than ${kMinGreedySteps}`);
 const summary = [];
+const heldoutRows = [];
+let llamaDense = null;  // llama.cpp's held-out argmax and acc of dense-f32 (the first model with held-out figures)
 const fmt = (r) => `greedy steps equal on the same prefix ${r.stepEqual}/${r.greedyTotal}; free-running greedy ` +
                    `tokens equal ${r.greedyEqual}/${r.greedyTotal} (BOS ${r.bos.agree}/${r.bos.oursLength}, ` +
                    `prompts ${r.prompts.map((x) => x.agree).join(" ")} of ${ref.prompt_steps}); teacher-forced ` +
@@ -321,12 +373,27 @@ for (const model of ref.models) {
     exactChecks(r, kTolerance[model.weight_type], "");
   } else {
     // Check 5: against the oracle, the agreement activation rounding leaves.
-    const q = kQuant[model.expert_type];
+    // The max |dp| / |dlogit| bounds: the fixed ones of kQuant, or 1.5 x what activation rounding alone moves in
+    // THIS model, measured on our own engine (act8 kernels vs the oracle on the same blocks, both in reference.json),
+    // whichever is larger. A fine-tuned model's larger experts can make one router near-tie flip under 8-bit
+    // activations (measured on the recipe's N=4 K=2 Q8_0 model: our act8 vs oracle max |dp| 0.126, |dlogit| 3.54,
+    // exactly what llama.cpp shows; check 6 then requires llama.cpp to equal our act8 kernels within 0.05).
+    let oursDp = 0, oursDlogit = 0;
+    for (let t = 0; t < ref.forced_tokens.length; ++t)
+      for (let v = 0; v < ref.vocab_size; ++v) {
+        oursDp = Math.max(oursDp, Math.abs(model.act8.forced_probs[t][v] - model.forced_probs[t][v]));
+        oursDlogit = Math.max(oursDlogit, Math.abs(model.act8.forced_logits[t][v] - model.forced_logits[t][v]));
+      }
+    const q = {...kQuant[model.expert_type]};
+    q.maxDp = Math.max(q.maxDp, 1.5 * oursDp);
+    q.maxDlogit = Math.max(q.maxDlogit, 1.5 * oursDlogit);
     for (const [where, x] of [["from BOS", r.bos], ...r.prompts.map((y, i) => [`prompt ${i}`, y])])
       if (x.agree < x.oursLength) console.log(`    oracle, ${divergence(where, x)}`);
     const frac = r.stepEqual / r.greedyTotal;
+    console.log(`    our act8 kernels vs the oracle (activation rounding alone): max |dp| ${oursDp.toExponential(2)}, ` +
+                `max |dlogit| ${oursDlogit.toExponential(2)}`);
     console.log(`    thresholds: greedy steps equal >= ${100 * q.minGreedy}% (measured ${(100 * frac).toFixed(1)}%), argmax ` +
-                `agreement >= ${100 * q.minArgmax}%, max |dp| <= ${q.maxDp}, max |dlogit| <= ${q.maxDlogit}`);
+                `agreement >= ${100 * q.minArgmax}%, max |dp| <= ${q.maxDp.toPrecision(3)}, max |dlogit| <= ${q.maxDlogit.toPrecision(3)}`);
     if (!(frac >= q.minGreedy)) fail(`${model.name}: greedy steps equal ${r.stepEqual}/${r.greedyTotal} < ${q.minGreedy}`);
     if (!(r.argmaxAgree >= q.minArgmax)) fail(`${model.name}: teacher-forced argmax agreement ${r.argmaxAgree} < ${q.minArgmax}`);
     if (!(r.maxDiff <= q.maxDp)) fail(`${model.name}: max probability difference ${r.maxDiff} > ${q.maxDp}`);
@@ -351,6 +418,53 @@ for (const model of ref.models) {
   const r16 = run16.results[0];
   console.log(`  llama.cpp defaults (F16 KV cache, flash attention auto; informational): greedy equal ${r16.greedyEqual}/${r16.greedyTotal}, ` +
               `max |dp| = ${r16.maxDiff.toExponential(2)}`);
+  // Check 7: held-out fidelity from llama.cpp's own probabilities.
+  let heldout;
+  if (model.heldout && ref.heldout) {
+    const seqs = ref.heldout.sequences;
+    const h = await runHeldout(llama, model, seqs);
+    const n = h.argmax.length;
+    let correct = 0, agreeOurs = 0, k = 0;
+    for (const s of seqs)
+      for (let t = 0; t + 1 < s.length; ++t, ++k) {
+        correct += h.argmax[k] === s[t + 1];
+        agreeOurs += h.argmax[k] === model.heldout.argmax[k];
+      }
+    const acc = correct / n, ppl = Math.exp(h.nll.reduce((a, b) => a + b, 0) / n);
+    if (!model.moe) llamaDense = {argmax: h.argmax, acc, ppl};
+    let top1 = null;
+    if (llamaDense) {
+      let a = 0;
+      for (let i = 0; i < n; ++i) a += h.argmax[i] === llamaDense.argmax[i];
+      top1 = a / n;
+    }
+    const denseOurs = ref.models.find((m) => !m.moe && m.heldout)?.heldout;
+    heldout = {positions: n, sequences: seqs.length,
+               llama_cpp: {next_token_acc: acc, retention: llamaDense ? acc / llamaDense.acc : null,
+                           top1_agreement_with_dense: top1, ppl},
+               factorllm: {next_token_acc: model.heldout.next_token_acc,
+                           retention: denseOurs ? model.heldout.next_token_acc / denseOurs.next_token_acc : null,
+                           top1_agreement_with_dense: model.heldout.top1_agreement, ppl: model.heldout.ppl},
+               argmax_agreement_llama_vs_factorllm: agreeOurs / n};
+    const f = (x) => (x === null ? "-" : x.toFixed(4));
+    console.log(`  held-out (${seqs.length} sequences, ${n} positions): llama.cpp acc ${f(acc)}, retention ` +
+                `${f(heldout.llama_cpp.retention)}, top-1 vs dense ${f(top1)}, ppl ${ppl.toFixed(3)} | factorllm acc ` +
+                `${f(model.heldout.next_token_acc)}, retention ${f(heldout.factorllm.retention)}, top-1 vs dense ` +
+                `${f(model.heldout.top1_agreement)}, ppl ${model.heldout.ppl.toFixed(3)} | argmax llama.cpp = ours at ` +
+                `${(100 * agreeOurs / n).toFixed(2)}% of positions`);
+    if (!(agreeOurs / n >= kHeldoutMinArgmaxAgree))
+      fail(`${model.name}: held-out argmax agreement with our engine ${agreeOurs / n} < ${kHeldoutMinArgmaxAgree}`);
+    if (!(Math.abs(ppl - model.heldout.ppl) <= kHeldoutMaxPplRel * model.heldout.ppl))
+      fail(`${model.name}: held-out ppl ${ppl} in llama.cpp vs ${model.heldout.ppl} in our engine`);
+    const minKey = `FLLM_MIN_RETENTION_${model.name.toUpperCase().replace(/[^A-Z0-9]/g, "_")}`;
+    if (process.env[minKey] !== undefined && model.moe) {
+      const min = Number(process.env[minKey]);
+      console.log(`    ${minKey}=${min}`);
+      if (!(heldout.llama_cpp.retention >= min))
+        fail(`${model.name}: llama.cpp held-out retention ${heldout.llama_cpp.retention} < ${min} (${minKey})`);
+    }
+    heldoutRows.push({name: model.name, ...heldout});
+  }
   const stats = (x) => ({greedy_steps_equal: x.stepEqual, greedy_equal: x.greedyEqual, greedy_total: x.greedyTotal,
                          bos_greedy_equal: x.bos.agree,
                          prompt_greedy_equal: x.prompts.map((y) => y.agree), max_prob_diff: x.maxDiff,
@@ -359,8 +473,21 @@ for (const model of ref.models) {
                 moe: model.moe, greedy_steps: run.greedy.length, ...stats(r),
                 ...(quant ? {criteria: kQuant[model.expert_type], act8: stats(run.results[1])}
                           : {tolerance: kTolerance[model.weight_type]}),
-                f16_kv_greedy_equal: r16.greedyEqual, f16_kv_max_prob_diff: r16.maxDiff, greedy_text: model.greedy_text});
+                f16_kv_greedy_equal: r16.greedyEqual, f16_kv_max_prob_diff: r16.maxDiff, greedy_text: model.greedy_text,
+                ...(heldout ? {heldout} : {})});
 }
-fs.writeFileSync(path.join(exportDir, "llama_cpp_check.json"), JSON.stringify({failures, models: summary}, null, 2));
+if (heldoutRows.length > 0) {
+  console.log(`\nheld-out fidelity (${ref.heldout.source}; acc = next-token accuracy, ret = acc / dense acc, top1 = ` +
+              `argmax agreement with dense, each engine against its own dense run):`);
+  console.log("  model                 llama.cpp: acc    ret    top1   ppl    | factorllm: acc    ret    top1   ppl");
+  const f = (x, d = 4) => (x === null || x === undefined ? "  -   " : x.toFixed(d));
+  for (const r of heldoutRows)
+    console.log(`  ${r.name.padEnd(22)}           ${f(r.llama_cpp.next_token_acc)} ${f(r.llama_cpp.retention)} ` +
+                `${f(r.llama_cpp.top1_agreement_with_dense)} ${f(r.llama_cpp.ppl, 3)} |            ` +
+                `${f(r.factorllm.next_token_acc)} ${f(r.factorllm.retention)} ${f(r.factorllm.top1_agreement_with_dense)} ` +
+                `${f(r.factorllm.ppl, 3)}`);
+}
+fs.writeFileSync(path.join(exportDir, "llama_cpp_check.json"),
+                 JSON.stringify({failures, models: summary, heldout: heldoutRows}, null, 2));
 console.log(failures.length === 0 ? "\nllama.cpp check: PASSED" : `\nllama.cpp check: FAILED (${failures.length})`);
 process.exit(failures.length === 0 ? 0 : 1);

@@ -4,7 +4,10 @@
 # @huggingface/gguf with npm into BUILD_DIR/llama_check, checks factorllm's q8_0 / q4_0 quantization against the
 # ggml library that package ships (tests/llama_cpp/ggml_quant_check.cpp), converts stories260K with factorllm_export
 # (dense and a K-of-N MoE, F32 and F16; the MoE also with Q8_0 and Q4_0 experts), then compares llama.cpp with
-# factorllm's engine (tests/llama_cpp/check.mjs).
+# factorllm's engine (tests/llama_cpp/check.mjs), including held-out accuracy, retention, top-1 agreement and
+# perplexity from llama.cpp's own logits. Then the same for the two-stage recipe's fine-tuned, bias-free model
+# (examples/03_finetune_recipe --quick --router-bias none --save; FLLM_FT_MOE / FLLM_FT_HELDOUT select a saved one).
+# FLLM_EXPORT_ARGS: extra factorllm_export options for the layer-local conversion (e.g. --router par_subset).
 #
 # Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
 # Exit status: 0 when the check passes, or when it is SKIPPED (printed) because Node >= 20 / npm is missing or the npm
@@ -63,6 +66,44 @@ fi
 # ---- Export with factorllm, then compare in llama.cpp. ----
 # One OpenMP thread unless the caller says otherwise: the model is tiny, threads only add synchronization (spinning
 # on a loaded CI machine made the export ten times slower), and results are identical for any thread count.
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$exporter" --out "$work/export"
-cd "$work"
-node check.mjs "$work/export"
+# (a) the layer-local exportable conversion (examples/04_export: clustering partition, bias-free router, refit).
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$exporter" --out "$work/export" ${FLLM_EXPORT_ARGS:-}
+rc=0
+(cd "$work" && node check.mjs "$work/export") || rc=1
+
+# (b) the recipe's fine-tuned, bias-free model (examples/03_finetune_recipe --router-bias none --save): by default
+# a --quick run here (N=4 K=2, ~30 s); FLLM_FT_MOE=FILE (and FLLM_FT_HELDOUT=FILE, its --save-heldout) checks a model
+# saved by a full run instead. factorllm_export --moe writes the GGUF files (output scale folded into the down
+# projections) and our engine's reference; where the factorllm CLI is built (tools/factorllm), its
+# `factorllm export --moe` file replaces the F32 GGUF, so llama.cpp runs the CLI's export.
+shared="${FACTORLLM_SHARED_DIR:-$repo_root/../shared}"
+ft_moe="${FLLM_FT_MOE:-}"
+ft_heldout="${FLLM_FT_HELDOUT:-}"
+if [ -z "$ft_moe" ]; then
+  python="${FACTORLLM_TORCH_PYTHON:-/usr/bin/python3}"
+  torch_lib="$build_dir/examples/torch_ops/libfactorllm_torch.so"
+  if [ -f "$torch_lib" ] && "$python" -c "import torch, numpy" >/dev/null 2>&1; then
+    mkdir -p "$work/ft"
+    FACTORLLM_TORCH_LIB="$torch_lib" OMP_NUM_THREADS=1 "$python" "$repo_root/examples/03_finetune_recipe/finetune_recipe.py" \
+      --quick --configs 4:2 --router-bias none --model "$shared/models/stories260K.bin" \
+      --tokenizer "$shared/models/tok512.bin" --save "$work/ft/moe.safetensors" --save-heldout "$work/ft/heldout.json"
+    ft_moe="$work/ft/moe.safetensors"
+    ft_heldout="$work/ft/heldout.json"
+  else
+    echo "SKIPPED: llama.cpp check of the fine-tuned model: needs $torch_lib (FACTORLLM_BUILD_TORCH) and $python with torch and numpy"
+  fi
+fi
+if [ -n "$ft_moe" ]; then
+  rm -rf "$work/export_ft"
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$exporter" --out "$work/export_ft" --moe "$ft_moe" \
+    ${ft_heldout:+--heldout "$ft_heldout"}
+  cli="$build_dir/tools/factorllm"
+  if [ -x "$cli" ]; then
+    f32="$(cd "$work/export_ft" && ls ft-n*k*-f32.gguf)"
+    "$cli" export "$shared/models/stories260K.bin" --moe "$ft_moe" -o "$work/export_ft/$f32" --format gguf --type f32 \
+      --tokenizer "$shared/models/tok512.bin"
+    echo "llama.cpp runs $f32 as written by factorllm export (tools/factorllm)"
+  fi
+  (cd "$work" && node check.mjs "$work/export_ft") || rc=1
+fi
+exit $rc
