@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../examples/common/llama2c_engine.hpp"
+#include "reference/model_fixtures.hpp"
 #include "reference/io_fixtures.hpp"
 
 namespace {
@@ -226,59 +227,13 @@ TEST_CASE("hf_llama: write_hf_llama refuses what HF Llama cannot hold", "[io][hf
 
 /// A small random model in our layout: d_model 64, 4 heads of 16, 2 key/value heads (GQA), d_ff 96, 2 layers.
 LlamaModel random_model(bool tied, bool biases, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  auto fill = [&](auto& t) {
-    for (std::ptrdiff_t i = 0; i < t.size(); ++i) t.data()[i] = u(rng);
-  };
-  LlamaModel m;
-  auto& c = m.config;
-  c.architecture = biases ? "qwen2" : "llama";
-  c.d_model = 64;
-  c.d_ff = 96;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 50;
-  c.context_length = 128;
-  c.rope_theta = 500000.0;
-  c.rms_norm_eps = 1e-6;
-  c.tied_embeddings = tied;
-  m.source = "random";
-  m.token_embedding = fl::Matrix<float>({50, 64});
-  fill(m.token_embedding);
-  for (int l = 0; l < 2; ++l) {
-    fl::model::LlamaLayer L;
-    L.attn_norm = fl::Vector<float>({64});
-    L.wq = fl::Matrix<float>({64, 64});
-    L.wk = fl::Matrix<float>({32, 64});
-    L.wv = fl::Matrix<float>({32, 64});
-    L.wo = fl::Matrix<float>({64, 64});
-    L.ffn_norm = fl::Vector<float>({64});
-    L.ffn = fl::ffn::DenseFfn<float>{fl::Matrix<float>({96, 64}), fl::Matrix<float>({96, 64}),
-                                     fl::Matrix<float>({64, 96})};
-    for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn.gate, &L.ffn.up, &L.ffn.down}) fill(*t);
-    fill(L.attn_norm);
-    fill(L.ffn_norm);
-    if (biases) {
-      L.bq = fl::Vector<float>({64});
-      L.bk = fl::Vector<float>({32});
-      L.bv = fl::Vector<float>({32});
-      fill(L.bq);
-      fill(L.bk);
-      fill(L.bv);
-    }
-    m.layers.push_back(std::move(L));
-  }
-  m.final_norm = fl::Vector<float>({64});
-  fill(m.final_norm);
-  if (!tied) {
-    m.classifier = fl::Matrix<float>({50, 64});
-    fill(m.classifier);
-  }
-  m.validate();
-  return m;
+  fixture::RandomModelShape shape;
+  shape.d_model = 64;
+  shape.vocab_size = 50;
+  shape.context_length = 128;
+  shape.tied = tied;
+  shape.biases = biases;
+  return fixture::random_llama_model(shape, seed);
 }
 
 /// transformers' layout of a q/k projection, written as a plain loop independent of the library: in each head,

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "reference/model_fixtures.hpp"
 #include "reference/shared_data.hpp"
 
 namespace {
@@ -40,54 +41,9 @@ void fill(T& t, std::mt19937& rng, float scale, float offset = 0.f) {
 
 /// A small random model exercising everything the engine supports.
 LlamaModel random_model(bool biases) {
-  std::mt19937 rng(7);
-  LlamaModel m;
-  auto& c = m.config;
-  c.architecture = biases ? "qwen2" : "llama";
-  c.d_model = 48;
-  c.d_ff = 96;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;  // q_dim 64 != d_model
-  c.vocab_size = 40;
-  c.context_length = 32;
-  c.rope_theta = 500000.0;
-  c.rms_norm_eps = 1e-6;
-  c.tied_embeddings = false;
-  m.source = "random model";
-  std::ptrdiff_t const d = c.d_model, q = c.q_dim(), kv = c.kv_dim(), f = c.d_ff, v = c.vocab_size;
-  m.token_embedding = fl::Matrix<float>({v, d});
-  fill(m.token_embedding, rng, 1.f);
-  m.classifier = fl::Matrix<float>({v, d});
-  fill(m.classifier, rng, 0.2f);
-  m.final_norm = fl::Vector<float>({d});
-  fill(m.final_norm, rng, 0.1f, 1.f);
-  for (int l = 0; l < c.n_layers; ++l) {
-    fl::model::LlamaLayer L;
-    L.attn_norm = fl::Vector<float>({d});
-    L.ffn_norm = fl::Vector<float>({d});
-    fill(L.attn_norm, rng, 0.1f, 1.f);
-    fill(L.ffn_norm, rng, 0.1f, 1.f);
-    L.wq = fl::Matrix<float>({q, d});
-    L.wk = fl::Matrix<float>({kv, d});
-    L.wv = fl::Matrix<float>({kv, d});
-    L.wo = fl::Matrix<float>({d, q});
-    for (auto* w : {&L.wq, &L.wk, &L.wv, &L.wo}) fill(*w, rng, 0.15f);
-    if (biases) {
-      L.bq = fl::Vector<float>({q});
-      L.bk = fl::Vector<float>({kv});
-      L.bv = fl::Vector<float>({kv});
-      for (auto* b : {&L.bq, &L.bk, &L.bv}) fill(*b, rng, 0.3f);
-    }
-    L.ffn = fl::ffn::DenseFfn<float>{fl::Matrix<float>({f, d}), fl::Matrix<float>({f, d}), fl::Matrix<float>({d, f})};
-    fill(L.ffn.gate, rng, 0.15f);
-    fill(L.ffn.up, rng, 0.15f);
-    fill(L.ffn.down, rng, 0.15f);
-    m.layers.push_back(std::move(L));
-  }
-  m.validate();
-  return m;
+  fixture::RandomModelShape shape;
+  shape.biases = biases;
+  return fixture::random_llama_model(shape, 7);
 }
 
 using Vec = std::vector<double>;

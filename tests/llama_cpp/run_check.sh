@@ -6,7 +6,8 @@
 # (dense and a K-of-N MoE, F32 and F16; the MoE also with Q8_0 and Q4_0 experts), then compares llama.cpp with
 # factorllm's engine (tests/llama_cpp/check.mjs), including held-out accuracy, retention, top-1 agreement and
 # perplexity from llama.cpp's own logits. Then the same for the two-stage recipe's fine-tuned, bias-free model
-# (examples/03_finetune_recipe --quick --router-bias none --save; FLLM_FT_MOE / FLLM_FT_HELDOUT select a saved one).
+# (examples/03_finetune_recipe --quick --router-bias none --save; FLLM_FT_MOE / FLLM_FT_HELDOUT select a saved one),
+# and for the best exportable layer-local conversion, made by `factorllm convert` (tools/factorllm).
 # FLLM_EXPORT_ARGS: extra factorllm_export options for the layer-local conversion (e.g. --router par_subset).
 #
 # Usage: bash tests/llama_cpp/run_check.sh [BUILD_DIR]     (default: build; builds factorllm_export there if missing)
@@ -93,17 +94,34 @@ if [ -z "$ft_moe" ]; then
     echo "SKIPPED: llama.cpp check of the fine-tuned model: needs $torch_lib (FACTORLLM_BUILD_TORCH) and $python with torch and numpy"
   fi
 fi
-if [ -n "$ft_moe" ]; then
-  rm -rf "$work/export_ft"
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$exporter" --out "$work/export_ft" --moe "$ft_moe" \
-    ${ft_heldout:+--heldout "$ft_heldout"}
-  cli="$build_dir/tools/factorllm"
+# Exports a factorized MoE file with factorllm_export --moe into $work/$2 (our engine's reference included), has the
+# CLI's `factorllm export` write the F32 GGUF llama.cpp runs when the CLI is built, and runs check.mjs on it.
+check_factorized() {  # check_factorized FACTORIZED OUT_SUBDIR [HELDOUT]
+  local moe="$1" out="$work/$2" heldout="${3:-}"
+  rm -rf "$out"
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$exporter" --out "$out" --moe "$moe" ${heldout:+--heldout "$heldout"}
+  local cli="$build_dir/tools/factorllm"
   if [ -x "$cli" ]; then
-    f32="$(cd "$work/export_ft" && ls ft-n*k*-f32.gguf)"
-    "$cli" export "$shared/models/stories260K.bin" --moe "$ft_moe" -o "$work/export_ft/$f32" --format gguf --type f32 \
+    local f32
+    f32="$(cd "$out" && ls ft-n*k*-f32.gguf)"
+    "$cli" export "$shared/models/stories260K.bin" --moe "$moe" -o "$out/$f32" --format gguf --type f32 \
       --tokenizer "$shared/models/tok512.bin"
     echo "llama.cpp runs $f32 as written by factorllm export (tools/factorllm)"
   fi
-  (cd "$work" && node check.mjs "$work/export_ft") || rc=1
+  (cd "$work" && node check.mjs "$out") || rc=1
+}
+if [ -n "$ft_moe" ]; then
+  check_factorized "$ft_moe" export_ft "$ft_heldout"
+fi
+
+# (c) the best exportable layer-local conversion, made by the CLI with its defaults (co-activation partition,
+# bias-free router toward the best K-subset, refit + distill, 256 self-sampled calibration sequences).
+cli="$build_dir/tools/factorllm"
+if [ -x "$cli" ]; then
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$cli" convert "$shared/models/stories260K.bin" -o "$work/layer_local.safetensors" \
+    --experts 4 --top-k 2 --gating softmax_renorm
+  check_factorized "$work/layer_local.safetensors" export_layer_local "$ft_heldout"
+else
+  echo "SKIPPED: llama.cpp check of the CLI's layer-local conversion: $cli is not built"
 fi
 exit $rc

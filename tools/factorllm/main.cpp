@@ -297,7 +297,7 @@ char const* const kConvertHelp =
     "  --gating G             plain_sum | softmax_renorm (default softmax_renorm for gguf / mixtral, else plain_sum);\n"
     "                         softmax_renorm trains a bias-free router, which llama.cpp and Mixtral can run\n"
     "  --calib FILE           calibration token ids (JSON [[ids...]...] or one sequence per line)\n"
-    "  --self-sample N        else: N sequences sampled from the dense model itself (default 96, seeds 1000 + i)\n"
+    "  --self-sample N        else: N sequences sampled from the dense model itself (default 256, seeds 1000 + i)\n"
     "  --length T             tokens per sampled sequence after BOS (default 128)\n"
     "  --format F             factorized (= safetensors, default) | gguf | mixtral\n"
     "  --type T               f32 | f16 | bf16 storage of the weights (default f32)\n"
@@ -362,7 +362,7 @@ int cmd_convert(int argc, char** argv) {
     calib = read_sequences(*file, m.config.vocab_size);
   } else {
     fl::model::LlamaEngine dense(m);
-    int const n = static_cast<int>(a.integer("self-sample", 96, 1, 1000000));
+    int const n = static_cast<int>(a.integer("self-sample", 256, 1, 1000000));
     calib = sample_with_progress(dense, n, default_length(dense, a), 1000, "sampling");
   }
   std::fprintf(stderr, "converting: %s\n", cfg.label().c_str());

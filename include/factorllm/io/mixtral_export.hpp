@@ -19,6 +19,7 @@
 #include "detail/file.hpp"
 #include "../model/llama_model.hpp"
 #include "detail/rope_layout.hpp"
+#include "hf_llama.hpp"
 #include "llama2c.hpp"
 #include "moe_export.hpp"
 #include "safetensors.hpp"
@@ -92,40 +93,21 @@ nlohmann::json mixtral_config(model::LlamaModel const& m, std::vector<moe::MoeFf
                               MixtralExportOptions const& options = {}) {
   check_moe_layers_fit(m.config, layers, "mixtral_config");
   check_softmax_topk_renorm_expressible(layers, "Mixtral");
-  auto const& c = m.config;
-  char const* const torch_dtype = options.dtype == SafetensorsDtype::f16    ? "float16"
-                                  : options.dtype == SafetensorsDtype::bf16 ? "bfloat16"
-                                                                            : "float32";
-  std::int64_t const bos = m.vocab && m.vocab->bos_id >= 0 ? m.vocab->bos_id : Llama2cTokenizer::kBos;
-  std::int64_t const eos = m.vocab && m.vocab->eos_id >= 0 ? m.vocab->eos_id : Llama2cTokenizer::kEos;
-  return nlohmann::json{
-      {"architectures", {"MixtralForCausalLM"}},
-      {"model_type", "mixtral"},
-      {"hidden_size", c.d_model},
-      {"intermediate_size", layers[0]->d_expert()},  // Mixtral's intermediate_size is per expert
-      {"num_hidden_layers", c.n_layers},
-      {"num_attention_heads", c.n_heads},
-      {"num_key_value_heads", c.n_kv_heads},
-      {"head_dim", c.head_dim},
-      {"hidden_act", "silu"},
-      {"max_position_embeddings", c.context_length},
-      {"rms_norm_eps", c.rms_norm_eps},
-      {"rope_theta", c.rope_theta},
-      {"num_local_experts", layers[0]->n_experts()},
-      {"num_experts_per_tok", layers[0]->top_k()},
-      {"router_aux_loss_coef", 0.02},
-      {"router_jitter_noise", 0.0},
-      {"output_router_logits", false},
-      {"vocab_size", c.vocab_size},
-      {"tie_word_embeddings", c.tied_embeddings},
-      {"bos_token_id", bos},
-      {"eos_token_id", eos},
-      {"sliding_window", nullptr},
-      {"attention_dropout", 0.0},
-      {"initializer_range", 0.02},
-      {"use_cache", true},
-      {"torch_dtype", torch_dtype},
-  };
+  // The Llama fields (sizes, RoPE, norms, dtype, bos/eos) as the HF writer spells them, then Mixtral's own.
+  nlohmann::json j = detail::hf_config_json(m, options.dtype, false);
+  for (char const* key : {"attention_bias", "mlp_bias", "use_sliding_window"}) j.erase(key);
+  j["architectures"] = {"MixtralForCausalLM"};
+  j["model_type"] = "mixtral";
+  j["intermediate_size"] = layers[0]->d_expert();  // Mixtral's intermediate_size is per expert
+  j["num_local_experts"] = layers[0]->n_experts();
+  j["num_experts_per_tok"] = layers[0]->top_k();
+  j["router_aux_loss_coef"] = 0.02;
+  j["router_jitter_noise"] = 0.0;
+  j["output_router_logits"] = false;
+  j["sliding_window"] = nullptr;
+  if (!j.contains("bos_token_id")) j["bos_token_id"] = Llama2cTokenizer::kBos;
+  if (!j.contains("eos_token_id")) j["eos_token_id"] = Llama2cTokenizer::kEos;
+  return j;
 }
 
 /// mixtral_config for a llama2.c checkpoint whose FFNs are replaced by `layers`.
