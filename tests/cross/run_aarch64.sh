@@ -47,11 +47,13 @@ start=$SECONDS
 lap=$SECONDS
 step() { printf 'run_aarch64: %s: %ds\n' "$1" "$((SECONDS - lap))"; lap=$SECONDS; }
 
-# Benchmarks, examples and the PyTorch extension are not built: the tests cover the library, and libtorch has
-# no arm64 build here. -Werror as in the native CI build: aarch64-only warnings fail too.
+# Benchmarks, examples, the command-line tool and the PyTorch extension are not built: the tests cover the library
+# (the tool is library calls plus argument parsing; its end-to-end test runs natively), and libtorch has no arm64
+# build here. -Werror as in the native CI build: aarch64-only warnings fail too.
 cmake -S "$root" -B "$build" -DCMAKE_TOOLCHAIN_FILE="$toolchain" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_FLAGS="-Wall -Wextra -Werror" \
-  -DFACTORLLM_BUILD_BENCHMARKS=OFF -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_TORCH=OFF "${extra_args[@]}"
+  -DFACTORLLM_BUILD_BENCHMARKS=OFF -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_TOOLS=OFF \
+  -DFACTORLLM_BUILD_TORCH=OFF "${extra_args[@]}"
 step configure
 
 # Building also lists each executable's test cases (catch_discover_tests runs it through QEMU).
