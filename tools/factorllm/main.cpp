@@ -209,8 +209,17 @@ std::vector<fl::model::TokenSequence> sample_with_progress(fl::model::LlamaEngin
   return out;
 }
 
-int default_length(fl::model::LlamaEngine const& e, Args const& a) {
-  return static_cast<int>(a.integer("length", std::min(128, e.max_seq_len() - 1), 1, e.max_seq_len() - 1));
+/// Tokens per sampled sequence after BOS: --length, default 128, at most the model's context - 1.
+int sample_length(fl::model::LlamaConfig const& c, Args const& a) {
+  std::int64_t const most = std::max<std::int64_t>(1, std::min<std::int64_t>(c.context_length - 1, 1 << 20));
+  return static_cast<int>(a.integer("length", std::min<std::int64_t>(128, most), 1, most));
+}
+
+/// The longest sequence of a set (what an engine must hold).
+std::int64_t longest(std::vector<fl::model::TokenSequence> const& seqs) {
+  std::size_t n = 1;
+  for (auto const& s : seqs) n = std::max(n, s.size());
+  return static_cast<std::int64_t>(n);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -361,9 +370,10 @@ int cmd_convert(int argc, char** argv) {
   if (auto const file = a.get("calib")) {
     calib = read_sequences(*file, m.config.vocab_size);
   } else {
-    fl::model::LlamaEngine dense(m);
     int const n = static_cast<int>(a.integer("self-sample", 256, 1, 1000000));
-    calib = sample_with_progress(dense, n, default_length(dense, a), 1000, "sampling");
+    int const length = sample_length(m.config, a);
+    fl::model::LlamaEngine dense(m, length + 1);
+    calib = sample_with_progress(dense, n, length, 1000, "sampling");
   }
   std::fprintf(stderr, "converting: %s\n", cfg.label().c_str());
   auto const t1 = Clock::now();
@@ -445,17 +455,22 @@ int cmd_eval(int argc, char** argv) {
     throw fl::value_error(fl::detail::concat("eval: ", moe.source, " (vocab ", moe.config.vocab_size, ", d_model ",
                                              moe.config.d_model, ") is not a conversion of ", dense.source, " (vocab ",
                                              dense.config.vocab_size, ", d_model ", dense.config.d_model, ")"));
-  fl::model::LlamaEngine dense_engine(dense);
   std::vector<fl::model::TokenSequence> heldout;
   if (auto const file = a.get("heldout")) {
     heldout = read_sequences(*file, dense.config.vocab_size);
   } else {
     int const n = static_cast<int>(a.integer("sequences", 32, 1, 1000000));
-    heldout = sample_with_progress(dense_engine, n, default_length(dense_engine, a), 1000000, "sampling");
+    int const length = sample_length(dense.config, a);
+    fl::model::LlamaEngine sampler(dense, length + 1);
+    heldout = sample_with_progress(sampler, n, length, 1000000, "sampling");
   }
+  if (longest(heldout) > dense.config.context_length)
+    throw fl::value_error(fl::detail::concat("eval: a held-out sequence of ", longest(heldout),
+                                             " tokens exceeds the model's context of ", dense.config.context_length));
+  fl::model::LlamaEngine dense_engine(dense, longest(heldout));
   fl::model::DenseReference ref;
   fl::model::Metrics const d = fl::model::evaluate(dense_engine, heldout, &ref, nullptr);
-  fl::model::LlamaEngine moe_engine(moe);
+  fl::model::LlamaEngine moe_engine(moe, longest(heldout));
   fl::model::Metrics const m = fl::model::evaluate(moe_engine, heldout, nullptr, &ref);
   if (a.flag("json")) {
     json j{{"dense", dense.source}, {"moe", moe.source}, {"sequences", heldout.size()},

@@ -4,6 +4,7 @@
 // one layer at a time bottom-up, each layer calibrated on the inputs the already converted layers below produce.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -248,7 +249,9 @@ inline LayerStats convert_model(LlamaModel& m, std::vector<TokenSequence> const&
   cfg.validate(m.config.d_ff);
   if (cfg.shared != 0) throw value_error("convert_model: shared experts cannot be stored in a LlamaModel layer");
   if (m.has_moe()) throw value_error(factorllm::detail::concat("convert_model: ", m.source, " already has MoE layers"));
-  LlamaEngine engine(m);
+  std::size_t longest = 1;
+  for (auto const& seq : calibration) longest = std::max(longest, seq.size());
+  LlamaEngine engine(m, static_cast<std::int64_t>(longest));
   LayerStats mean;
   int const n_layers = engine.n_layers();
   for (int l = 0; l < n_layers; ++l) {

@@ -173,9 +173,11 @@ using FfnInputHook = std::function<void(int layer, std::ptrdiff_t pos0, MatrixVi
 /// the model).
 class LlamaEngine {
  public:
-  /// Builds the engine, allocating the KV cache for min(config.context_length, max_context) positions.
+  /// Builds the engine for min(config.context_length, max_context) positions: the KV cache ([n_layers, positions,
+  /// kv_dim] twice), the activations and the logits ([positions, vocab_size]) are allocated for that many, so pass
+  /// what the sequences need (a model's context_length of 128k positions would cost tens of GiB of logits alone).
   /// \throws format_error if the model does not validate; value_error if max_context < 1.
-  explicit LlamaEngine(LlamaModel const& model, std::int64_t max_context = std::int64_t{1} << 16)
+  explicit LlamaEngine(LlamaModel const& model, std::int64_t max_context = 4096)
       : model_(&model), cfg_(model.config) {
     model.validate();
     if (max_context < 1) throw value_error(factorllm::detail::concat("LlamaEngine: max_context must be >= 1, got ", max_context));
