@@ -8,7 +8,11 @@ measures on held-out sequences with the fidelity report's definitions and writes
 
 Usage (Debian's python with torch; 2 threads):
     /usr/bin/python3 examples/03_finetune_recipe/finetune_recipe.py [--configs 4:2 4:1 8:2] [--csv PATH]
-        [--append] [--steps 2000] [--batch 16] [--partition contiguous] [--quick]
+        [--append] [--steps 2000] [--batch 16] [--partition contiguous] [--quick] [--init FACTORIZED]
+        [--router-bias none] [--save PATH] [--save-heldout FILE]
+
+--init FACTORIZED starts stage B from the MoE layers of a factorized safetensors file (factorllm convert's output or
+a previous --save) instead of factorizing and running stage A.
 
 Held-out set = the fidelity report's: 32 sequences of BOS + 128 tokens, sequence i drawn at temperature 1 with
 its own std::mt19937_64 seeded 1000000 + i (the same draws as examples/common/calibration.hpp, reproduced
