@@ -8,7 +8,11 @@ measures on held-out sequences with the fidelity report's definitions and writes
 
 Usage (Debian's python with torch; 2 threads):
     /usr/bin/python3 examples/03_finetune_recipe/finetune_recipe.py [--configs 4:2 4:1 8:2] [--csv PATH]
-        [--append] [--steps 2000] [--batch 16] [--partition contiguous] [--quick]
+        [--append] [--steps 2000] [--batch 16] [--partition contiguous] [--quick] [--init FACTORIZED]
+        [--router-bias none] [--save PATH] [--save-heldout FILE]
+
+--init FACTORIZED starts stage B from the MoE layers of a factorized safetensors file (factorllm convert's output or
+a previous --save) instead of factorizing and running stage A.
 
 Held-out set = the fidelity report's: 32 sequences of BOS + 128 tokens, sequence i drawn at temperature 1 with
 its own std::mt19937_64 seeded 1000000 + i (the same draws as examples/common/calibration.hpp, reproduced
@@ -503,6 +507,195 @@ def save_factorized(path, student, k, mode, save_dtype, metadata):
     write_safetensors(path, tensors, meta)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --init: start stage B from a factorized file (factorllm convert's output, or a previous --save), read by hand
+# ---------------------------------------------------------------------------------------------------------------
+
+# safetensors dtype -> (little-endian numpy type, bytes per element, how the bits become a torch tensor)
+_ST_READ = {"F32": ("<f4", 4, lambda a: torch.from_numpy(a.astype(np.float32))),
+            "F16": ("<f2", 2, lambda a: torch.from_numpy(a.astype(np.float32))),
+            "BF16": ("<u2", 2, lambda a: torch.from_numpy((a.astype(np.uint32) << 16).view(np.float32))),
+            "I32": ("<i4", 4, lambda a: torch.from_numpy(a.astype(np.int32)))}
+
+
+def read_safetensors(path):
+    """Reads a safetensors file (8-byte little-endian header length, JSON header, data) and validates its layout:
+    the header is a JSON object, __metadata__ (optional) maps strings to strings, every tensor has a known dtype, a
+    shape of non-negative ints and data_offsets [begin, end] inside the data with end - begin = its byte size, and
+    tensors do not overlap. Returns (metadata, {name: (dtype, torch tensor, F16/BF16 widened to float32)})."""
+    raw = open(path, "rb").read()
+    fail = lambda msg: SystemExit(f"--init {path}: {msg}")  # noqa: E731
+    if len(raw) < 8:
+        raise fail(f"{len(raw)} bytes, too small for a safetensors file")
+    n = struct.unpack("<Q", raw[:8])[0]
+    if n < 2 or 8 + n > len(raw):
+        raise fail(f"header length {n} does not fit the file's {len(raw)} bytes (not a safetensors file)")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(f"the header is not JSON ({e})")
+    if not isinstance(header, dict):
+        raise fail("the header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise fail("__metadata__ is not an object of strings")
+    data, tensors, spans = raw[8 + n:], {}, []
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_READ:
+            raise fail(f"tensor '{name}' has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
+                       f"this reader knows {sorted(_ST_READ)}")
+        shape, offs = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise fail(f"tensor '{name}' has shape {shape!r}")
+        le, size, to_torch = _ST_READ[info["dtype"]]
+        count = int(np.prod(shape)) if shape else 1
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= len(data) and offs[1] - offs[0] == count * size):
+            raise fail(f"tensor '{name}' ({info['dtype']} {shape}) has data_offsets {offs!r}, expected {count * size} "
+                       f"bytes inside the {len(data)} data bytes")
+        spans.append((offs[0], offs[1], name))
+        tensors[name] = (info["dtype"], to_torch(np.frombuffer(data, le, count, offs[0]).reshape(shape)))
+    spans.sort()
+    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise fail(f"tensors '{a}' and '{b}' overlap")
+    return meta, tensors
+
+
+def load_init(path, cfg, configs, mode, router_bias):
+    """The MoE layers of a factorized file (include/factorllm/io/factorized_checkpoint.hpp's schema), validated against
+    the model and the options: format factorllm.moe version 1, n_layers = the model's, per layer N experts of
+    d_ff / N neurons with d_ff the model's hidden size zero-padded to a multiple of N (padded neurons zero in every
+    expert), a permutation of range(d_ff), shapes gate / up [N, d_expert, d_model], down [N, d_model, d_expert],
+    router [N, d_model] + [N], finite values, the same N and K in every layer (and equal to --configs when given),
+    combine_mode = --mode (softmax_topk_renorm: the mode --init supports), output scale finite and > 0, no selection
+    bias, and a router bias of exactly 0 with --router-bias none. Returns (n, k, output_scale, layers) with layers a
+    list of dicts perm / gate / up / down / rw / rb (float32 tensors)."""
+    meta, t = read_safetensors(path)
+    fail = lambda msg: SystemExit(f"--init {path}: {msg}")  # noqa: E731
+    if meta.get("format") != "factorllm.moe":
+        raise fail(f"__metadata__ format is {meta.get('format')!r}, expected 'factorllm.moe' (a factorized model, as "
+                   "written by factorllm convert or finetune_recipe.py --save)")
+    if meta.get("format_version") != "1":
+        raise fail(f"format_version {meta.get('format_version')!r}, this script reads '1'")
+    if meta.get("n_layers") != str(cfg["n_layers"]):
+        raise fail(f"n_layers {meta.get('n_layers')!r}, the model has {cfg['n_layers']}")
+    d, hidden, layers, seen = cfg["dim"], cfg["hidden"], [], set()
+
+    def meta_int(key, lo, hi):
+        v = meta.get(key)
+        if v is None or not v.isdigit() or not lo <= int(v) <= hi:
+            raise fail(f"__metadata__ '{key}' is {v!r}, expected an integer in [{lo}, {hi}]")
+        return int(v)
+
+    def tensor(name, shape, dtypes):
+        if name not in t:
+            raise fail(f"tensor '{name}' is missing")
+        dt, x = t[name]
+        if dt not in dtypes or list(x.shape) != list(shape):
+            raise fail(f"tensor '{name}' is {dt} {list(x.shape)}, expected {'/'.join(dtypes)} {list(shape)}")
+        if dt != "I32" and not bool(torch.isfinite(x).all()):
+            raise fail(f"tensor '{name}' has non-finite values")
+        seen.add(name)
+        return x
+
+    for l in range(cfg["n_layers"]):
+        p, m = f"layers.{l}.ffn.", f"layers.{l}."
+        n = meta_int(m + "n_experts", 1, hidden)
+        k = meta_int(m + "top_k", 1, n)
+        d_ff = hidden + (-hidden) % n
+        if configs is not None and (n, k) != configs[0]:
+            raise fail(f"layer {l} has N={n} K={k}, --configs says {configs[0][0]}:{configs[0][1]} (leave --configs "
+                       "out to take N and K from the file)")
+        if layers and (n, k) != (layers[0]["n"], layers[0]["k"]):
+            raise fail(f"layer {l} has N={n} K={k}, layer 0 N={layers[0]['n']} K={layers[0]['k']}; the recipe runs one "
+                       "N:K for all layers")
+        cm = meta.get(m + "combine_mode")
+        if cm not in fllm.MODES:
+            raise fail(f"layer {l} combine_mode {cm!r} is not one factorllm's torch op runs {fllm.MODES}")
+        if cm != mode:
+            raise fail(f"layer {l} combine_mode is {cm!r}; --init supports {mode!r} only (factorllm's torch op runs "
+                       f"{', '.join(fllm.MODES)}, but the recipe's float64 reference check, finetune_recipe_check and "
+                       "the llama.cpp export cover softmax_topk_renorm): convert with --gating softmax_renorm")
+        if meta.get(m + "sigmoid_renormalize", "false") != "false":
+            raise fail(f"layer {l} sigmoid_renormalize is {meta.get(m + 'sigmoid_renormalize')!r}, expected 'false'")
+        if p + "gating.selection_bias" in t:
+            raise fail(f"layer {l} has a gating.selection_bias, which the recipe's student does not model")
+        try:
+            scale = float(meta.get(m + "output_scale", ""))
+        except ValueError:
+            raise fail(f"layer {l} output_scale {meta.get(m + 'output_scale')!r} is not a number")
+        if not (math.isfinite(scale) and scale > 0):
+            raise fail(f"layer {l} output_scale {scale} is not finite and > 0")
+        if layers and scale != layers[0]["scale"]:
+            raise fail(f"layer {l} output_scale {scale} differs from layer 0's {layers[0]['scale']}")
+        perm_t = t.get(p + "permutation")
+        if perm_t is None or perm_t[0] != "I32" or perm_t[1].dim() != 1:
+            raise fail(f"tensor '{p}permutation' is missing or not I32 [d_ff]")
+        if perm_t[1].shape[0] != d_ff:
+            raise fail(f"layer {l} has d_ff {perm_t[1].shape[0]}; the model's hidden size {hidden} at N={n} needs "
+                       f"{d_ff}" + (f" (zero-padded from {hidden})" if d_ff != hidden else ""))
+        perm = tensor(p + "permutation", [d_ff], ("I32",)).tolist()
+        if sorted(perm) != list(range(d_ff)):
+            raise fail(f"tensor '{p}permutation' is not a permutation of range({d_ff})")
+        m_e = d_ff // n
+        experts = ("F32", "F16", "BF16")
+        g = tensor(p + "experts.gate", [n, m_e, d], experts)
+        u = tensor(p + "experts.up", [n, m_e, d], experts)
+        dn = tensor(p + "experts.down", [n, d, m_e], experts)
+        rw = tensor(p + "router.weight", [n, d], ("F32",))
+        rb = tensor(p + "router.bias", [n], ("F32",))
+        # Padded neurons (permuted index >= hidden) must be zero in every expert: the file is then a conversion of
+        # this model's FFN and finetune_recipe_check accepts the saved result.
+        slots = torch.tensor(perm).view(n, m_e) >= hidden
+        if slots.any() and (g[slots].abs().max() > 0 or u[slots].abs().max() > 0
+                            or dn.permute(0, 2, 1)[slots].abs().max() > 0):
+            raise fail(f"layer {l}: padded neurons (>= {hidden}) are not zero")
+        if router_bias == "none" and bool(rb.ne(0).any()):
+            raise fail(f"layer {l} router.bias is {rb.tolist()}; --router-bias none needs exactly 0 (llama.cpp's MoE "
+                       "has no router bias): convert with --gating softmax_renorm, or use --router-bias trained")
+        layers.append(dict(n=n, k=k, scale=scale, perm=perm, gate=g, up=u, down=dn, rw=rw, rb=rb))
+    extra = sorted(set(t) - seen)
+    if extra:
+        raise fail(f"unexpected tensors {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    return layers[0]["n"], layers[0]["k"], layers[0]["scale"], layers
+
+
+def build_student_from_init(cfg, w, init_layers, mode):
+    """The dense model with every FFN replaced by the file's MoE layer (experts, router and bias become the student's
+    parameters, float32)."""
+    student = Llama(cfg, w)
+    student.perms = []
+    for l, L in enumerate(init_layers):
+        student.ffns[l] = fllm.MoeFfn(*(L[key].clone().float().contiguous() for key in ("gate", "up", "down", "rw", "rb")),
+                                      mode=mode, top_k=L["k"], output_scale=L["scale"])
+        student.perms.append(list(L["perm"]))
+    return student
+
+
+@torch.no_grad()
+def check_init(student, init_layers, seqs, log, tol=1e-4):
+    """Before training: every layer of the student built from --init, on its own FFN inputs of `seqs`, against the
+    plain-torch float64 computation of the file's tensors as read (reference_moe: softmax, top-K, renormalize, output
+    scale, SwiGLU experts). Tokens whose K-th and (K+1)-th logits are within 1e-4 are left out (at most 5 %)."""
+    xs = []
+    student(seqs[:, :-1], ffn_inputs=xs)
+    worst, skipped, total = 0.0, 0, 0
+    for l, (moe, L) in enumerate(zip(student.ffns, init_layers)):
+        x = xs[l].reshape(-1, xs[l].shape[-1]).contiguous()
+        y_ref, margin = reference_moe(x, L["gate"], L["up"], L["down"], L["rw"], L["rb"], L["k"], L["scale"])
+        y_op = moe(x).double()
+        ok = margin > 1e-4
+        skipped, total = skipped + int((~ok).sum()), total + x.shape[0]
+        err = ((y_op - y_ref)[ok].abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
+        worst = max(worst, err)
+    log(f"  --init check: the student's MoE layers vs the file's tensors in float64 (all {len(init_layers)} layers, "
+        f"{total // len(init_layers)} tokens each, {skipped} near-tie tokens left out): max |dy| / max |y| = {worst:.2e}")
+    if worst > tol or skipped > 0.05 * total:
+        raise SystemExit(f"--init: the student does not compute what the file describes ({worst:.2e} > {tol}, or "
+                         f"{skipped} of {total} near-tie tokens)")
+
+
 def reference_moe(x, g, u, dn, rw, rb, k, scale):
     """softmax_topk_renorm MoE in float64 with plain torch (independent of factorllm's kernels): p = softmax(W x + b),
     S = the K largest, y = scale * sum_{e in S} p_e / sum_S p * down_e (silu(gate_e x) * up_e x). Also returns the
@@ -569,9 +762,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.path.join(REPO, "..", "shared", "models", "stories260K.bin"))
     ap.add_argument("--tokenizer", default=os.path.join(REPO, "..", "shared", "models", "tok512.bin"))
-    ap.add_argument("--configs", nargs="+", default=["4:2"], help="N:K pairs (default 4:2, the 50 %% budget)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="N:K pairs (default 4:2, the 50 %% budget; with --init: the file's, which --configs must equal)")
     ap.add_argument("--mode", default="softmax_topk_renorm", choices=fllm.MODES)
-    ap.add_argument("--partition", default="contiguous", choices=("contiguous", "random", "cluster_activations"))
+    ap.add_argument("--partition", default=None, choices=("contiguous", "random", "cluster_activations"),
+                    help="default contiguous; not with --init (the file's permutation is kept)")
     ap.add_argument("--eval", type=int, default=32, help="held-out sequences (seeds 1000000 + i)")
     ap.add_argument("--length", type=int, default=128, help="sampled tokens per sequence after BOS")
     ap.add_argument("--train-seqs", type=int, default=4096, help="training pool (seeds 2000000 + i)")
@@ -598,11 +793,26 @@ def main():
                          "(or replaces '{config}' in PATH); check data for tests goes to <stem>.check.safetensors")
     ap.add_argument("--save-dtype", choices=("f32", "f16", "bf16"), default="f32",
                     help="storage type of the saved experts (routers stay F32)")
+    ap.add_argument("--init", default=None, metavar="FACTORIZED",
+                    help="skip the factorization and stage A: start stage B from the MoE layers of a factorized "
+                         "safetensors file (factorllm convert's output or a previous --save; N, K, permutation, "
+                         "experts, routers and output scale from the file)")
     ap.add_argument("--save-heldout", default=None, metavar="FILE",
                     help="write the held-out token sequences (BOS + length tokens each) as a JSON list of lists")
     args = ap.parse_args()
     configs = []  # checked before any long computation
-    for spec in args.configs:
+    if args.init and args.configs is not None and len(args.configs) != 1:
+        ap.error("--init: the file holds one N:K; give at most one --configs (or none)")
+    if args.init and args.partition is not None:
+        ap.error("--init keeps the file's permutation; --partition does not apply")
+    if args.init and args.mode != "softmax_topk_renorm":
+        ap.error(f"--init supports --mode softmax_topk_renorm only (got {args.mode}): the mode factorllm convert "
+                 "--gating softmax_renorm writes, which the recipe's float64 reference check, finetune_recipe_check "
+                 "and the llama.cpp export cover")
+    if args.init and not os.path.isfile(args.init):
+        ap.error(f"--init: {args.init} is not a file")
+    args.partition = args.partition or "contiguous"
+    for spec in (args.configs if args.configs is not None else ["4:2"]):
         try:
             n, k = (int(v) for v in spec.split(":"))
         except ValueError:
@@ -610,6 +820,7 @@ def main():
         if not 1 <= k <= n:
             ap.error(f"--configs: '{spec}' needs 1 <= K <= N")
         configs.append((n, k))
+    explicit_configs = configs if args.configs is not None else None
     for out in (args.save, args.save_heldout):  # create output folders now, not after a long run
         if out and os.path.dirname(os.path.abspath(out)):
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -631,6 +842,14 @@ def main():
     if "openblas" not in blas and "mkl" not in blas and "blis" not in blas:
         log("note: Debian's reference BLAS makes the recipe ~2.5x slower end to end (install libopenblas0-openmp)")
     cfg, w = load_checkpoint(args.model)
+    init_layers = None
+    if args.init:  # validated before the long sampling
+        n, k, scale, init_layers = load_init(args.init, cfg, explicit_configs, args.mode, args.router_bias)
+        configs = [(n, k)]
+        d_ff = init_layers[0]["gate"].shape[0] * init_layers[0]["gate"].shape[1]
+        log(f"--init {args.init}: {cfg['n_layers']} MoE layers, N={n} K={k}, d_ff {d_ff}, output scale "
+            f"{scale:g}, {args.mode}; router bias {'zero' if all(not L['rb'].any() for L in init_layers) else 'non-zero'}"
+            f" (source: {read_safetensors(args.init)[0].get('source', 'unknown')})")
     pieces = load_tokenizer(args.tokenizer, cfg["vocab"])
     teacher = Llama(cfg, w).eval()
     with torch.no_grad():  # the README's check value: greedy decoding from BOS for 60 steps
@@ -671,18 +890,27 @@ def main():
                 xs = []
                 teacher(train_pool[:args.stage_a_seqs, :-1], ffn_inputs=xs)
             calib = [x.reshape(-1, x.shape[-1]) for x in xs]
-        student = build_student(cfg, w, n, k, args.mode, args.seed, args.partition, calib)
+        if init_layers is not None:
+            student = build_student_from_init(cfg, w, init_layers, args.mode)
+        else:
+            student = build_student(cfg, w, n, k, args.mode, args.seed, args.partition, calib)
         d_ff_used = student.ffns[0].gate.shape[0] * student.ffns[0].gate.shape[1]
         flops = k * (d_ff_used // n) / cfg["hidden"]
         before, _ = evaluate(student, held_out, dense_ref)
-        log(f"\nN={n} K={k} ({args.mode}, FFN FLOPs {flops:.3f}): factorized, random routers: retention "
-            f"{before['next_token_acc'] / dense_m['next_token_acc']:.3f}")
-        if args.stage_a_steps > 0:
+        init_retention = before["next_token_acc"] / dense_m["next_token_acc"]
+        log(f"\nN={n} K={k} ({args.mode}, FFN FLOPs {flops:.3f}): "
+            + (f"--init model: top1 {before['top1_agreement']:.4f}, acc {before['next_token_acc']:.4f}, retention "
+               f"{init_retention:.4f}, ppl {before['ppl']:.3f}, KL {before['kl_to_dense']:.4f}" if init_layers is not None
+               else f"factorized, random routers: retention {init_retention:.3f}"))
+        if init_layers is not None:
+            check_init(student, init_layers, held_out[:4], log)
+        if args.stage_a_steps > 0 and init_layers is None:
             stage_a(teacher, student, train_pool[:args.stage_a_seqs], k, args.stage_a_steps, args.stage_a_lr, 512, 0.2,
                     log, train_bias=train_bias)
-        after_a, _ = evaluate(student, held_out, dense_ref)
-        log(f"  after stage A: top1 {after_a['top1_agreement']:.3f}, retention "
-            f"{after_a['next_token_acc'] / dense_m['next_token_acc']:.3f} ({time.time() - t0:.0f} s)")
+        if init_layers is None:
+            after_a, _ = evaluate(student, held_out, dense_ref)
+            log(f"  after stage A: top1 {after_a['top1_agreement']:.3f}, retention "
+                f"{after_a['next_token_acc'] / dense_m['next_token_acc']:.3f} ({time.time() - t0:.0f} s)")
         stage_b(student, train_pool, teacher_lp, args.steps, args.batch, args.lr, args.router_lr, log,
                 train_bias=train_bias)
         if not train_bias and any(bool(moe.router_bias.detach().ne(0).any()) for moe in student.ffns):
@@ -692,21 +920,26 @@ def main():
         log(f"  after stage B: top1 {m['top1_agreement']:.4f}, acc {m['next_token_acc']:.4f}, retention "
             f"{retention:.4f}, ppl {m['ppl']:.3f} (dense {dense_m['ppl']:.3f}), KL {m['kl_to_dense']:.4f} "
             f"({time.time() - t0:.0f} s for this configuration)")
-        router = "par_trained" if args.stage_a_steps > 0 else "random_init"
+        router = "init" if init_layers is not None else "par_trained" if args.stage_a_steps > 0 else "random_init"
         if not train_bias:
             router += "_nobias"
-        label = f"N{n}K{k}-{args.partition}-{router}-finetune"  # the fidelity report's label scheme
+        partition = "init_file" if init_layers is not None else args.partition
+        label = f"N{n}K{k}-{partition}-{router}-finetune"  # the fidelity report's label scheme
         if args.save:
             path, check_path = save_paths(args.save, f"N{n}K{k}", len(configs) > 1)
             meta = {"source": "examples/03_finetune_recipe/finetune_recipe.py", "config": label,
                     "base_model": os.path.basename(args.model), "router_bias": args.router_bias,
                     "d_ff_dense": str(cfg["hidden"]), "steps": str(args.steps),
-                    "heldout_next_token_acc": f"{m['next_token_acc']:.6f}", "heldout_acc_retention": f"{retention:.6f}"}
+                    "heldout_next_token_acc": f"{m['next_token_acc']:.6f}", "heldout_acc_retention": f"{retention:.6f}",
+                    "heldout_sequences": str(len(held_out))}
+            if init_layers is not None:
+                meta.update({"init": os.path.basename(args.init), "init_heldout_next_token_acc":
+                             f"{before['next_token_acc']:.6f}", "init_heldout_acc_retention": f"{init_retention:.6f}"})
             save_factorized(path, student, k, args.mode, args.save_dtype, meta)
             if args.mode == "softmax_topk_renorm":
                 save_check(check_path, student, held_out[0], k, args.save_dtype, {"model": os.path.basename(path)}, log)
             log(f"  saved {path}" + (f" (check data {check_path})" if args.mode == "softmax_topk_renorm" else ""))
-        rows.append([label, n, k, 0, args.partition, router, "finetune", f"{flops:.6f}",
+        rows.append([label, n, k, 0, partition, router, "finetune", f"{flops:.6f}",
                      f"{m['top1_agreement']:.6f}", f"{m['next_token_acc']:.6f}", f"{retention:.6f}", f"{m['ppl']:.6f}",
                      f"{dense_m['ppl']:.6f}", f"{m['kl_to_dense']:.6f}"])
 
