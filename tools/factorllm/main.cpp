@@ -215,6 +215,18 @@ int sample_length(fl::model::LlamaConfig const& c, Args const& a) {
   return static_cast<int>(a.integer("length", std::min<std::int64_t>(128, most), 1, most));
 }
 
+/// The sequences a command works on: read from the file of option `file_option` when given, else `count_option`
+/// (default `default_count`) sequences of --length tokens sampled from `m` with seeds first_seed + i.
+std::vector<fl::model::TokenSequence> token_sequences(fl::model::LlamaModel const& m, Args const& a,
+                                                      char const* file_option, char const* count_option,
+                                                      int default_count, std::uint64_t first_seed) {
+  if (auto const file = a.get(file_option)) return read_sequences(*file, m.config.vocab_size);
+  int const n = static_cast<int>(a.integer(count_option, default_count, 1, 1000000));
+  int const length = sample_length(m.config, a);
+  fl::model::LlamaEngine dense(m, length + 1);
+  return sample_with_progress(dense, n, length, first_seed, "sampling");
+}
+
 /// The longest sequence of a set (what an engine must hold).
 std::int64_t longest(std::vector<fl::model::TokenSequence> const& seqs) {
   std::size_t n = 1;
@@ -366,15 +378,7 @@ int cmd_convert(int argc, char** argv) {
   std::fprintf(stderr, "loaded %s: %s, d_model %lld, d_ff %lld, %lld layers (%.1f s)\n", m.source.c_str(),
                m.config.architecture.c_str(), static_cast<long long>(m.config.d_model),
                static_cast<long long>(m.config.d_ff), static_cast<long long>(m.config.n_layers), seconds_since(t0));
-  std::vector<fl::model::TokenSequence> calib;
-  if (auto const file = a.get("calib")) {
-    calib = read_sequences(*file, m.config.vocab_size);
-  } else {
-    int const n = static_cast<int>(a.integer("self-sample", 256, 1, 1000000));
-    int const length = sample_length(m.config, a);
-    fl::model::LlamaEngine dense(m, length + 1);
-    calib = sample_with_progress(dense, n, length, 1000, "sampling");
-  }
+  std::vector<fl::model::TokenSequence> const calib = token_sequences(m, a, "calib", "self-sample", 256, 1000);
   std::fprintf(stderr, "converting: %s\n", cfg.label().c_str());
   auto const t1 = Clock::now();
   fl::model::LayerStats const mean = fl::model::convert_model(
@@ -455,15 +459,8 @@ int cmd_eval(int argc, char** argv) {
     throw fl::value_error(fl::detail::concat("eval: ", moe.source, " (vocab ", moe.config.vocab_size, ", d_model ",
                                              moe.config.d_model, ") is not a conversion of ", dense.source, " (vocab ",
                                              dense.config.vocab_size, ", d_model ", dense.config.d_model, ")"));
-  std::vector<fl::model::TokenSequence> heldout;
-  if (auto const file = a.get("heldout")) {
-    heldout = read_sequences(*file, dense.config.vocab_size);
-  } else {
-    int const n = static_cast<int>(a.integer("sequences", 32, 1, 1000000));
-    int const length = sample_length(dense.config, a);
-    fl::model::LlamaEngine sampler(dense, length + 1);
-    heldout = sample_with_progress(sampler, n, length, 1000000, "sampling");
-  }
+  std::vector<fl::model::TokenSequence> const heldout =
+      token_sequences(dense, a, "heldout", "sequences", 32, 1000000);
   if (longest(heldout) > dense.config.context_length)
     throw fl::value_error(fl::detail::concat("eval: a held-out sequence of ", longest(heldout),
                                              " tokens exceeds the model's context of ", dense.config.context_length));
