@@ -411,39 +411,16 @@ double top1_agreement(Reference const& a, Reference const& b) {
   return static_cast<double>(agree) / static_cast<double>(a.probs.size());
 }
 
-/// Teacher-forced figures on the held-out sequences (the fidelity report's definitions): row t of a sequence predicts
-/// token t + 1; next_token_acc = fraction of positions whose argmax is that token, ppl = exp(mean NLL), top-1
-/// agreement with `dense_argmax` (when given).
+/// Teacher-forced figures on the held-out sequences (model::evaluate: the fidelity report's definitions) and the
+/// model's argmax at every position, for reference.json.
 struct Heldout {
   std::vector<int> argmax;
-  double acc = 0, ppl = 0, top1 = 1;
+  fl::model::Metrics m;
 };
 Heldout heldout_metrics(fx::Llama2cEngine& engine, std::vector<std::vector<int>> const& seqs,
-                        std::vector<int> const* dense_argmax) {
+                        fl::model::DenseReference* fill, fl::model::DenseReference const* ref) {
   Heldout h;
-  double nll = 0;
-  std::size_t correct = 0, agree = 0;
-  std::ptrdiff_t const vocab = engine.vocab_size();
-  for (auto const& s : seqs) {
-    std::vector<int> const in(s.begin(), s.end() - 1);
-    auto const logits = engine.forward_sequence(in);
-    for (std::ptrdiff_t t = 0; t < logits.rows(); ++t) {
-      float const* row = logits.row(t);
-      int const top = static_cast<int>(fx::Sampler::argmax(row, vocab));
-      double const mx = row[top];
-      double sum = 0;
-      for (std::ptrdiff_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - mx);
-      int const target = s[static_cast<std::size_t>(t) + 1];
-      nll -= static_cast<double>(row[target]) - mx - std::log(sum);
-      correct += top == target;
-      if (dense_argmax != nullptr) agree += (*dense_argmax)[h.argmax.size()] == top;
-      h.argmax.push_back(top);
-    }
-  }
-  double const n = static_cast<double>(h.argmax.size());
-  h.acc = static_cast<double>(correct) / n;
-  h.ppl = std::exp(nll / n);
-  if (dense_argmax != nullptr) h.top1 = static_cast<double>(agree) / n;
+  h.m = fl::model::evaluate(engine, seqs, fill, ref, &h.argmax);
   return h;
 }
 
@@ -507,9 +484,10 @@ int run(Options const& o) {
           std::any_of(s.begin(), s.end(), [&](int t) { return t < 0 || t >= c.vocab_size; }))
         usage(o.heldout_file + ": a held-out sequence is too short, too long or has a token outside the vocabulary");
   }
-  Heldout const dense_h = heldout_metrics(engine, heldout, nullptr);
+  fl::model::DenseReference dense_ref;
+  Heldout const dense_h = heldout_metrics(engine, heldout, &dense_ref, nullptr);
   std::printf("held-out: %zu sequences, %zu positions; dense next_token_acc %.4f, ppl %.3f\n", heldout.size(),
-              dense_h.argmax.size(), dense_h.acc, dense_h.ppl);
+              dense_h.argmax.size(), dense_h.m.next_token_acc, dense_h.m.ppl);
 
   // Conversion, bottom-up on calibration text sampled from the dense model.
   if (layers.empty()) {
@@ -522,9 +500,9 @@ int run(Options const& o) {
     install_moe(engine, layers, c.seq_len);
   }
   Reference const moe = reference(engine);
-  Heldout const moe_h = heldout_metrics(engine, heldout, &dense_h.argmax);
+  Heldout const moe_h = heldout_metrics(engine, heldout, nullptr, &dense_ref);
   std::printf("%s held-out: next_token_acc %.4f, retention %.4f, top-1 agreement %.4f, ppl %.3f\n", moe_tag.c_str(),
-              moe_h.acc, moe_h.acc / dense_h.acc, moe_h.top1, moe_h.ppl);
+              moe_h.m.next_token_acc, moe_h.m.next_token_acc / dense_h.m.next_token_acc, moe_h.m.top1_agreement, moe_h.m.ppl);
   std::printf("%s greedy: %s\n", moe_tag.c_str(), tok.decode(moe.greedy).c_str());
   std::printf("%s top-1 agreement with dense on the forced sequence: %.3f (%.1fs)\n", moe_tag.c_str(),
               top1_agreement(dense, moe), seconds());
@@ -683,7 +661,8 @@ int run(Options const& o) {
   ref["heldout"] = {{"source", o.heldout_file.empty() ? "sampled: seeds 1000000 + i" : o.heldout_file},
                     {"sequences", heldout}};
   auto with_heldout = [](nlohmann::json e, Heldout const& h) {
-    e["heldout"] = {{"argmax", h.argmax}, {"next_token_acc", h.acc}, {"ppl", h.ppl}, {"top1_agreement", h.top1}};
+    e["heldout"] = {{"argmax", h.argmax}, {"next_token_acc", h.m.next_token_acc}, {"ppl", h.m.ppl},
+                    {"top1_agreement", h.m.top1_agreement}};
     return e;
   };
   ref["models"] = {with_heldout(entry("dense-f32", "F32", "", 0, dense), dense_h),

@@ -43,11 +43,12 @@ inline void log_softmax(float const* logits, std::ptrdiff_t vocab, float* out) {
 }
 
 /// Runs the engine on every sequence; compares with `ref` when given, else fills `fill` (the dense pass).
-/// Row t of a sequence's logits predicts token t + 1.
+/// Row t of a sequence's logits predicts token t + 1. When `argmax` is given, the model's most likely next token at
+/// every position (sequence by sequence) is appended to it.
 /// \throws value_error for an empty set, a sequence shorter than 2 tokens, a missing reference, or a reference
 ///         of other sequences or another vocabulary.
 inline Metrics evaluate(LlamaEngine& engine, std::vector<TokenSequence> const& eval, DenseReference* fill,
-                        DenseReference const* ref) {
+                        DenseReference const* ref, std::vector<int>* argmax = nullptr) {
   if (eval.empty()) throw value_error("evaluate: no sequences");
   if ((fill == nullptr) == (ref == nullptr)) throw value_error("evaluate: give exactly one of fill and ref");
   if (ref != nullptr && ref->log_probs.size() != eval.size())
@@ -71,6 +72,7 @@ inline Metrics evaluate(LlamaEngine& engine, std::vector<TokenSequence> const& e
     for (std::ptrdiff_t t = 0; t < n_pred; ++t) {
       float const* row = logits.row(t);
       int const top = Sampler::argmax(row, vocab);
+      if (argmax != nullptr) argmax->push_back(top);
       int const target = seq[static_cast<std::size_t>(t) + 1];
       float* out = fill != nullptr ? fill->log_probs.back().data() + t * vocab : lp.data();
       log_softmax(row, vocab, out);
