@@ -189,7 +189,7 @@ TEST_CASE("model: conversion with K = N and a plain sum is the dense model, and 
   fl::model::LlamaEngine moe_engine(full);
   auto const m = fl::model::evaluate(moe_engine, calib, nullptr, &ref);
   CHECK(m.top1_agreement == 1.0);
-  CHECK(m.kl_to_dense < 1e-9);
+  CHECK(m.kl_to_dense < 1e-6);  // float summation order only (clang and GCC builds differ at 1e-8)
   CHECK(m.next_token_acc == d.next_token_acc);
 
   cfg.top_k = 2;

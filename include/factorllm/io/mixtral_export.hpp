@@ -93,10 +93,16 @@ nlohmann::json mixtral_config(model::LlamaModel const& m, std::vector<moe::MoeFf
                               MixtralExportOptions const& options = {}) {
   check_moe_layers_fit(m.config, layers, "mixtral_config");
   check_softmax_topk_renorm_expressible(layers, "Mixtral");
-  // The Llama fields (sizes, RoPE, norms, dtype, bos/eos) as the HF writer spells them, then Mixtral's own.
-  nlohmann::json j = detail::hf_config_json(m, options.dtype, false);
-  for (char const* key : {"attention_bias", "mlp_bias", "use_sliding_window"}) j.erase(key);
-  j["architectures"] = {"MixtralForCausalLM"};
+  // The Llama fields (sizes, RoPE, norms, dtype, bos/eos) as the HF writer spells them, then Mixtral's own. Copied
+  // key by key rather than overwritten in place: replacing the array value of "architectures" leaked its old array
+  // under clang's LeakSanitizer (nlohmann-json 3.11.2).
+  nlohmann::json const llama = detail::hf_config_json(m, options.dtype, false);
+  nlohmann::json j = nlohmann::json::object();
+  for (auto it = llama.begin(); it != llama.end(); ++it)
+    if (it.key() != "architectures" && it.key() != "attention_bias" && it.key() != "mlp_bias" &&
+        it.key() != "use_sliding_window")
+      j[it.key()] = it.value();
+  j["architectures"] = nlohmann::json::array({"MixtralForCausalLM"});
   j["model_type"] = "mixtral";
   j["intermediate_size"] = layers[0]->d_expert();  // Mixtral's intermediate_size is per expert
   j["num_local_experts"] = layers[0]->n_experts();
