@@ -8,6 +8,13 @@
 
 namespace factorllm {
 
+#if defined(FLLM_HAS_CUDA)
+namespace cuda {
+int device_count() noexcept;               // backend/cuda/context.hpp; defined in the factorllm::cuda library
+int device_compute_capability() noexcept;  // major * 10 + minor of the current device, 0 without one
+}  // namespace cuda
+#endif
+
 /// The end of every fallback chain: "no backend". An op resolved to it has no kernel (backend/ops.hpp).
 struct NoBackend {
   static constexpr char const* name() noexcept { return "none"; }
@@ -26,8 +33,11 @@ struct CpuScalar {
 };
 
 /// CUDA backend tag (device memory). Deliberately NOT derived from a CPU tag and falling back to nothing: an op
-/// without a CUDA kernel must fail to compile rather than silently run host code on device pointers.
-/// available() is false in this build: the library has no CUDA kernels yet, so no op can run on a device.
+/// without a CUDA kernel must fail to compile rather than silently run host code on device pointers. Its kernels
+/// are in backend/cuda/ (include backend/cuda/cuda.hpp, link factorllm::cuda; backend/README.md "CUDA").
+/// available() is true when the program links factorllm::cuda (which defines FLLM_HAS_CUDA for its users) and the
+/// CUDA runtime sees a device of compute capability kSm / 10 or newer; false otherwise (always false in a build
+/// without the CUDA backend). Every translation unit of a program must agree on FLLM_HAS_CUDA.
 template <int kSm = 80>
 struct Cuda {
   using backend_self = Cuda;
@@ -36,7 +46,13 @@ struct Cuda {
   static constexpr MemorySpace memory_space = MemorySpace::device;
   static constexpr bool is_device = true;
   static constexpr char const* name() noexcept { return "cuda"; }
-  static bool available() noexcept { return false; }
+  static bool available() noexcept {
+#if defined(FLLM_HAS_CUDA)
+    return cuda::device_count() > 0 && cuda::device_compute_capability() >= kSm;
+#else
+    return false;
+#endif
+  }
 };
 
 /// True for the backend tag types this library defines (or a user tag deriving from CpuScalar).
