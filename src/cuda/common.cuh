@@ -126,6 +126,20 @@ __device__ __forceinline__ bool ranks_before_d(double va, int a, double vb, int 
   return a < b;
 }
 
+/// hidden = SiLU(gate_out) * up_out, element-wise, rounded to the weight format (the down GEMM's B operand).
+template <class E, class T>
+__global__ void silu_mul_kernel(E const* gate_out, E const* up_out, T* hidden, std::int64_t n) {
+  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) hidden[i] = from_f<T>(silu_f(to_f(gate_out[i])) * to_f(up_out[i]));
+}
+
+/// out[i] = in[i] converted (float activations to the weight format of the GEMMs).
+template <class T>
+__global__ void convert_kernel(float const* in, T* out, std::int64_t n) {
+  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_f<T>(in[i]);
+}
+
 /// dim3 of a launch configuration of cuda/launch.hpp.
 inline dim3 to_dim3(Dim3 d) noexcept { return dim3(d.x, d.y, d.z); }
 

@@ -122,12 +122,6 @@ __global__ void gather_kernel(float const* x, std::int64_t n_tokens, std::int64_
   gathered[i] = from_f<T>(tok < n_tokens ? x[tok * d_model + c] : 0.f);
 }
 
-/// hidden = SiLU(gate_out) * up_out, element-wise, rounded to the weight format (the down GEMM's B operand).
-template <class E, class T>
-__global__ void silu_mul_kernel(E const* gate_out, E const* up_out, T* hidden, std::int64_t n) {
-  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) hidden[i] = from_f<T>(detail::silu_f(to_f(gate_out[i])) * to_f(up_out[i]));
-}
 
 std::size_t element_bytes(GemmType t) noexcept { return t == GemmType::f32 ? 4 : 2; }
 
@@ -228,7 +222,7 @@ void expert_swiglu_impl(ExpertWeightsView<W> const& experts, MatrixView<float co
   run_gemm(0, up_problems, gate, gathered, gate_out);
   run_gemm(1, up_problems, up, gathered, up_out);
   LaunchConfig const cs = linear_launch(n_slots * d_expert, op);
-  silu_mul_kernel<E, T><<<to_dim3(cs.grid), to_dim3(cs.block), 0, ctx.stream>>>(gate_out, up_out, hidden,
+  detail::silu_mul_kernel<E, T><<<to_dim3(cs.grid), to_dim3(cs.block), 0, ctx.stream>>>(gate_out, up_out, hidden,
                                                                                 n_slots * d_expert);
   check_launch(op);
   run_gemm(2, down_problems, down, hidden, out);

@@ -12,6 +12,7 @@
 #include <factorllm/backend/cuda/cuda.hpp>
 #include <factorllm/backend/scalar/combine.hpp>
 #include <factorllm/backend/scalar/grouping.hpp>
+#include <factorllm/backend/scalar/par_loss.hpp>
 #include <factorllm/backend/scalar/router.hpp>
 #include <factorllm/backend/scalar/swiglu.hpp>
 #include <factorllm/backend/scalar/topk.hpp>
@@ -412,6 +413,87 @@ TEMPLATE_TEST_CASE("cuda conformance: fused forward vs the CpuScalar composed fo
     auto const again = run();
     CHECK(std::memcmp(again.data(), got.data(), got.size() * sizeof(float)) == 0);
   }
+}
+
+/// The nine output tensors of a PAR evaluation, in host (std::vector) or device (DeviceBuffer) storage.
+template <template <class> class Store>
+struct ParOut {
+  std::ptrdiff_t T, n, d, k;
+  Store<float> gw, gb, gwp, gbp, gwb, gbb, mse;
+  Store<std::int32_t> labels, topk;
+  ParOut(std::ptrdiff_t T_, std::ptrdiff_t n_, std::ptrdiff_t d_, std::ptrdiff_t k_)
+      : T(T_), n(n_), d(d_), k(k_), gw(sz(n * d)), gb(sz(n)), gwp(sz(n * d)), gbp(sz(n)), gwb(sz(n * d)), gbb(sz(n)),
+        mse(sz(T * n)), labels(sz(T * k)), topk(sz(T * k)) {}
+  static std::size_t sz(std::ptrdiff_t v) { return static_cast<std::size_t>(v); }
+  template <class S>
+  static auto* ptr(S& s) {
+    if constexpr (std::is_same_v<S, std::vector<float>> || std::is_same_v<S, std::vector<std::int32_t>>)
+      return s.data();
+    else
+      return s.get();
+  }
+  ParLossOutView<float> view() {
+    return ParLossOutView<float>{matrix_view(ptr(gw), n, d), VectorView<float>(ptr(gb), {n}),
+                                 matrix_view(ptr(gwp), n, d), VectorView<float>(ptr(gbp), {n}),
+                                 matrix_view(ptr(gwb), n, d), VectorView<float>(ptr(gbb), {n}),
+                                 matrix_view(ptr(mse), T, n), matrix_view(ptr(labels), T, k), matrix_view(ptr(topk), T, k)};
+  }
+};
+template <class T>
+using HostVec = std::vector<T>;
+
+TEST_CASE("cuda conformance: PAR loss and router gradients vs CpuScalar (f32 weights)", "[cuda]") {
+  std::mt19937 rng(8);
+  Device dev;
+  std::ptrdiff_t const T = 64, d = 64, d_ff = 96, n = 4, de = d_ff / n, k = 2;
+  Layer layer(d, de, n, rng);
+  float const s_in = 1.f / std::sqrt(static_cast<float>(d));
+  auto const dg = random_floats(static_cast<std::size_t>(d_ff * d), rng, s_in);
+  auto const du = random_floats(static_cast<std::size_t>(d_ff * d), rng, s_in);
+  auto const dd = random_floats(static_cast<std::size_t>(d * d_ff), rng, 1.f / std::sqrt(static_cast<float>(d_ff)));
+  auto const x = random_floats(static_cast<std::size_t>(T * d), rng);
+  ParLossConfig const config;
+  ParOut<HostVec> expect(T, n, d, k);
+  Workspace cpu_ws(kernel::ParLoss<CpuScalar>::workspace<float, float>(d, d_ff, n, k).bytes());
+  ParLossValues const ev = kernel::ParLoss<CpuScalar>::run<float, float>(
+      matrix_view<float const>(x.data(), T, d), matrix_view<float const>(dg.data(), d_ff, d),
+      matrix_view<float const>(du.data(), d_ff, d), matrix_view<float const>(dd.data(), d, d_ff),
+      layer.view<float>(layer.gate.data(), layer.up.data(), layer.down.data()),
+      RouterView<float>{matrix_view<float const>(layer.router_w.data(), n, d),
+                        VectorView<float const>(layer.router_b.data(), {n})},
+      k, config, expect.view(), cpu_ws.span());
+
+  DeviceBuffer<float> dx(x), ddg(dg), ddu(du), ddd(dd), dgate(layer.gate), dup(layer.up), ddown(layer.down),
+      drw(layer.router_w), drb(layer.router_b);
+  ParOut<DeviceBuffer> got(T, n, d, k);
+  DeviceWorkspace ws(kernel::ParLoss<Cuda<80>>::workspace<float>(T, d, d_ff, n, de).bytes());
+  CudaContext ctx = dev.context(cuda::par_loss_host_bytes());
+  auto run = [&] {
+    return kernel::ParLoss<Cuda<80>>::run<float>(
+        matrix_view<float const>(dx.get(), T, d), matrix_view<float const>(ddg.get(), d_ff, d),
+        matrix_view<float const>(ddu.get(), d_ff, d), matrix_view<float const>(ddd.get(), d, d_ff),
+        layer.view<float>(dgate.get(), dup.get(), ddown.get()),
+        RouterView<float>{matrix_view<float const>(drw.get(), n, d), VectorView<float const>(drb.get(), {n})}, k, config,
+        got.view(), ws.span(), ctx);
+  };
+  ParLossValues const gv = run();
+  CHECK(got.labels.download() == expect.labels);
+  CHECK(got.topk.download() == expect.topk);
+  CHECK(gv.label_accuracy == ev.label_accuracy);
+  CHECK(std::fabs(gv.par_loss - ev.par_loss) <= 1e-5 * std::fabs(ev.par_loss));
+  CHECK(std::fabs(gv.balance_loss - ev.balance_loss) <= 1e-5 * std::fabs(ev.balance_loss));
+  CHECK(std::fabs(gv.total_loss - ev.total_loss) <= 1e-5 * std::fabs(ev.total_loss));
+  CHECK(rel_l2(got.mse.download(), expect.mse) <= 1e-4);
+  CHECK(rel_l2(got.gw.download(), expect.gw) <= 1e-4);
+  CHECK(rel_l2(got.gb.download(), expect.gb) <= 1e-4);
+  CHECK(rel_l2(got.gwp.download(), expect.gwp) <= 1e-4);
+  CHECK(rel_l2(got.gwb.download(), expect.gwb) <= 1e-4);
+  CHECK(rel_l2(got.gbb.download(), expect.gbb) <= 1e-4);
+  auto const first = got.gw.download();
+  ParLossValues const again = run();
+  CHECK(again.total_loss == gv.total_loss);
+  auto const second = got.gw.download();
+  CHECK(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("cuda conformance: bad arguments are typed errors", "[cuda]") {

@@ -46,9 +46,9 @@ TEST_CASE("cuda op table: Cuda implements the forward ops once backend/cuda is i
   STATIC_REQUIRE(implements_op_v<kernel::ExpertSwiglu, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::Combine, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::MoeForward, Cuda<90>>);
+  STATIC_REQUIRE(implements_op_v<kernel::ParLoss, Cuda<80>>);
   // Not implemented yet (backend/README.md): they still resolve to NoBackend and fail to compile when called.
   STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::Swiglu, Cuda<80>>);
-  STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::ParLoss, Cuda<80>>);
   STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::MoeTrainForward, Cuda<80>>);
   STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::MoeBackward, Cuda<80>>);
   STATIC_REQUIRE(Cuda<80>::memory_space == MemorySpace::device);
@@ -177,6 +177,12 @@ TEST_CASE("cuda expert workspace: regions aligned, disjoint and large enough for
   CHECK(region_bytes(fwd, "expert_out") == sizeof(bf16) * T * k * d);
   CHECK(region_bytes(fwd, "experts") == b16.bytes());
   CHECK(region_bytes(fwd, "grouping") == grouping_workspace(T * k, n).bytes());
+  RegionPlan const par = par_loss_workspace<float>(T, d, 3 * de, n, de);
+  check_regions(par);
+  CHECK(region_bytes(par, "expert_out") == sizeof(float) * n * T * d);
+  CHECK(region_bytes(par, "teacher_hidden") == sizeof(float) * T * 3 * de);
+  CHECK(region_bytes(par, "mse") == sizeof(double) * T * n);
+  CHECK_THROWS_AS(par_loss_workspace<bf16>(T, 0, 3, n, de), shape_error);
   // The op table's size query is the plan's.
   CHECK(kernel::MoeForward<Cuda<80>>::workspace<bf16>(T, d, n, de, k).bytes() == fwd.bytes());
 }
