@@ -12,6 +12,7 @@
 #include <factorllm/backend/cuda/cuda.hpp>
 #include <factorllm/backend/scalar/combine.hpp>
 #include <factorllm/backend/scalar/grouping.hpp>
+#include <factorllm/backend/scalar/moe_backward.hpp>
 #include <factorllm/backend/scalar/par_loss.hpp>
 #include <factorllm/backend/scalar/router.hpp>
 #include <factorllm/backend/scalar/swiglu.hpp>
@@ -494,6 +495,104 @@ TEST_CASE("cuda conformance: PAR loss and router gradients vs CpuScalar (f32 wei
   CHECK(again.total_loss == gv.total_loss);
   auto const second = got.gw.download();
   CHECK(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("cuda conformance: training forward and MoE backward vs CpuScalar (f32, relative L2 <= 5e-5)", "[cuda]") {
+  std::mt19937 rng(9);
+  Device dev;
+  std::ptrdiff_t const T = 40, d = 32, m = 24, n = 4, k = 2, S = T * k;
+  Layer layer(d, m, n, rng);
+  auto const x = random_floats(static_cast<std::size_t>(T * d), rng);
+  auto const dy = random_floats(static_cast<std::size_t>(T * d), rng);
+  DeviceBuffer<float> dgate(layer.gate), dup(layer.up), ddown(layer.down), drw(layer.router_w), drb(layer.router_b),
+      dx(x), ddy(dy);
+  auto params = [&](float const* g, float const* u, float const* dn, float const* rw, float const* rb) {
+    return MoeParamsView<float>{TensorView<float const, 3>(g, {n, m, d}), TensorView<float const, 3>(u, {n, m, d}),
+                                TensorView<float const, 3>(dn, {n, d, m}), matrix_view<float const>(rw, n, d),
+                                VectorView<float const>(rb, {n})};
+  };
+  MoeParamsView<float> const hp =
+      params(layer.gate.data(), layer.up.data(), layer.down.data(), layer.router_w.data(), layer.router_b.data());
+  MoeParamsView<float> const dp = params(dgate.get(), dup.get(), ddown.get(), drw.get(), drb.get());
+  for (CombineMode mode : {CombineMode::softmax_topk, CombineMode::softmax_topk_renorm, CombineMode::sigmoid_topk}) {
+    CAPTURE(to_string(mode));
+    GatingParams g;
+    g.mode = mode;
+    g.top_k = k;
+    g.sigmoid_renormalize = true;
+    g.output_scale = 1.25f;
+    // CpuScalar forward: the record and pre-activations both backwards start from.
+    std::vector<float> logits(static_cast<std::size_t>(T * n)), w(static_cast<std::size_t>(S)), y(static_cast<std::size_t>(T * d)),
+        a(static_cast<std::size_t>(S * m)), b(static_cast<std::size_t>(S * m));
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(S)), slots(static_cast<std::size_t>(S));
+    std::vector<std::int64_t> offsets(static_cast<std::size_t>(n + 1));
+    RoutingView<float> rec{matrix_view(logits.data(), T, n), matrix_view(ids.data(), T, k), matrix_view(w.data(), T, k),
+                           VectorView<std::int64_t>(offsets.data(), {n + 1}), VectorView<std::int32_t>(slots.data(), {S})};
+    MoeActivationsView<float> saved{matrix_view(a.data(), S, m), matrix_view(b.data(), S, m)};
+    Workspace fw(kernel::MoeTrainForward<CpuScalar>::workspace(hp, k, T).bytes());
+    kernel::MoeTrainForward<CpuScalar>::run<float, float>(hp, g, matrix_view<float const>(x.data(), T, d),
+                                                          matrix_view(y.data(), T, d), rec, &saved, fw.span());
+    // CUDA forward.
+    DeviceBuffer<float> dlogits(logits.size()), dwts(w.size()), dy_out(y.size()), da(a.size()), db(b.size());
+    DeviceBuffer<std::int32_t> dids(ids.size()), dslots(slots.size());
+    DeviceBuffer<std::int64_t> doff(offsets.size());
+    RoutingView<float> drec{matrix_view(dlogits.get(), T, n), matrix_view(dids.get(), T, k), matrix_view(dwts.get(), T, k),
+                            VectorView<std::int64_t>(doff.get(), {n + 1}), VectorView<std::int32_t>(dslots.get(), {S})};
+    MoeActivationsView<float> dsaved{matrix_view(da.get(), S, m), matrix_view(db.get(), S, m)};
+    DeviceWorkspace fws(kernel::MoeTrainForward<Cuda<80>>::workspace(dp, k, T).bytes());
+    CudaContext ctx = dev.context(cuda::training_host_bytes(n));
+    kernel::MoeTrainForward<Cuda<80>>::run(dp, g, matrix_view<float const>(dx.get(), T, d), matrix_view(dy_out.get(), T, d),
+                                           drec, &dsaved, fws.span(), ctx);
+    dev.sync();
+    CHECK(dids.download() == ids);
+    CHECK(dslots.download() == slots);
+    CHECK(doff.download() == offsets);
+    CHECK(rel_l2(dy_out.download(), y) <= 5e-5);
+    CHECK(rel_l2(da.download(), a) <= 5e-5);
+    CHECK(rel_l2(db.download(), b) <= 5e-5);
+
+    // Backward from the same record (the oracle's, uploaded), with and without saved pre-activations.
+    dlogits.upload(logits);
+    dwts.upload(w);
+    da.upload(a);
+    db.upload(b);
+    for (bool with_saved : {true, false}) {
+      CAPTURE(with_saved);
+      std::vector<float> gx(static_cast<std::size_t>(T * d)), gg(layer.gate.size()), gu(layer.up.size()),
+          gd(layer.down.size()), grw(static_cast<std::size_t>(n * d)), grb(static_cast<std::size_t>(n)),
+          gz(static_cast<std::size_t>(T * n));
+      MoeGradsView<float> hg{matrix_view(gx.data(), T, d), TensorView<float, 3>(gg.data(), {n, m, d}),
+                             TensorView<float, 3>(gu.data(), {n, m, d}), TensorView<float, 3>(gd.data(), {n, d, m}),
+                             matrix_view(grw.data(), n, d), VectorView<float>(grb.data(), {n}), matrix_view(gz.data(), T, n)};
+      MoeActivationsView<float const> hs{matrix_view<float const>(a.data(), S, m), matrix_view<float const>(b.data(), S, m)};
+      Workspace bw(kernel::MoeBackward<CpuScalar>::workspace(hp, k, T).bytes());
+      kernel::MoeBackward<CpuScalar>::run<float, float>(hp, g, RoutingView<float const>(rec),
+                                                        matrix_view<float const>(x.data(), T, d),
+                                                        matrix_view<float const>(dy.data(), T, d), with_saved ? &hs : nullptr,
+                                                        hg, bw.span());
+      DeviceBuffer<float> dgx(gx.size()), dgg(gg.size()), dgu(gu.size()), dgd(gd.size()), dgrw(grw.size()),
+          dgrb(grb.size()), dgz(gz.size());
+      MoeGradsView<float> dg{matrix_view(dgx.get(), T, d), TensorView<float, 3>(dgg.get(), {n, m, d}),
+                             TensorView<float, 3>(dgu.get(), {n, m, d}), TensorView<float, 3>(dgd.get(), {n, d, m}),
+                             matrix_view(dgrw.get(), n, d), VectorView<float>(dgrb.get(), {n}), matrix_view(dgz.get(), T, n)};
+      MoeActivationsView<float const> ds{matrix_view<float const>(da.get(), S, m), matrix_view<float const>(db.get(), S, m)};
+      RoutingView<float> const drec_in{matrix_view(dlogits.get(), T, n), matrix_view(dids.get(), T, k),
+                                       matrix_view(dwts.get(), T, k), VectorView<std::int64_t>(doff.get(), {n + 1}),
+                                       VectorView<std::int32_t>(dslots.get(), {S})};
+      DeviceWorkspace bws(kernel::MoeBackward<Cuda<80>>::workspace(dp, k, T).bytes());
+      kernel::MoeBackward<Cuda<80>>::run(dp, g, RoutingView<float const>(drec_in), matrix_view<float const>(dx.get(), T, d),
+                                         matrix_view<float const>(ddy.get(), T, d), with_saved ? &ds : nullptr, dg,
+                                         bws.span(), ctx);
+      dev.sync();
+      CHECK(rel_l2(dgx.download(), gx) <= 5e-5);
+      CHECK(rel_l2(dgg.download(), gg) <= 5e-5);
+      CHECK(rel_l2(dgu.download(), gu) <= 5e-5);
+      CHECK(rel_l2(dgd.download(), gd) <= 5e-5);
+      CHECK(rel_l2(dgrw.download(), grw) <= 5e-5);
+      CHECK(rel_l2(dgrb.download(), grb) <= 5e-5);
+      CHECK(rel_l2(dgz.download(), gz) <= 5e-5);
+    }
+  }
 }
 
 TEST_CASE("cuda conformance: bad arguments are typed errors", "[cuda]") {

@@ -47,10 +47,10 @@ TEST_CASE("cuda op table: Cuda implements the forward ops once backend/cuda is i
   STATIC_REQUIRE(implements_op_v<kernel::Combine, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::MoeForward, Cuda<90>>);
   STATIC_REQUIRE(implements_op_v<kernel::ParLoss, Cuda<80>>);
-  // Not implemented yet (backend/README.md): they still resolve to NoBackend and fail to compile when called.
+  STATIC_REQUIRE(implements_op_v<kernel::MoeTrainForward, Cuda<80>>);
+  STATIC_REQUIRE(implements_op_v<kernel::MoeBackward, Cuda<80>>);
+  // Not implemented yet (backend/README.md): it still resolves to NoBackend and fails to compile when called.
   STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::Swiglu, Cuda<80>>);
-  STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::MoeTrainForward, Cuda<80>>);
-  STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::MoeBackward, Cuda<80>>);
   STATIC_REQUIRE(Cuda<80>::memory_space == MemorySpace::device);
 }
 
@@ -183,6 +183,17 @@ TEST_CASE("cuda expert workspace: regions aligned, disjoint and large enough for
   CHECK(region_bytes(par, "teacher_hidden") == sizeof(float) * T * 3 * de);
   CHECK(region_bytes(par, "mse") == sizeof(double) * T * n);
   CHECK_THROWS_AS(par_loss_workspace<bf16>(T, 0, 3, n, de), shape_error);
+  RegionPlan const fwd_train = train_forward_workspace(T, d, n, de, k);
+  check_regions(fwd_train);
+  CHECK(region_bytes(fwd_train, "gathered") == sizeof(float) * T * k * d);
+  CHECK(region_bytes(fwd_train, "grouping") == grouping_workspace(T * k, n).bytes());
+  RegionPlan const bwd = moe_backward_workspace(T, d, n, de, k);
+  check_regions(bwd);
+  CHECK(region_bytes(bwd, "dx_rows") == sizeof(float) * T * k * d);
+  CHECK(region_bytes(bwd, "da") == sizeof(float) * T * k * de);
+  CHECK(region_bytes(bwd, "dz") == sizeof(double) * T * n);
+  CHECK(region_bytes(bwd, "dw") == sizeof(double) * T * k);
+  CHECK_THROWS_AS(moe_backward_workspace(T, d, n, de, n + 1), shape_error);
   // The op table's size query is the plan's.
   CHECK(kernel::MoeForward<Cuda<80>>::workspace<bf16>(T, d, n, de, k).bytes() == fwd.bytes());
 }

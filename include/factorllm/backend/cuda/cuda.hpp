@@ -8,6 +8,7 @@
 #include "grouping.hpp"
 #include "launch.hpp"
 #include "moe_forward.hpp"
+#include "moe_backward.hpp"
 #include "par_loss.hpp"
 #include "router.hpp"
 #include "swiglu.hpp"
