@@ -326,8 +326,12 @@ void moe_backward(MoeParamsView<float> const& p, GatingParams const& gating, Rou
       !grads.router_weight.is_contiguous())
     throw shape_error(factorllm::detail::concat(op, ": gradient views must be dense and shaped like x and the parameters"));
   if (saved != nullptr && (saved->gate_pre.rows() != S || saved->gate_pre.cols() != m ||
-                           saved->up_pre.extents() != saved->gate_pre.extents()))
-    throw shape_error(factorllm::detail::concat(op, ": saved pre-activations must be [", S, ", ", m, "]"));
+                           saved->up_pre.extents() != saved->gate_pre.extents() || !saved->gate_pre.is_contiguous() ||
+                           !saved->up_pre.is_contiguous()))
+    throw shape_error(factorllm::detail::concat(op, ": saved pre-activations must be dense [", S, ", ", m, "]"));
+  if (!x.is_contiguous() || !dy.is_contiguous() || !record.logits.is_contiguous() || !record.ids.is_contiguous() ||
+      !record.weights.is_contiguous())
+    throw shape_error(factorllm::detail::concat(op, ": x, dy and the record's logits, ids and weights must be dense"));
   if (S > INT_MAX) throw shape_error(factorllm::detail::concat(op, ": n_tokens * top_k exceeds 2^31"));
   RegionPlan const layout = moe_backward_workspace(T, d, n, m, k);
   layout.check(ws, op);

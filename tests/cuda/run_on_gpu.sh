@@ -109,7 +109,9 @@ try:
                     ratios[f"per_expert_vs_dense/{key}"] = d["real_time"] / p["real_time"]
             dec, cp = runs.get(f"BM_Decode/N:{n}/K:{k}/manual_time"), runs.get(f"BM_CopyD2D/N:{n}/K:{k}/manual_time")
             if dec and cp:
-                ratios[f"decode_vs_copy/N:{n}/K:{k}"] = dec["bytes_per_second"] / cp["bytes_per_second"]
+                # Same bytes B: decode reads B, the copy reads and writes B, so copy bandwidth = 2 B / t_copy.
+                # From the manual (CUDA event) times: Google Benchmark's rate counters divide by CPU time.
+                ratios[f"decode_vs_copy/N:{n}/K:{k}"] = cp["real_time"] / (2.0 * dec["real_time"])
     out["ratios"] = ratios
     t8 = [v for k, v in ratios.items() if k.startswith("grouped_vs_dense/T:8192")]
     dc = [v for k, v in ratios.items() if k.startswith("decode_vs_copy")]
