@@ -270,7 +270,63 @@ void moe_forward_impl(ExpertWeightsView<W> const& experts, RouterView<float> rou
   combine(weights_v, MatrixView<expert_out_t<W> const>(out_v), VectorView<std::int32_t const>(rows_v), y, ctx);
 }
 
+/// out[i] = float(in[i]) (the dense SwiGLU's output back to f32 activations).
+template <class T>
+__global__ void to_float_kernel(T const* in, float* out, std::int64_t n) {
+  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = to_f(in[i]);
+}
+
+template <class W>
+void swiglu_impl(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<float const> x,
+                 MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx) {
+  using T = device_t<W>;
+  char const* op = "swiglu (cuda)";
+  std::ptrdiff_t const n_tokens = x.rows(), d = gate.cols(), f = gate.rows();
+  if (up.extents() != gate.extents() || down.rows() != d || down.cols() != f || x.cols() != d || y.rows() != n_tokens ||
+      y.cols() != d)
+    throw shape_error(factorllm::detail::concat(op, ": expected gate, up [d_ff, d_model], down [d_model, d_ff], x, y ",
+                                                "[n_tokens, d_model]; got gate [", f, ", ", d, "], down [", down.rows(),
+                                                ", ", down.cols(), "], x [", x.rows(), ", ", x.cols(), "], y [", y.rows(),
+                                                ", ", y.cols(), "]"));
+  if (!gate.is_contiguous() || !up.is_contiguous() || !down.is_contiguous() || !x.is_contiguous() || !y.is_contiguous())
+    throw shape_error(factorllm::detail::concat(op, ": every view must be dense row-major"));
+  RegionPlan const layout = swiglu_workspace<W>(n_tokens, d, f);
+  layout.check(ws, op);
+  if (n_tokens == 0) return;
+  auto* xw = layout.at<T>(ws, 0, op);
+  auto* g = layout.at<T>(ws, 1, op);
+  auto* u = layout.at<T>(ws, 2, op);
+  auto* h = layout.at<T>(ws, 3, op);
+  auto* o = layout.at<T>(ws, 4, op);
+  GemmType const type = detail::gemm_type<W>();
+  LaunchConfig const cx = linear_launch(n_tokens * d, op);
+  detail::convert_kernel<T><<<to_dim3(cx.grid), to_dim3(cx.block), 0, ctx.stream>>>(x.data(), xw, n_tokens * d);
+  check_launch(op);
+  gemm_xwt(type, xw, gate.data(), g, n_tokens, f, d, ctx);
+  gemm_xwt(type, xw, up.data(), u, n_tokens, f, d, ctx);
+  LaunchConfig const ch = linear_launch(n_tokens * f, op);
+  detail::silu_mul_kernel<T, T><<<to_dim3(ch.grid), to_dim3(ch.block), 0, ctx.stream>>>(g, u, h, n_tokens * f);
+  check_launch(op);
+  gemm_xwt(type, h, down.data(), o, n_tokens, d, f, ctx);
+  to_float_kernel<T><<<to_dim3(cx.grid), to_dim3(cx.block), 0, ctx.stream>>>(o, y.data(), n_tokens * d);
+  check_launch(op);
+}
+
 }  // namespace
+
+void swiglu(MatrixView<float const> gate, MatrixView<float const> up, MatrixView<float const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx) {
+  swiglu_impl(gate, up, down, x, y, ws, ctx);
+}
+void swiglu(MatrixView<bf16 const> gate, MatrixView<bf16 const> up, MatrixView<bf16 const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx) {
+  swiglu_impl(gate, up, down, x, y, ws, ctx);
+}
+void swiglu(MatrixView<f16 const> gate, MatrixView<f16 const> up, MatrixView<f16 const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx) {
+  swiglu_impl(gate, up, down, x, y, ws, ctx);
+}
 
 void gemm_xwt(GemmType type, void const* x, void const* w, void* y, std::ptrdiff_t rows, std::ptrdiff_t out,
               std::ptrdiff_t in, CudaContext const& ctx) {

@@ -443,6 +443,30 @@ struct ParOut {
 template <class T>
 using HostVec = std::vector<T>;
 
+TEMPLATE_TEST_CASE("cuda conformance: dense SwiGLU vs CpuScalar", "[cuda]", float, bf16, f16) {
+  using W = TestType;
+  std::mt19937 rng(10);
+  Device dev;
+  std::ptrdiff_t const T = 33, d = 64, f = 160;
+  auto const g = convert<W>(random_floats(static_cast<std::size_t>(f * d), rng, 0.125f));
+  auto const u = convert<W>(random_floats(static_cast<std::size_t>(f * d), rng, 0.125f));
+  auto const dn = convert<W>(random_floats(static_cast<std::size_t>(d * f), rng, 0.08f));
+  auto const x = random_floats(static_cast<std::size_t>(T * d), rng);
+  std::vector<float> expect(static_cast<std::size_t>(T * d));
+  Workspace cpu_ws(kernel::Swiglu<CpuScalar>::workspace<W, float>(T, d, f, 1).bytes());
+  kernel::Swiglu<CpuScalar>::run<W, float>(matrix_view<W const>(g.data(), f, d), matrix_view<W const>(u.data(), f, d),
+                                           matrix_view<W const>(dn.data(), d, f), matrix_view<float const>(x.data(), T, d),
+                                           matrix_view(expect.data(), T, d), cpu_ws.span());
+  DeviceBuffer<W> dg(g), du(u), ddn(dn);
+  DeviceBuffer<float> dx(x), dy(expect.size());
+  DeviceWorkspace ws(kernel::Swiglu<Cuda<80>>::workspace<W>(T, d, f).bytes());
+  kernel::Swiglu<Cuda<80>>::run<W>(matrix_view<W const>(dg.get(), f, d), matrix_view<W const>(du.get(), f, d),
+                                   matrix_view<W const>(ddn.get(), d, f), matrix_view<float const>(dx.get(), T, d),
+                                   matrix_view(dy.get(), T, d), ws.span(), dev.context(0));
+  dev.sync();
+  CHECK(rel_l2(dy.download(), expect) <= expert_tolerance<W>());
+}
+
 TEST_CASE("cuda conformance: PAR loss and router gradients vs CpuScalar (f32 weights)", "[cuda]") {
   std::mt19937 rng(8);
   Device dev;

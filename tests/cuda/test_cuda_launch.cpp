@@ -39,7 +39,7 @@ std::size_t region_bytes(RegionPlan const& plan, char const* name) {
 
 }  // namespace
 
-TEST_CASE("cuda op table: Cuda implements the forward ops once backend/cuda is included", "[cuda]") {
+TEST_CASE("cuda op table: Cuda implements every op once backend/cuda is included", "[cuda]") {
   STATIC_REQUIRE(implements_op_v<kernel::RouterLogits, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::SelectExperts, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::GroupByExpert, Cuda<80>>);
@@ -49,8 +49,7 @@ TEST_CASE("cuda op table: Cuda implements the forward ops once backend/cuda is i
   STATIC_REQUIRE(implements_op_v<kernel::ParLoss, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::MoeTrainForward, Cuda<80>>);
   STATIC_REQUIRE(implements_op_v<kernel::MoeBackward, Cuda<80>>);
-  // Not implemented yet (backend/README.md): it still resolves to NoBackend and fails to compile when called.
-  STATIC_REQUIRE_FALSE(kernel::has_op_v<kernel::Swiglu, Cuda<80>>);
+  STATIC_REQUIRE(implements_op_v<kernel::Swiglu, Cuda<80>>);
   STATIC_REQUIRE(Cuda<80>::memory_space == MemorySpace::device);
 }
 
@@ -194,6 +193,10 @@ TEST_CASE("cuda expert workspace: regions aligned, disjoint and large enough for
   CHECK(region_bytes(bwd, "dz") == sizeof(double) * T * n);
   CHECK(region_bytes(bwd, "dw") == sizeof(double) * T * k);
   CHECK_THROWS_AS(moe_backward_workspace(T, d, n, de, n + 1), shape_error);
+  RegionPlan const dense = swiglu_workspace<f16>(T, d, 3 * de);
+  check_regions(dense);
+  CHECK(region_bytes(dense, "hidden") == sizeof(f16) * T * 3 * de);
+  CHECK(region_bytes(dense, "out") == sizeof(f16) * T * d);
   // The op table's size query is the plan's.
   CHECK(kernel::MoeForward<Cuda<80>>::workspace<bf16>(T, d, n, de, k).bytes() == fwd.bytes());
 }

@@ -130,9 +130,54 @@ void grouped_gemm(GemmType type, GemmProblem const* problems, int count, void co
 void per_problem_gemm(GemmType type, GemmProblem const* problems, int count, void const* w_base, void const* x_base,
                       void* y_base, CudaContext const& ctx);
 
+/// Device workspace of the dense SwiGLU for up to max_tokens tokens: x in the weight format [T, d_model], gate and up
+/// outputs and hidden [T, d_ff], output [T, d_model] (all W).
+template <class W>
+RegionPlan swiglu_workspace(std::ptrdiff_t max_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff) {
+  static_assert(is_cuda_weight_v<W>, "swiglu (cuda): weights must be float, bf16 or f16");
+  if (max_tokens < 0 || d_model < 1 || d_ff < 1)
+    throw shape_error(detail::concat("swiglu (cuda) workspace: bad sizes max_tokens ", max_tokens, ", d_model ", d_model,
+                                     ", d_ff ", d_ff));
+  auto const t = static_cast<std::size_t>(max_tokens), d = static_cast<std::size_t>(d_model),
+             f = static_cast<std::size_t>(d_ff);
+  RegionPlan ws;
+  ws.add("x_w", sizeof(W), t * d);
+  ws.add("gate_out", sizeof(W), t * f);
+  ws.add("up_out", sizeof(W), t * f);
+  ws.add("hidden", sizeof(W), t * f);
+  ws.add("out", sizeof(W), t * d);
+  return ws;
+}
+
+/// Dense SwiGLU y = W_down (SiLU(W_gate x) * (W_up x)) on device memory: gate, up [d_ff, d_model], down
+/// [d_model, d_ff] in W; x, y [n_tokens, d_model] f32 (y must not alias x). Three cublasGemmEx and two element-wise
+/// kernels; no host synchronization.
+/// \throws shape_error for bad shapes; backend_error for a workspace or CUDA / cuBLAS failure.
+void swiglu(MatrixView<float const> gate, MatrixView<float const> up, MatrixView<float const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx);
+void swiglu(MatrixView<bf16 const> gate, MatrixView<bf16 const> up, MatrixView<bf16 const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx);
+void swiglu(MatrixView<f16 const> gate, MatrixView<f16 const> up, MatrixView<f16 const> down,
+            MatrixView<float const> x, MatrixView<float> y, WorkspaceSpan ws, CudaContext const& ctx);
+
 }  // namespace cuda
 
 namespace kernel {
+
+/// Dense Swiglu on CUDA (weights f32, bf16, f16; activations f32). Tolerance vs CpuScalar as ExpertSwiglu's.
+template <int kSm>
+struct Swiglu<Cuda<kSm>> {
+  static constexpr bool implemented = true;
+  template <class W, class A = float>
+  static detail::WorkspaceLayout workspace(std::ptrdiff_t max_tokens, std::ptrdiff_t d_model, std::ptrdiff_t d_ff) {
+    return cuda::swiglu_workspace<W>(max_tokens, d_model, d_ff).layout();
+  }
+  template <class W>
+  static void run(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W const> down, MatrixView<float const> x,
+                  MatrixView<float> y, WorkspaceSpan ws, cuda::CudaContext const& ctx) {
+    cuda::swiglu(gate, up, down, x, y, ws, ctx);
+  }
+};
 
 /// ExpertSwiglu on CUDA (weights f32, bf16, f16; activations f32). Tolerance vs CpuScalar (relative L2 of
 /// expert_out): f32 <= 2e-5; f16 <= 3e-3 and bf16 <= 2e-2 (the gathered activations, the pre-activations, the
