@@ -1,0 +1,31 @@
+// SPDX-License-Identifier: Apache-2.0
+// Compiled by the host compiler alone, with no CUDA include path and the strict warnings of
+// tests/compile_strict (ctest cuda_headers_are_plain_cxx): the backend/cuda headers hold no kernel and no CUDA
+// header, so an engine's plain C++ sources can include them. Instantiates every host-side template they define.
+#include <factorllm/backend/cuda/cuda.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace fl = factorllm;
+
+int main() {
+  std::size_t total = 0;
+  total += fl::cuda::expert_swiglu_workspace<float>(4, 64, 8, 32, 2).bytes();
+  total += fl::cuda::expert_swiglu_workspace<fl::bf16>(4, 64, 8, 32, 2).bytes();
+  total += fl::cuda::moe_forward_workspace<fl::f16>(4, 64, 8, 32, 2).bytes();
+  total += fl::cuda::par_loss_workspace<fl::bf16>(4, 64, 96, 8, 12).bytes();
+  total += fl::cuda::swiglu_workspace<float>(4, 64, 96).bytes();
+  total += fl::cuda::grouping_workspace(8, 8).bytes();
+  total += fl::cuda::expert_swiglu_host_workspace(8).bytes();
+  total += fl::cuda::training_host_bytes(8);
+  total += fl::kernel::ExpertSwiglu<fl::Cuda<90>>::workspace<fl::f16>(4, 64, 8, 32, 2).bytes();
+  total += fl::kernel::Swiglu<fl::Cuda<80>>::workspace<fl::bf16>(4, 64, 96).bytes();
+  std::vector<std::int64_t> offsets{0, 3, 3, 8};
+  std::vector<fl::cuda::GemmProblem> problems(3);
+  total += static_cast<std::size_t>(fl::cuda::expert_gemm_problems(offsets.data(), 3, 64, 32, 64 * 32,
+                                                                   fl::cuda::Projection::down, problems.data()));
+  total += fl::cuda::plan_grouping(8, 3).count.grid.x + fl::cuda::decode_launch(32, 3).grid.x;
+  total += fl::cuda::linear_launch(1000, "check").grid.x;
+  return total > 0 ? 0 : 1;
+}
