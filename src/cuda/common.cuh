@@ -107,25 +107,6 @@ __device__ __forceinline__ float silu_f(float a) {
   return a * e / (1.f + e);
 }
 
-/// detail::sigmoid and detail::log_sigmoid in double (the select kernel mirrors the oracle's double math).
-__device__ __forceinline__ double sigmoid_d(double a) {
-  if (a >= 0) return 1.0 / (1.0 + exp(-a));
-  double const e = exp(a);
-  return e / (1.0 + e);
-}
-__device__ __forceinline__ double log_sigmoid_d(double a) {
-  if (a >= 0) return -log1p(exp(-a));
-  return a - log1p(exp(a));
-}
-
-/// detail::ranks_before: larger first, lower index on ties, NaN last (NaNs in index order).
-__device__ __forceinline__ bool ranks_before_d(double va, int a, double vb, int b) {
-  bool const na = isnan(va), nb = isnan(vb);
-  if (na || nb) return na == nb ? a < b : nb;
-  if (va != vb) return va > vb;
-  return a < b;
-}
-
 /// hidden = SiLU(gate_out) * up_out, element-wise, rounded to the weight format (the down GEMM's B operand).
 template <class E, class T>
 __global__ void silu_mul_kernel(E const* gate_out, E const* up_out, T* hidden, std::int64_t n) {

@@ -4,6 +4,8 @@
 // order in one thread, so the result is the same bits on every run.
 #include <factorllm/backend/cuda/par_loss.hpp>
 
+#include <factorllm/backend/cuda/detail/device_logic.hpp>
+
 #include "common.cuh"
 
 namespace factorllm {
@@ -12,7 +14,6 @@ namespace cuda {
 using detail::check_cuda;
 using detail::check_launch;
 using detail::device_t;
-using detail::ranks_before_d;
 using detail::to_dim3;
 using detail::to_f;
 
@@ -50,26 +51,6 @@ __global__ void mse_kernel(T const* expert_out, T const* teacher, std::int64_t n
   }
 }
 
-/// Indices of the k best of score(0..n) (ranks_before: larger first, lower index on ties), best first.
-template <class Score>
-__device__ void topk_d(Score score, int n, int k, int* ids) {
-  for (int j = 0; j < k; ++j) {
-    int best = -1;
-    double best_score = 0;
-    for (int i = 0; i < n; ++i) {
-      bool taken = false;
-      for (int q = 0; q < j; ++q) taken |= ids[q] == i;
-      if (taken) continue;
-      double const s = score(i);
-      if (best < 0 || ranks_before_d(s, i, best_score, best)) {
-        best = i;
-        best_score = s;
-      }
-    }
-    ids[j] = best;
-  }
-}
-
 struct TokenArgs {
   int n_experts, top_k;
   std::int64_t n_tokens, d_model;
@@ -102,9 +83,9 @@ __global__ void token_kernel(float const* x, float const* router_w, float const*
   for (int e = 0; e < n; ++e) zsum += exp(z[e] - zmax);
   for (int e = 0; e < n; ++e) p[e] = exp(z[e] - zmax) / zsum;
   int router_ids[kMaxTopK], labels[kMaxTopK];
-  topk_d([&](int e) { return z[e]; }, n, k, router_ids);
+  logic::topk([&](int e) { return z[e]; }, n, k, router_ids);
   double const* m = mse + t * n;
-  topk_d([&](int e) { return -m[e]; }, n, k, labels);
+  logic::topk([&](int e) { return -m[e]; }, n, k, labels);
   bool same_set = true;
   for (int j = 0; j < k; ++j) {
     pseudo_label[t * k + j] = labels[j];

@@ -8,7 +8,11 @@
 #include <factorllm/backend/cuda/router.hpp>
 #include <factorllm/backend/cuda/topk.hpp>
 
+#include <factorllm/backend/cuda/detail/device_logic.hpp>
+
 #include "common.cuh"
+
+static_assert(factorllm::cuda::logic::kMaxTopK == factorllm::cuda::kMaxTopK, "one TopK bound for host and device");
 
 namespace factorllm {
 namespace cuda {
@@ -17,9 +21,6 @@ using detail::check_cublas;
 using detail::check_cuda;
 using detail::check_launch;
 using detail::to_dim3;
-using detail::log_sigmoid_d;
-using detail::ranks_before_d;
-using detail::sigmoid_d;
 
 // ---- Runtime ----
 
@@ -61,86 +62,12 @@ __global__ void add_bias_kernel(float* z, float const* bias, std::int64_t n_toke
   if (i < n_tokens * n_experts) z[i] += bias[i % n_experts];
 }
 
-// ---- TopK and combine weights (one thread per token; mirrors SelectExperts<CpuScalar> in double) ----
+// ---- TopK and combine weights: a thread per token, cuda::logic::select_token (SelectExperts<CpuScalar>'s math) ----
 
-struct SelectArgs {
-  int n_experts;
-  int top_k;
-  int mode;
-  bool sigmoid_renormalize;
-  float const* bias;  // device, or null
-  float output_scale;
-  double code_ref_scale;
-};
-
-__global__ void select_experts_kernel(float const* logits, std::int64_t n_tokens, SelectArgs a, std::int32_t* ids_out,
-                                      float* weights_out) {
+__global__ void select_experts_kernel(float const* logits, std::int64_t n_tokens, logic::SelectArgs a,
+                                      std::int32_t* ids_out, float* weights_out) {
   std::int64_t const t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= n_tokens) return;
-  int const n = a.n_experts, k = a.top_k;
-  float const* z = logits + t * n;
-  int id[kMaxTopK];
-  // TopK of the selection scores (logit + bias), CpuScalar's topk_indices: O(n k^2), n and k small.
-  for (int j = 0; j < k; ++j) {
-    int best = -1;
-    double best_score = 0;
-    for (int i = 0; i < n; ++i) {
-      bool taken = false;
-      for (int q = 0; q < j; ++q) taken |= id[q] == i;
-      if (taken) continue;
-      double const s = static_cast<double>(z[i]) + (a.bias != nullptr ? static_cast<double>(a.bias[i]) : 0.0);
-      if (best < 0 || ranks_before_d(s, i, best_score, best)) {
-        best = i;
-        best_score = s;
-      }
-    }
-    id[j] = best;
-  }
-  bool any_nan = false;
-  double max_all = -INFINITY, max_sel = -INFINITY;
-  for (int i = 0; i < n; ++i) {
-    double const zi = z[i];
-    any_nan |= isnan(zi);
-    max_all = fmax(max_all, zi);
-  }
-  for (int j = 0; j < k; ++j) max_sel = fmax(max_sel, static_cast<double>(z[id[j]]));
-  double all_sum = 0;
-  for (int i = 0; i < n; ++i) all_sum += exp(static_cast<double>(z[i]) - max_all);
-  auto const mode = static_cast<CombineMode>(a.mode);
-  auto raw_weight = [&](int j) -> double {
-    double const zj = z[id[j]];
-    switch (mode) {
-      case CombineMode::code_ref: return a.code_ref_scale;
-      case CombineMode::softmax_topk:
-      case CombineMode::softmax_topk_renorm: return exp(zj - max_all) / all_sum;
-      case CombineMode::topk_softmax: return exp(zj - max_sel);
-      case CombineMode::sigmoid_topk: return sigmoid_d(zj);
-    }
-    return 0.0;
-  };
-  bool const renormalize = mode == CombineMode::softmax_topk_renorm || mode == CombineMode::topk_softmax ||
-                           (mode == CombineMode::sigmoid_topk && a.sigmoid_renormalize);
-  double sel_sum = 0;
-  for (int j = 0; j < k; ++j) sel_sum += raw_weight(j);
-  // Underflow of sum_S: the oracle's equal-in-exact-arithmetic softmax over the selected (log-)scores.
-  bool const underflow = renormalize && !(sel_sum >= 2.2250738585072014e-308);
-  auto stable_score = [&](int j) {
-    double const zj = z[id[j]];
-    return mode == CombineMode::sigmoid_topk ? log_sigmoid_d(zj) : zj;
-  };
-  double stable_max = -INFINITY, stable_sum = 0;
-  if (underflow) {
-    for (int j = 0; j < k; ++j) stable_max = fmax(stable_max, stable_score(j));
-    for (int j = 0; j < k; ++j) stable_sum += exp(stable_score(j) - stable_max);
-  }
-  for (int j = 0; j < k; ++j) {
-    double const wj = underflow     ? exp(stable_score(j) - stable_max) / stable_sum
-                      : renormalize ? raw_weight(j) / sel_sum
-                                    : raw_weight(j);
-    ids_out[t * k + j] = id[j];
-    weights_out[t * k + j] =
-        any_nan ? __int_as_float(0x7fc00000) : static_cast<float>(static_cast<double>(a.output_scale) * wj);
-  }
+  if (t < n_tokens) logic::select_token(logits + t * a.n_experts, a, ids_out + t * a.top_k, weights_out + t * a.top_k);
 }
 
 // ---- Grouping: stable counting sort in three kernels (backend/cuda/grouping.hpp) ----
@@ -163,14 +90,8 @@ __global__ void group_count_kernel(std::int32_t const* ids, std::int64_t n_slots
 __global__ void group_scan_kernel(std::int32_t const* counts, std::int64_t n_chunks, int n_experts,
                                   std::int64_t* bases, std::int64_t* offsets) {
   // Per expert: the chunk-relative start of each chunk's run, and the expert's total (in offsets[e + 1]).
-  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) {
-    std::int64_t running = 0;
-    for (std::int64_t c = 0; c < n_chunks; ++c) {
-      bases[c * n_experts + e] = running;
-      running += counts[c * n_experts + e];
-    }
-    offsets[e + 1] = running;
-  }
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x)
+    offsets[e + 1] = logic::group_scan_expert(counts, n_chunks, n_experts, e, bases);
   __syncthreads();
   if (threadIdx.x == 0) {  // exclusive prefix over experts, in expert order (n_experts is small)
     offsets[0] = 0;
@@ -192,8 +113,7 @@ __global__ void group_scatter_kernel(std::int32_t const* ids, std::int64_t n_slo
   int const e = chunk_ids[threadIdx.x];
   if (e < 0 || e >= n_experts) return;
   // Stable: the rank among this chunk's earlier slots of the same expert.
-  int rank = 0;
-  for (int i = 0; i < static_cast<int>(threadIdx.x); ++i) rank += chunk_ids[i] == e ? 1 : 0;
+  int const rank = logic::group_rank_in_chunk(chunk_ids, static_cast<int>(threadIdx.x));
   std::int64_t const pos = bases[static_cast<std::int64_t>(blockIdx.x) * n_experts + e] + rank;
   slots[pos] = static_cast<std::int32_t>(s);
   if (rows != nullptr) rows[s] = static_cast<std::int32_t>(pos);
@@ -285,7 +205,7 @@ void select_experts(MatrixView<float const> logits, GatingParams const& gating, 
   require_dense(weights, op, "weights");
   if (n > INT_MAX) throw shape_error(factorllm::detail::concat(op, ": n_experts exceeds 2^31"));
   if (n_tokens == 0) return;
-  SelectArgs a{static_cast<int>(n),
+  logic::SelectArgs a{static_cast<int>(n),
                static_cast<int>(k),
                static_cast<int>(gating.mode),
                gating.sigmoid_renormalize,

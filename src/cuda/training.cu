@@ -10,6 +10,8 @@
 #include <factorllm/backend/cuda/router.hpp>
 #include <factorllm/backend/cuda/topk.hpp>
 
+#include <factorllm/backend/cuda/detail/device_logic.hpp>
+
 #include "common.cuh"
 
 namespace factorllm {
@@ -18,8 +20,6 @@ namespace cuda {
 using detail::check_cublas;
 using detail::check_cuda;
 using detail::check_launch;
-using detail::log_sigmoid_d;
-using detail::sigmoid_d;
 using detail::silu_f;
 using detail::to_dim3;
 
@@ -72,7 +72,7 @@ __global__ void slot_backward_kernel(float const* a, float const* b, float const
   for (std::int64_t i = threadIdx.x; i < d_expert; i += blockDim.x) {
     std::int64_t const o = r * d_expert + i;
     double const ai = a[o], bi = b[o], gi = g[o];
-    double const sig = sigmoid_d(ai), si = silu_d(ai);
+    double const sig = logic::sigmoid(ai), si = silu_d(ai);
     double const hi = si * bi;
     h[o] = static_cast<float>(hi);
     acc += gi * hi;
@@ -89,57 +89,15 @@ __global__ void slot_backward_kernel(float const* a, float const* b, float const
   if (threadIdx.x == 0) dw[s] = partial[0];
 }
 
-struct VjpArgs {
-  int n_experts, top_k, mode;
-  bool sigmoid_renormalize;
-  double scale;
-};
-
-/// dz[t, :] = combine_weights_vjp(z_t, ids_t, dw_t) (backend/scalar/moe_backward.hpp), a thread per token, double.
+/// dz[t, :] = the combine weights' VJP (cuda::logic::combine_weights_vjp), a thread per token, double.
 __global__ void router_vjp_kernel(float const* logits, std::int32_t const* ids, double const* dw, std::int64_t n_tokens,
-                                  VjpArgs a, double* dz, float* dz_out) {
+                                  logic::VjpArgs a, double* dz, float* dz_out) {
   std::int64_t const t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= n_tokens) return;
   int const n = a.n_experts, k = a.top_k;
-  float const* z = logits + t * n;
-  std::int32_t const* id = ids + t * k;
-  double const* dwt = dw + t * k;
-  double* d = dz + t * n;
-  double const s = a.scale;
-  for (int i = 0; i < n; ++i) d[i] = 0.0;
-  auto const mode = static_cast<CombineMode>(a.mode);
-  if (mode == CombineMode::softmax_topk) {
-    float zmax = -INFINITY;
-    for (int i = 0; i < n; ++i) zmax = fmaxf(zmax, z[i]);
-    double const mx = zmax;
-    double sum = 0, pg = 0;
-    for (int i = 0; i < n; ++i) sum += exp(static_cast<double>(z[i]) - mx);
-    for (int j = 0; j < k; ++j) pg += exp(static_cast<double>(z[id[j]]) - mx) / sum * s * dwt[j];
-    for (int i = 0; i < n; ++i) d[i] = -exp(static_cast<double>(z[i]) - mx) / sum * pg;
-    for (int j = 0; j < k; ++j) d[id[j]] += exp(static_cast<double>(z[id[j]]) - mx) / sum * s * dwt[j];
-  } else if (mode == CombineMode::softmax_topk_renorm || mode == CombineMode::topk_softmax) {
-    double mx = -INFINITY, sum = 0, rdw = 0;
-    for (int j = 0; j < k; ++j) mx = fmax(mx, static_cast<double>(z[id[j]]));
-    for (int j = 0; j < k; ++j) sum += exp(static_cast<double>(z[id[j]]) - mx);
-    for (int j = 0; j < k; ++j) rdw += exp(static_cast<double>(z[id[j]]) - mx) / sum * dwt[j];
-    for (int j = 0; j < k; ++j) d[id[j]] = s * exp(static_cast<double>(z[id[j]]) - mx) / sum * (dwt[j] - rdw);
-  } else if (mode == CombineMode::sigmoid_topk && !a.sigmoid_renormalize) {
-    for (int j = 0; j < k; ++j) {
-      double const zj = z[id[j]];
-      d[id[j]] = s * dwt[j] * sigmoid_d(zj) * sigmoid_d(-zj);
-    }
-  } else if (mode == CombineMode::sigmoid_topk) {
-    double mx = -INFINITY, sum = 0, rdw = 0;
-    for (int j = 0; j < k; ++j) mx = fmax(mx, log_sigmoid_d(static_cast<double>(z[id[j]])));
-    for (int j = 0; j < k; ++j) sum += exp(log_sigmoid_d(static_cast<double>(z[id[j]])) - mx);
-    for (int j = 0; j < k; ++j) rdw += exp(log_sigmoid_d(static_cast<double>(z[id[j]])) - mx) / sum * dwt[j];
-    for (int j = 0; j < k; ++j) {
-      double const zj = z[id[j]];
-      d[id[j]] = s * exp(log_sigmoid_d(zj) - mx) / sum * (dwt[j] - rdw) * sigmoid_d(-zj);
-    }
-  }  // code_ref: dz = 0
+  logic::combine_weights_vjp(logits + t * n, ids + t * k, dw + t * k, a, dz + t * n);
   if (dz_out != nullptr)
-    for (int i = 0; i < n; ++i) dz_out[t * n + i] = static_cast<float>(d[i]);
+    for (int i = 0; i < n; ++i) dz_out[t * n + i] = static_cast<float>(dz[t * n + i]);
 }
 
 /// dW_r[e, c] = sum_t dz[t, e] x[t, c], db_r[e] (c = d_model) = sum_t dz[t, e]: a thread per output, t in order.
@@ -403,7 +361,7 @@ void moe_backward(MoeParamsView<float> const& p, GatingParams const& gating, Rou
     gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, ne, m, wg, d, da + r0 * m, m, 0.f, dxg + r0 * d, d, op);
     gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, ne, m, wu, d, db + r0 * m, m, 1.f, dxg + r0 * d, d, op);
   }
-  VjpArgs const va{static_cast<int>(n), static_cast<int>(k), static_cast<int>(gating.mode), gating.sigmoid_renormalize,
+  logic::VjpArgs const va{static_cast<int>(n), static_cast<int>(k), static_cast<int>(gating.mode), gating.sigmoid_renormalize,
                    static_cast<double>(gating.output_scale)};
   LaunchConfig const ct = linear_launch(T, op);
   router_vjp_kernel<<<to_dim3(ct.grid), to_dim3(ct.block), 0, ctx.stream>>>(

@@ -3,6 +3,7 @@
 // tests/compile_strict (ctest cuda_headers_are_plain_cxx): the backend/cuda headers hold no kernel and no CUDA
 // header, so an engine's plain C++ sources can include them. Instantiates every host-side template they define.
 #include <factorllm/backend/cuda/cuda.hpp>
+#include <factorllm/backend/cuda/detail/device_logic.hpp>
 
 #include <cstdint>
 #include <vector>
@@ -27,5 +28,15 @@ int main() {
                                                                    fl::cuda::Projection::down, problems.data()));
   total += fl::cuda::plan_grouping(8, 3).count.grid.x + fl::cuda::decode_launch(32, 3).grid.x;
   total += fl::cuda::linear_launch(1000, "check").grid.x;
-  return total > 0 ? 0 : 1;
+  float z[4] = {0.5f, -1.f, 2.f, 0.f};
+  std::int32_t ids[2];
+  float w[2];
+  fl::cuda::logic::select_token(z, fl::cuda::logic::SelectArgs{4, 2, 4, true, nullptr, 1.f, 2.0}, ids, w);
+  double dw[2] = {1.0, -1.0}, dz[4];
+  fl::cuda::logic::combine_weights_vjp(z, ids, dw, fl::cuda::logic::VjpArgs{4, 2, 4, true, 1.0}, dz);
+  std::int32_t counts[4] = {1, 2, 0, 1};
+  std::int64_t bases[4];
+  total += static_cast<std::size_t>(fl::cuda::logic::group_scan_expert(counts, 2, 2, 1, bases));
+  total += static_cast<std::size_t>(fl::cuda::logic::group_rank_in_chunk(ids, 1));
+  return total > 0 && dz[0] == dz[0] ? 0 : 1;
 }

@@ -6,7 +6,14 @@
 #include <catch2/catch.hpp>
 
 #include <factorllm/backend/cuda/cuda.hpp>
+#include <factorllm/backend/cuda/detail/device_logic.hpp>
 #include <factorllm/backend/ops.hpp>
+#include <factorllm/backend/scalar/grouping.hpp>
+#include <factorllm/backend/scalar/moe_backward.hpp>
+#include <factorllm/backend/scalar/topk.hpp>
+
+#include <cmath>
+#include <cstring>
 
 #include <cstdint>
 #include <random>
@@ -15,6 +22,7 @@
 using namespace factorllm;
 using namespace factorllm::cuda;
 using kernel::implements_op_v;
+namespace logic = factorllm::cuda::logic;
 
 namespace {
 
@@ -221,4 +229,129 @@ TEST_CASE("Cuda<>::available() is false without the runtime or a device", "[cuda
 #else
   CHECK_FALSE(Cuda<80>::available());
 #endif
+}
+
+// ---- The kernels' per-thread logic (backend/cuda/detail/device_logic.hpp), run on the host over the grid ----
+
+TEST_CASE("cuda select kernel logic, run per token on the host: SelectExperts<CpuScalar>'s ids and weights bit for bit",
+          "[cuda]") {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist(0.f, 2.f);
+  std::ptrdiff_t const T = 200, n = 12;
+  std::vector<float> logits(static_cast<std::size_t>(T * n)), bias(static_cast<std::size_t>(n));
+  for (auto& v : logits) v = dist(rng);
+  for (auto& v : bias) v = dist(rng);
+  for (std::ptrdiff_t i = 0; i < 60 * n; ++i) logits[static_cast<std::size_t>(i)] = std::round(logits[static_cast<std::size_t>(i)]);  // ties
+  logits[static_cast<std::size_t>(100 * n + 2)] = std::nanf("");
+  for (std::ptrdiff_t e = 0; e < n; ++e) logits[static_cast<std::size_t>(110 * n + e)] = -800.f + static_cast<float>(e);
+  bias[7] = 900.f;  // a selection far below the largest logit: the renormalized modes' underflow fallback
+  for (CombineMode mode : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
+                           CombineMode::topk_softmax, CombineMode::sigmoid_topk})
+    for (std::ptrdiff_t k : {1, 3})
+      for (bool with_bias : {false, true})
+        for (bool renorm : {false, true}) {
+          CAPTURE(to_string(mode), k, with_bias, renorm);
+          GatingParams g;
+          g.mode = mode;
+          g.top_k = k;
+          g.sigmoid_renormalize = renorm;
+          g.output_scale = 0.75f;
+          g.selection_bias = with_bias ? bias.data() : nullptr;
+          g.bias_len = with_bias ? n : 0;
+          std::vector<std::int32_t> ids(static_cast<std::size_t>(T * k)), got_ids(ids.size());
+          std::vector<float> w(ids.size()), got_w(ids.size());
+          kernel::SelectExperts<CpuScalar>::run(matrix_view<float const>(logits.data(), T, n), g,
+                                                matrix_view(ids.data(), T, k), matrix_view(w.data(), T, k));
+          logic::SelectArgs const a{static_cast<int>(n), static_cast<int>(k), static_cast<int>(mode), renorm,
+                                    g.selection_bias, g.output_scale, GatingParams::code_ref_scale(n, k)};
+          for (std::ptrdiff_t t = 0; t < T; ++t)  // one "thread" per token, as select_experts_kernel
+            logic::select_token(logits.data() + t * n, a, got_ids.data() + t * k, got_w.data() + t * k);
+          CHECK(got_ids == ids);
+          std::size_t mismatches = 0;
+          for (std::size_t i = 0; i < w.size(); ++i)
+            mismatches += (std::isnan(w[i]) && std::isnan(got_w[i])) || std::memcmp(&w[i], &got_w[i], sizeof(float)) == 0 ? 0 : 1;
+          CHECK(mismatches == 0);
+        }
+}
+
+TEST_CASE("cuda grouping kernels' logic, run chunk by chunk on the host: GroupByExpert<CpuScalar> bit for bit", "[cuda]") {
+  std::mt19937 rng(12);
+  for (std::ptrdiff_t T : {1, 100, 128, 129, 1500})
+    for (std::ptrdiff_t n : {3, 16}) {
+      std::ptrdiff_t const k = 2, S = T * k;
+      CAPTURE(T, n);
+      std::vector<std::int32_t> ids(static_cast<std::size_t>(S));
+      for (std::ptrdiff_t t = 0; t < T; ++t) {
+        auto const a = static_cast<std::int32_t>(rng() % 3);  // skewed: long runs of the same experts
+        auto const b = static_cast<std::int32_t>((a + 1 + static_cast<std::int32_t>(rng() % static_cast<unsigned>(n - 1))) % n);
+        ids[static_cast<std::size_t>(t * k)] = a;
+        ids[static_cast<std::size_t>(t * k + 1)] = b;
+      }
+      std::vector<std::int64_t> offsets(static_cast<std::size_t>(n + 1));
+      std::vector<std::int32_t> slots(static_cast<std::size_t>(S)), rows(slots.size());
+      kernel::GroupByExpert<CpuScalar>::run(matrix_view<std::int32_t const>(ids.data(), T, k), n,
+                                            VectorView<std::int64_t>(offsets.data(), {n + 1}),
+                                            VectorView<std::int32_t>(slots.data(), {S}),
+                                            VectorView<std::int32_t>(rows.data(), {S}));
+      // The three kernels of group_by_expert, block by block and thread by thread.
+      GroupingPlan const plan = plan_grouping(S, n);
+      std::vector<std::int32_t> counts(static_cast<std::size_t>(plan.table_elements()), 0);
+      std::vector<std::int64_t> bases(counts.size()), got_offsets(offsets.size(), -1);
+      std::vector<std::int32_t> got_slots(slots.size(), -1), got_rows(rows.size(), -1);
+      for (std::ptrdiff_t c = 0; c < plan.n_chunks; ++c)  // count kernel
+        for (int lane = 0; lane < kGroupChunk; ++lane) {
+          std::ptrdiff_t const s = c * kGroupChunk + lane;
+          if (s < S) ++counts[static_cast<std::size_t>(c * n + ids[static_cast<std::size_t>(s)])];
+        }
+      for (int e = 0; e < n; ++e)  // scan kernel
+        got_offsets[static_cast<std::size_t>(e + 1)] = logic::group_scan_expert(counts.data(), plan.n_chunks, static_cast<int>(n), e, bases.data());
+      got_offsets[0] = 0;
+      for (std::ptrdiff_t e = 0; e < n; ++e) got_offsets[static_cast<std::size_t>(e + 1)] += got_offsets[static_cast<std::size_t>(e)];
+      for (std::ptrdiff_t e = 0; e < n; ++e)
+        for (std::ptrdiff_t c = 0; c < plan.n_chunks; ++c) bases[static_cast<std::size_t>(c * n + e)] += got_offsets[static_cast<std::size_t>(e)];
+      for (std::ptrdiff_t c = 0; c < plan.n_chunks; ++c) {  // scatter kernel
+        std::int32_t chunk_ids[kGroupChunk];
+        for (int lane = 0; lane < kGroupChunk; ++lane) {
+          std::ptrdiff_t const s = c * kGroupChunk + lane;
+          chunk_ids[lane] = s < S ? ids[static_cast<std::size_t>(s)] : -1;
+        }
+        for (int lane = 0; lane < kGroupChunk; ++lane) {
+          std::ptrdiff_t const s = c * kGroupChunk + lane;
+          if (s >= S) continue;
+          std::int64_t const pos = bases[static_cast<std::size_t>(c * n + chunk_ids[lane])] + logic::group_rank_in_chunk(chunk_ids, lane);
+          got_slots[static_cast<std::size_t>(pos)] = static_cast<std::int32_t>(s);
+          got_rows[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(pos);
+        }
+      }
+      CHECK(got_offsets == offsets);
+      CHECK(got_slots == slots);
+      CHECK(got_rows == rows);
+    }
+}
+
+TEST_CASE("cuda router VJP logic: kernel::combine_weights_vjp bit for bit in every mode", "[cuda]") {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> dist(0.f, 1.5f);
+  int const n = 8, k = 3;
+  for (CombineMode mode : {CombineMode::code_ref, CombineMode::softmax_topk, CombineMode::softmax_topk_renorm,
+                           CombineMode::topk_softmax, CombineMode::sigmoid_topk})
+    for (bool renorm : {false, true})
+      for (int trial = 0; trial < 20; ++trial) {
+        CAPTURE(to_string(mode), renorm, trial);
+        std::vector<float> z(n);
+        for (auto& v : z) v = trial == 0 ? -800.f + dist(rng) : dist(rng);  // trial 0: every sigmoid underflows
+        std::int32_t ids[k] = {static_cast<std::int32_t>(rng() % n), 0, 0};
+        ids[1] = (ids[0] + 1) % n;
+        ids[2] = (ids[0] + 3) % n;
+        double dw[k] = {static_cast<double>(dist(rng)), static_cast<double>(dist(rng)), static_cast<double>(dist(rng))};
+        GatingParams g;
+        g.mode = mode;
+        g.top_k = k;
+        g.sigmoid_renormalize = renorm;
+        g.output_scale = 1.5f;
+        double expect[n], got[n];
+        kernel::combine_weights_vjp(z.data(), n, ids, k, dw, g, expect);
+        logic::combine_weights_vjp(z.data(), ids, dw, logic::VjpArgs{n, k, static_cast<int>(mode), renorm, 1.5}, got);
+        CHECK(std::memcmp(expect, got, sizeof expect) == 0);
+      }
 }
