@@ -51,73 +51,28 @@ __global__ void mse_kernel(T const* expert_out, T const* teacher, std::int64_t n
   }
 }
 
-struct TokenArgs {
-  int n_experts, top_k;
-  std::int64_t n_tokens, d_model;
-  double q_selected, q_unselected, lo, hi, inv_t, inv_nt;
-};
-
-/// A block per token: z = W_r x + b_r (a warp per expert, double), then in thread 0 the oracle's per-token steps.
+/// A block per token: z = W_r x + b_r (a warp per expert, double), then logic::par_token in thread 0.
 __global__ void token_kernel(float const* x, float const* router_w, float const* router_b, double const* mse,
-                             TokenArgs a, double* dz_par, double* dz_bal, double* token_sums,
-                             std::int32_t* pseudo_label, std::int32_t* router_topk) {
+                             std::int64_t d_model, logic::ParTokenArgs a, double* dz_par, double* dz_bal,
+                             double* token_sums, std::int32_t* pseudo_label, std::int32_t* router_topk) {
   extern __shared__ double shared[];
   double* z = shared;
   double* p = shared + a.n_experts;
   std::int64_t const t = blockIdx.x;
   int const warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
-  float const* xr = x + t * a.d_model;
+  float const* xr = x + t * d_model;
   for (int e = warp; e < a.n_experts; e += n_warps) {
-    float const* wr = router_w + static_cast<std::int64_t>(e) * a.d_model;
+    float const* wr = router_w + static_cast<std::int64_t>(e) * d_model;
     double s = 0;
-    for (std::int64_t c = lane; c < a.d_model; c += 32) s += static_cast<double>(wr[c]) * static_cast<double>(xr[c]);
+    for (std::int64_t c = lane; c < d_model; c += 32) s += static_cast<double>(wr[c]) * static_cast<double>(xr[c]);
     for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
     if (lane == 0) z[e] = static_cast<double>(router_b[e]) + s;
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
   int const n = a.n_experts, k = a.top_k;
-  double zmax = -INFINITY;
-  for (int e = 0; e < n; ++e) zmax = fmax(zmax, z[e]);
-  double zsum = 0;
-  for (int e = 0; e < n; ++e) zsum += exp(z[e] - zmax);
-  for (int e = 0; e < n; ++e) p[e] = exp(z[e] - zmax) / zsum;
-  int router_ids[kMaxTopK], labels[kMaxTopK];
-  logic::topk([&](int e) { return z[e]; }, n, k, router_ids);
-  double const* m = mse + t * n;
-  logic::topk([&](int e) { return -m[e]; }, n, k, labels);
-  bool same_set = true;
-  for (int j = 0; j < k; ++j) {
-    pseudo_label[t * k + j] = labels[j];
-    router_topk[t * k + j] = router_ids[j];
-    bool found = false;
-    for (int q = 0; q < k; ++q) found |= router_ids[q] == labels[j];
-    same_set &= found;
-  }
-  auto clip = [&](double v) { return fmin(fmax(v, a.lo), a.hi); };
-  double kl = 0, pg = 0;
-  double* dp = dz_par + t * n;
-  double* db = dz_bal + t * n;
-  for (int e = 0; e < n; ++e) {
-    bool selected = false;
-    for (int q = 0; q < k; ++q) selected |= labels[q] == e;
-    double const qh = clip(selected ? a.q_selected : a.q_unselected), ph = clip(p[e]);
-    kl += ph * log(ph / qh);
-    double const g = (p[e] >= a.lo && p[e] <= a.hi) ? (log(ph) - log(qh) + 1.0) : 0.0;
-    dp[e] = g;
-    pg += p[e] * g;
-  }
-  for (int e = 0; e < n; ++e) dp[e] = p[e] * (dp[e] - pg) * a.inv_t;
-  double sel_mass = 0;
-  for (int j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
-  for (int e = 0; e < n; ++e) {
-    bool in_topk = false;
-    for (int q = 0; q < k; ++q) in_topk |= router_ids[q] == e;
-    db[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * a.inv_nt;
-  }
-  token_sums[t * 3 + 0] = kl;
-  token_sums[t * 3 + 1] = sel_mass;
-  token_sums[t * 3 + 2] = same_set ? 1.0 : 0.0;
+  logic::par_token(z, p, mse + t * n, a, dz_par + t * n, dz_bal + t * n, pseudo_label + t * k, router_topk + t * k,
+                   token_sums + t * 3);
 }
 
 struct GradArgs {
@@ -127,28 +82,24 @@ struct GradArgs {
   float *gw, *gb, *gw_par, *gb_par, *gw_bal, *gb_bal;
 };
 
-/// dW_r[e, c] = sum_t dz[t, e] x[t, c] (c = d_model: the bias, x = 1), a thread per output, tokens in order.
+/// dW_r[e, c] (c = d_model: the bias), a thread per output (logic::router_grad_output: tokens in order).
 __global__ void router_grad_kernel(float const* x, double const* dz_par, double const* dz_bal, GradArgs a) {
   std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   std::int64_t const cols = a.d_model + 1;
   if (i >= a.n_experts * cols) return;
   int const e = static_cast<int>(i / cols);
   std::int64_t const c = i % cols;
-  double sp = 0, sb = 0;
-  for (std::int64_t t = 0; t < a.n_tokens; ++t) {
-    double const xc = c < a.d_model ? static_cast<double>(x[t * a.d_model + c]) : 1.0;
-    sp += dz_par[t * a.n_experts + e] * xc;
-    sb += dz_bal[t * a.n_experts + e] * xc;
-  }
-  auto const total = static_cast<float>(a.par_weight * sp + a.balance_weight * sb);
+  double s[2];
+  logic::router_grad_output(x, dz_par, dz_bal, a.n_tokens, a.n_experts, a.d_model, e, c, s);
+  auto const total = static_cast<float>(a.par_weight * s[0] + a.balance_weight * s[1]);
   if (c < a.d_model) {
     std::int64_t const o = static_cast<std::int64_t>(e) * a.d_model + c;
-    a.gw_par[o] = static_cast<float>(sp);
-    a.gw_bal[o] = static_cast<float>(sb);
+    a.gw_par[o] = static_cast<float>(s[0]);
+    a.gw_bal[o] = static_cast<float>(s[1]);
     a.gw[o] = total;
   } else {
-    a.gb_par[e] = static_cast<float>(sp);
-    a.gb_bal[e] = static_cast<float>(sb);
+    a.gb_par[e] = static_cast<float>(s[0]);
+    a.gb_bal[e] = static_cast<float>(s[1]);
     a.gb[e] = total;
   }
 }
@@ -252,11 +203,11 @@ ParLossValues par_loss_impl(MatrixView<float const> x, MatrixView<W const> dense
   check_launch(op);
   ParTarget const q = par_target_q(n, k);
   double const inv_t = 1.0 / static_cast<double>(n_tokens);
-  TokenArgs const ta{static_cast<int>(n), static_cast<int>(k), n_tokens, d, q.selected, q.unselected, config.clip,
-                     1.0 - config.clip, inv_t, inv_t / static_cast<double>(n)};
+  logic::ParTokenArgs const ta{static_cast<int>(n), static_cast<int>(k), q.selected, q.unselected, config.clip,
+                               1.0 - config.clip, inv_t, inv_t / static_cast<double>(n)};
   token_kernel<<<static_cast<unsigned>(n_tokens), kTokenThreads, sizeof(double) * 2 * static_cast<std::size_t>(n),
-                 ctx.stream>>>(x.data(), router.weight.data(), router.bias.data(), mse, ta, dz_par, dz_bal, token_sums,
-                               out.pseudo_label.data(), out.router_topk.data());
+                 ctx.stream>>>(x.data(), router.weight.data(), router.bias.data(), mse, d, ta, dz_par, dz_bal,
+                               token_sums, out.pseudo_label.data(), out.router_topk.data());
   check_launch(op);
   GradArgs const ga{static_cast<int>(n), n_tokens, d, config.par_weight, config.balance_weight,
                     out.grad_weight.data(), out.grad_bias.data(), out.grad_weight_par.data(), out.grad_bias_par.data(),

@@ -38,5 +38,9 @@ int main() {
   std::int64_t bases[4];
   total += static_cast<std::size_t>(fl::cuda::logic::group_scan_expert(counts, 2, 2, 1, bases));
   total += static_cast<std::size_t>(fl::cuda::logic::group_rank_in_chunk(ids, 1));
-  return total > 0 && dz[0] == dz[0] ? 0 : 1;
+  double zd[4] = {0.5, -1.0, 2.0, 0.0}, p[4], mse[4] = {1.0, 2.0, 0.5, 3.0}, dz_par[4], dz_bal[4], sums[3], grad[2];
+  fl::cuda::logic::par_token(zd, p, mse, fl::cuda::logic::ParTokenArgs{4, 2, 0.3, 0.1, 1e-7, 1.0 - 1e-7, 1.0, 0.25},
+                             dz_par, dz_bal, ids, ids, sums);
+  fl::cuda::logic::router_grad_output(z, dz_par, dz_bal, 1, 4, 1, 0, 0, grad);
+  return total > 0 && dz[0] == dz[0] && grad[0] == grad[0] ? 0 : 1;
 }

@@ -10,6 +10,7 @@
 #include <factorllm/backend/ops.hpp>
 #include <factorllm/backend/scalar/grouping.hpp>
 #include <factorllm/backend/scalar/moe_backward.hpp>
+#include <factorllm/backend/scalar/par_loss.hpp>
 #include <factorllm/backend/scalar/topk.hpp>
 
 #include <cmath>
@@ -354,4 +355,79 @@ TEST_CASE("cuda router VJP logic: kernel::combine_weights_vjp bit for bit in eve
         logic::combine_weights_vjp(z.data(), ids, dw, logic::VjpArgs{n, k, static_cast<int>(mode), renorm, 1.5}, got);
         CHECK(std::memcmp(expect, got, sizeof expect) == 0);
       }
+}
+
+TEST_CASE("cuda PAR loss kernels' logic, run per token and per output on the host: ParLoss<CpuScalar>", "[cuda]") {
+  std::mt19937 rng(14);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::ptrdiff_t const T = 50, d = 16, f = 24, n = 4, de = 6, k = 2;
+  auto fill = [&](std::size_t count, float scale) {
+    std::vector<float> v(count);
+    for (auto& x : v) x = scale * dist(rng);
+    return v;
+  };
+  auto const x = fill(static_cast<std::size_t>(T * d), 1.f), dg = fill(static_cast<std::size_t>(f * d), 0.25f),
+             du = fill(static_cast<std::size_t>(f * d), 0.25f), dd = fill(static_cast<std::size_t>(d * f), 0.2f),
+             eg = fill(static_cast<std::size_t>(n * de * d), 0.25f), eu = fill(static_cast<std::size_t>(n * de * d), 0.25f),
+             ed = fill(static_cast<std::size_t>(n * d * de), 0.4f), rw = fill(static_cast<std::size_t>(n * d), 0.5f),
+             rb = fill(static_cast<std::size_t>(n), 0.1f);
+  std::vector<float> gw(static_cast<std::size_t>(n * d)), gb(static_cast<std::size_t>(n)), gwp(gw.size()), gbp(gb.size()),
+      gwb(gw.size()), gbb(gb.size()), mse(static_cast<std::size_t>(T * n));
+  std::vector<std::int32_t> labels(static_cast<std::size_t>(T * k)), topk(labels.size());
+  ParLossOutView<float> out{matrix_view(gw.data(), n, d), VectorView<float>(gb.data(), {n}), matrix_view(gwp.data(), n, d),
+                            VectorView<float>(gbp.data(), {n}), matrix_view(gwb.data(), n, d), VectorView<float>(gbb.data(), {n}),
+                            matrix_view(mse.data(), T, n), matrix_view(labels.data(), T, k), matrix_view(topk.data(), T, k)};
+  ParLossConfig const config;
+  Workspace ws(kernel::ParLoss<CpuScalar>::workspace<float, float>(d, f, n, k).bytes());
+  ExpertWeightsView<float> const experts{TensorView<float const, 3>(eg.data(), {n, de, d}),
+                                         TensorView<float const, 3>(eu.data(), {n, de, d}),
+                                         TensorView<float const, 3>(ed.data(), {n, d, de})};
+  ParLossValues const expect = kernel::ParLoss<CpuScalar>::run<float, float>(
+      matrix_view<float const>(x.data(), T, d), matrix_view<float const>(dg.data(), f, d),
+      matrix_view<float const>(du.data(), f, d), matrix_view<float const>(dd.data(), d, f), experts,
+      RouterView<float>{matrix_view<float const>(rw.data(), n, d), VectorView<float const>(rb.data(), {n})}, k, config,
+      out, ws.span());
+
+  // The kernels' steps after the MSEs (which the GPU computes with cuBLAS; here the oracle's, widened back).
+  ParTarget const q = par_target_q(n, k);
+  double const inv_t = 1.0 / static_cast<double>(T);
+  logic::ParTokenArgs const a{static_cast<int>(n), static_cast<int>(k), q.selected, q.unselected, config.clip,
+                              1.0 - config.clip, inv_t, inv_t / static_cast<double>(n)};
+  std::vector<double> dz_par(static_cast<std::size_t>(T * n)), dz_bal(dz_par.size()), sums(static_cast<std::size_t>(3 * T));
+  std::vector<std::int32_t> got_labels(labels.size()), got_topk(topk.size());
+  for (std::ptrdiff_t t = 0; t < T; ++t) {  // token kernel: z in double, then thread 0
+    double z[n], p[n], m[n];
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      double acc = rb[static_cast<std::size_t>(e)];
+      for (std::ptrdiff_t c = 0; c < d; ++c)
+        acc += static_cast<double>(rw[static_cast<std::size_t>(e * d + c)]) * static_cast<double>(x[static_cast<std::size_t>(t * d + c)]);
+      z[e] = acc;
+      m[e] = mse[static_cast<std::size_t>(t * n + e)];
+    }
+    logic::par_token(z, p, m, a, dz_par.data() + t * n, dz_bal.data() + t * n, got_labels.data() + t * k,
+                     got_topk.data() + t * k, sums.data() + 3 * t);
+  }
+  CHECK(got_labels == labels);
+  CHECK(got_topk == topk);
+  double kl = 0, mass = 0, match = 0;
+  for (std::ptrdiff_t t = 0; t < T; ++t) {
+    kl += sums[static_cast<std::size_t>(3 * t)];
+    mass += sums[static_cast<std::size_t>(3 * t + 1)];
+    match += sums[static_cast<std::size_t>(3 * t + 2)];
+  }
+  CHECK(kl * inv_t == Approx(expect.par_loss).epsilon(1e-12));
+  CHECK(mass * a.inv_nt == Approx(expect.balance_loss).epsilon(1e-12));
+  CHECK(match * inv_t == expect.label_accuracy);
+  double num = 0, den = 0;
+  for (int e = 0; e < n; ++e)  // router gradient kernel: one output per (e, c)
+    for (std::ptrdiff_t c = 0; c <= d; ++c) {
+      double sp[2];
+      logic::router_grad_output(x.data(), dz_par.data(), dz_bal.data(), T, static_cast<int>(n), d, e, c, sp);
+      double const want_p = c < d ? gwp[static_cast<std::size_t>(e * d + c)] : gbp[static_cast<std::size_t>(e)];
+      double const want_b = c < d ? gwb[static_cast<std::size_t>(e * d + c)] : gbb[static_cast<std::size_t>(e)];
+      num += (static_cast<float>(sp[0]) - want_p) * (static_cast<float>(sp[0]) - want_p) +
+             (static_cast<float>(sp[1]) - want_b) * (static_cast<float>(sp[1]) - want_b);
+      den += want_p * want_p + want_b * want_b;
+    }
+  CHECK(std::sqrt(num / den) <= 1e-6);
 }

@@ -201,6 +201,77 @@ FLLM_HOST_DEVICE inline void combine_weights_vjp(float const* z, std::int32_t co
   }  // code_ref: the weights are constants, dz = 0
 }
 
+// ---- PAR loss (the token kernel's thread 0 and the router gradient kernel) ----
+
+/// Per-token constants of the PAR loss (docs/math.md §3.2): target q, clip bounds, 1 / T and 1 / (T N).
+struct ParTokenArgs {
+  int n_experts, top_k;
+  double q_selected, q_unselected, lo, hi, inv_t, inv_nt;
+};
+
+/// One token of the PAR loss from its router logits z[0..n) (double) and MSEs mse[0..n): p = softmax(z) into
+/// p[0..n), the pseudo-labels (K smallest MSE) and the router TopK, dL_PA/dz and dL_bal/dz (already divided by T
+/// and T N), and sums[0..3) = KL(clip(p) || clip(q)), the selected mass, 1 when the two sets are equal.
+/// detail::ParRouterAccumulator::add_token's arithmetic.
+FLLM_HOST_DEVICE inline void par_token(double const* z, double* p, double const* mse, ParTokenArgs const& a,
+                                       double* dz_par, double* dz_bal, std::int32_t* pseudo_label,
+                                       std::int32_t* router_topk, double* sums) {
+  int const n = a.n_experts, k = a.top_k;
+  double zmax = -INFINITY;
+  for (int e = 0; e < n; ++e) zmax = fmax(zmax, z[e]);
+  double zsum = 0;
+  for (int e = 0; e < n; ++e) zsum += exp(z[e] - zmax);
+  for (int e = 0; e < n; ++e) p[e] = exp(z[e] - zmax) / zsum;
+  int router_ids[kMaxTopK], labels[kMaxTopK];
+  topk([&](int e) { return z[e]; }, n, k, router_ids);
+  topk([&](int e) { return -mse[e]; }, n, k, labels);
+  bool same_set = true;
+  for (int j = 0; j < k; ++j) {
+    pseudo_label[j] = labels[j];
+    router_topk[j] = router_ids[j];
+    bool found = false;
+    for (int q = 0; q < k; ++q) found |= router_ids[q] == labels[j];
+    same_set &= found;
+  }
+  auto clip = [&](double v) { return fmin(fmax(v, a.lo), a.hi); };
+  double kl = 0, pg = 0;
+  for (int e = 0; e < n; ++e) {
+    bool selected = false;
+    for (int q = 0; q < k; ++q) selected |= labels[q] == e;
+    double const qh = clip(selected ? a.q_selected : a.q_unselected), ph = clip(p[e]);
+    kl += ph * log(ph / qh);
+    double const g = (p[e] >= a.lo && p[e] <= a.hi) ? (log(ph) - log(qh) + 1.0) : 0.0;
+    dz_par[e] = g;
+    pg += p[e] * g;
+  }
+  for (int e = 0; e < n; ++e) dz_par[e] = p[e] * (dz_par[e] - pg) * a.inv_t;
+  double sel_mass = 0;
+  for (int j = 0; j < k; ++j) sel_mass += p[router_ids[j]];
+  for (int e = 0; e < n; ++e) {
+    bool in_topk = false;
+    for (int q = 0; q < k; ++q) in_topk |= router_ids[q] == e;
+    dz_bal[e] = p[e] * ((in_topk ? 1.0 : 0.0) - sel_mass) * a.inv_nt;
+  }
+  sums[0] = kl;
+  sums[1] = sel_mass;
+  sums[2] = same_set ? 1.0 : 0.0;
+}
+
+/// One output of the router gradient kernel: out[0] = sum_t dz_par[t, e] x[t, c], out[1] the same with dz_bal,
+/// tokens in order; c = d_model is the bias (x = 1).
+FLLM_HOST_DEVICE inline void router_grad_output(float const* x, double const* dz_par, double const* dz_bal,
+                                                std::int64_t n_tokens, int n_experts, std::int64_t d_model, int e,
+                                                std::int64_t c, double* out) {
+  double sp = 0, sb = 0;
+  for (std::int64_t t = 0; t < n_tokens; ++t) {
+    double const xc = c < d_model ? static_cast<double>(x[t * d_model + c]) : 1.0;
+    sp += dz_par[t * n_experts + e] * xc;
+    sb += dz_bal[t * n_experts + e] * xc;
+  }
+  out[0] = sp;
+  out[1] = sb;
+}
+
 }  // namespace logic
 }  // namespace cuda
 }  // namespace factorllm
