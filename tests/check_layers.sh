@@ -7,6 +7,7 @@
 #   ffn/, moe/, train/  never model/ or io/
 #   model/    (the Llama model type, engine, conversion) never io/
 #   <immintrin.h>, <x86intrin.h> and the other <*intrin.h> headers: only under include/factorllm/backend/simd/
+#   <mpi.h>: only under include/factorllm/moe/mpi/ (the optional MPI adapter; the rest of the library never needs MPI)
 #
 # Every include is resolved to the file it names, so any spelling is caught ("../../moe/x.hpp",
 # "factorllm/moe/x.hpp", <factorllm/moe/x.hpp>, "../scalar/../../moe/x.hpp").
@@ -85,9 +86,21 @@ for dir in include tests examples benchmarks; do
                                         -o -name '*.cuh' -o -name '*.inl' \) -not -path '*/node_modules/*' -print0 | sort -z)
 done
 
+# 3. <mpi.h> inside the library outside include/factorllm/moe/mpi/ (docs/expert_parallel.md §2).
+mpi_re='^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"]mpi\.h[>"]'
+while IFS= read -r -d '' file; do
+  case "$file" in "$lib/moe/mpi/"*) continue ;; esac
+  lineno=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    [[ "$line" =~ $mpi_re ]] || continue
+    offences+=("${file#"$root"/}:$lineno: includes <mpi.h> (only include/factorllm/moe/mpi/ may: MPI is optional)")
+  done <"$file"
+done < <(find "$lib" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.inl' \) -print0 | sort -z)
+
 if [ "${#offences[@]}" -gt 0 ]; then
   echo "check_layers: ${#offences[@]} include(s) break the layering (docs/design.md §1):"
   printf '  %s\n' "${offences[@]}"
   exit 1
 fi
-echo "check_layers: OK (core/, backend/, ffn/, moe/, train/ and model/ include only lower layers; x86 intrinsics only in backend/simd/)"
+echo "check_layers: OK (core/, backend/, ffn/, moe/, train/ and model/ include only lower layers; x86 intrinsics only in backend/simd/; <mpi.h> only in moe/mpi/)"
