@@ -161,8 +161,9 @@ TEST_CASE("build_send_layout orders rows by destination rank, then expert, then 
   Matrix<float> y({p.n_tokens, p.d_model});
   Workspace ws(layer.workspace_bytes(p.n_tokens));
   layer.forward(p.x.cview(), y.view(), ws, &record);
-  for (auto const& [name, placement] : ep_fixture::placements(p.n_experts, 3)) {
-    INFO(name);
+  for (auto const& entry : ep_fixture::placements(p.n_experts, 3)) {
+    moe::ExpertPlacement const& placement = entry.second;  // a named reference: clang 14 lambdas cannot capture bindings
+    INFO(entry.first);
     moe::SendLayout layout;
     moe::build_send_layout(record.ids.cview(), placement, layout);
     REQUIRE(layout.n_rows() == p.n_tokens * p.top_k);
