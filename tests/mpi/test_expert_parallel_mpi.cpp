@@ -9,6 +9,8 @@
 
 #include <mpi.h>
 
+#include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -118,6 +120,10 @@ int main(int argc, char** argv) {
     auto other = moe::ExpertShard<float>::from_experts(p.experts, p.router, p.gating, moe::ExpertPlacement::contiguous(4, size),
                                                       (g_rank + 1) % size);
     if (size > 1) expect_value_error([&] { Ffn(MPI_COMM_WORLD, std::move(other)); }, "another rank's shard", "is for rank");
+    // MPI counts are int: a byte count past INT_MAX is refused, never truncated.
+    expect_value_error([] { moe::mpi_detail::mpi_int(std::int64_t{INT_MAX} + 1, "a send count"); }, "a count past INT_MAX",
+                       "does not fit MPI's int counts");
+    check(moe::mpi_detail::mpi_int(INT_MAX, "a send count") == INT_MAX, "INT_MAX itself is a valid count");
   } catch (std::exception const& e) {
     check(false, std::string("exception: ") + e.what());
   }

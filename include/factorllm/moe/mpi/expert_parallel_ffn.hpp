@@ -57,7 +57,9 @@ inline int mpi_int(std::int64_t v, char const* what) {
 /// For the tokens of all ranks concatenated in rank order, y, dx, dL/dz and every expert's gradient are the bits of the
 /// single-process MoeFfn<T, CpuScalar> / train::moe_backward<CpuScalar> (CpuSimd: to rounding); the router gradient
 /// is a sum over ranks (docs/expert_parallel.md §3). All calls are collective: every rank of the communicator calls
-/// them in the same order (a rank with no tokens passes a [0, d_model] view).
+/// them in the same order (a rank with no tokens passes a [0, d_model] view). A rank that throws (a mis-shaped view,
+/// a count past INT_MAX) leaves the others waiting inside a collective: treat any exception from forward/backward as
+/// fatal to the group (e.g. MPI_Abort), as with any failed collective.
 template <class T, class Backend = CpuScalar>
 class ExpertParallelFfn {
  public:
