@@ -124,7 +124,7 @@ inline void build_recv_layout(ExpertPlacement const& placement, std::ptrdiff_t r
         throw value_error(detail::concat("build_recv_layout: rank ", r, " sends ", c, " row(s) for local expert ", i,
                                          " of rank ", rank, ", which holds ", n_local, " expert(s)"));
       total += c;
-      out.expert_offsets[static_cast<std::size_t>(i) + 1] += i < n_local ? c : 0;
+      if (i < n_local) out.expert_offsets[static_cast<std::size_t>(i) + 1] += c;
       if (total > std::numeric_limits<std::int32_t>::max())
         throw value_error(detail::concat("build_recv_layout: rank ", rank, " would receive more than 2^31 - 1 rows"));
     }
