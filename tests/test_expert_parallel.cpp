@@ -184,6 +184,14 @@ TEST_CASE("build_send_layout orders rows by destination rank, then expert, then 
     for (std::ptrdiff_t r = 0; r < 3; ++r) CHECK(layout.rank_count(r) == per_rank[static_cast<std::size_t>(r)]);
     CHECK(layout.expert_counts == per_key);
   }
+  SECTION("contiguous blocks: the send buffer is the single-process grouped order, whatever the rank count") {
+    for (std::ptrdiff_t R = 1; R <= p.n_experts; ++R) {
+      moe::SendLayout layout;
+      moe::build_send_layout(record.ids.cview(), moe::ExpertPlacement::contiguous(p.n_experts, R), layout);
+      std::vector<std::int32_t> const grouped(record.slots.data(), record.slots.data() + record.slots.size());
+      CHECK(layout.slots == grouped);
+    }
+  }
   SECTION("a routing id outside the layer is refused") {
     Matrix<std::int32_t> bad({1, 1});
     bad[0] = 7;
