@@ -111,7 +111,8 @@ class ExpertParallelFfn {
   /// The training backward of the last forward on st (collective): dy [n_tokens, d_model] = dL/dy of this rank's
   /// tokens. Writes dx [n_tokens, d_model], this rank's experts' gradients d_gate, d_up [n_local, d_expert, d_model],
   /// d_down [n_local, d_model, d_expert], the router gradient summed over ranks (d_router_weight [n_experts, d_model],
-  /// d_router_bias [n_experts], the same on every rank) and optionally dL/dz [n_tokens, n_experts].
+  /// d_router_bias [n_experts], the same on every rank) and optionally dL/dz [n_tokens, n_experts]. On every Backend
+  /// the backward's expert step is the CpuScalar oracle's per-slot step (kernel::slot_backward; plain weight formats).
   /// \throws shape_error for mis-shaped views.
   void backward(MatrixView<A const> x, MatrixView<A const> dy, State& st, MatrixView<A> dx, TensorView<A, 3> d_gate,
                 TensorView<A, 3> d_up, TensorView<A, 3> d_down, MatrixView<A> d_router_weight, VectorView<A> d_router_bias,
