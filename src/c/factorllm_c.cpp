@@ -106,8 +106,8 @@ char const* dtype_text(fllm_dtype dtype) noexcept {
     case FLLM_F16: return "FLLM_F16";
     case FLLM_Q8_0: return "FLLM_Q8_0";
     case FLLM_Q4_0: return "FLLM_Q4_0";
+    default: return "unknown";
   }
-  return "unknown";
 }
 
 void require_weight_dtype(fllm_dtype dtype, char const* function, char const* argument) {
@@ -222,6 +222,7 @@ std::unique_ptr<LayerBase> make_layer(fl::ffn::ExpertWeights<float> experts, fl:
     case FLLM_F16: return build(fl::f16{});
     case FLLM_Q8_0: return build(fl::q8_0{});
     case FLLM_Q4_0: return build(fl::q4_0{});
+    default: break;
   }
   throw fl::value_error("make_layer: unknown weight dtype");  // unreachable: callers check the dtype first
 }
@@ -362,8 +363,8 @@ const char* fllm_status_name(fllm_status status) {
     case FLLM_ERR_BACKEND: return "FLLM_ERR_BACKEND";
     case FLLM_ERR_OUT_OF_MEMORY: return "FLLM_ERR_OUT_OF_MEMORY";
     case FLLM_ERR_INTERNAL: return "FLLM_ERR_INTERNAL";
+    default: return "unknown status";
   }
-  return "unknown status";
 }
 
 fllm_gating fllm_gating_default(int64_t top_k) {
@@ -433,6 +434,7 @@ fllm_status fllm_moe_load(const char* path, int64_t layer, fllm_dtype weight_dty
         moe->impl = make_layer(l.experts(), l.router(), l.gating(), weight_dtype);
         break;
       }
+      default: break;  // refused by require_weight_dtype
     }
     *out = moe.release();
   });
@@ -464,6 +466,7 @@ fllm_status fllm_moe_save(const fllm_moe* const* layers, int64_t n_layers, const
         throw fl::value_error(fl::detail::concat(fn, ": argument 'layers' holds ", dtype_text(impls.front()->dtype()),
                                                  " weights; the factorized checkpoint stores F32, F16 or BF16 (save the "
                                                  "layer before quantizing, load it with the quantized weight_dtype)"));
+      default: break;  // a layer's dtype is always one of the above
     }
   });
 }

@@ -511,6 +511,8 @@ static void test_errors(char const* dir) {
               "act_dtype");
   CHECK_ERROR(fllm_moe_create_from_dense(&d, g_perm, N_EXPERTS, g_router_w, D_MODEL, NULL, &g, (fllm_dtype)17, &out),
               FLLM_ERR_VALUE, "weight_dtype");
+  CHECK_ERROR(fllm_moe_forward(moe, NULL, (fllm_dtype)-3, g_x, X_STRIDE, y, Y_STRIDE, N_TOKENS, NULL), FLLM_ERR_VALUE,
+              "act_dtype");
   d.dtype = FLLM_BF16;
   CHECK_ERROR(fllm_moe_create_from_dense(&d, g_perm, N_EXPERTS, g_router_w, D_MODEL, NULL, &g, FLLM_F32, &out),
               FLLM_ERR_VALUE, "dense->dtype");

@@ -54,7 +54,9 @@ typedef enum fllm_status {
   FLLM_ERR_FORMAT = 4,        /**< a file is missing, unreadable or malformed (format_error) */
   FLLM_ERR_BACKEND = 5,       /**< the kernels cannot run the call (backend_error) */
   FLLM_ERR_OUT_OF_MEMORY = 6, /**< an allocation failed */
-  FLLM_ERR_INTERNAL = 7       /**< any other failure (a bug: please report the message) */
+  FLLM_ERR_INTERNAL = 7,      /**< any other failure (a bug: please report the message) */
+  FLLM_STATUS_RANGE_MIN_ = -0x7fffffff - 1, /**< not a value: see FLLM_DTYPE_RANGE_MIN_ */
+  FLLM_STATUS_RANGE_MAX_ = 0x7fffffff
 } fllm_status;
 
 /** Element types. Weights of a layer: every value. Activations (x, y): FLLM_F32 or FLLM_BF16. Dense input weights
@@ -64,7 +66,12 @@ typedef enum fllm_dtype {
   FLLM_BF16 = 1, /**< bfloat16 as uint16_t bits (upper half of a binary32); converted with round-to-nearest-even */
   FLLM_F16 = 2,  /**< IEEE binary16 */
   FLLM_Q8_0 = 3, /**< ggml's q8_0 blocks of 32 weights (d_model and d_expert multiples of 32) */
-  FLLM_Q4_0 = 4  /**< ggml's q4_0 blocks of 32 weights (d_model and d_expert multiples of 32) */
+  FLLM_Q4_0 = 4, /**< ggml's q4_0 blocks of 32 weights (d_model and d_expert multiples of 32) */
+  /* Not values: they make every enum of this header span all of int32 (as Vulkan's *_MAX_ENUM do), so that any
+   * integer a caller casts to it is a valid value of the type in C++ too; the library refuses out-of-range values
+   * with FLLM_ERR_VALUE. */
+  FLLM_DTYPE_RANGE_MIN_ = -0x7fffffff - 1,
+  FLLM_DTYPE_RANGE_MAX_ = 0x7fffffff
 } fllm_dtype;
 
 /** How the top_k selected experts are weighted (docs/math.md §2.3; moe/gating.hpp has the table). */
@@ -73,7 +80,9 @@ typedef enum fllm_combine_mode {
   FLLM_COMBINE_SOFTMAX_TOPK = 1,        /**< full softmax over all logits, not renormalized */
   FLLM_COMBINE_SOFTMAX_TOPK_RENORM = 2, /**< softmax renormalized over the selected experts (Mixtral) */
   FLLM_COMBINE_TOPK_SOFTMAX = 3,        /**< softmax over the selected logits */
-  FLLM_COMBINE_SIGMOID_TOPK = 4         /**< sigmoid of the logits, optionally renormalized */
+  FLLM_COMBINE_SIGMOID_TOPK = 4,        /**< sigmoid of the logits, optionally renormalized */
+  FLLM_COMBINE_RANGE_MIN_ = -0x7fffffff - 1, /**< not a value: see FLLM_DTYPE_RANGE_MIN_ */
+  FLLM_COMBINE_RANGE_MAX_ = 0x7fffffff
 } fllm_combine_mode;
 
 /** Gating of a layer: which experts a token uses and with what weight. Start from fllm_gating_default(). */
