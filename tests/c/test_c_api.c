@@ -2,12 +2,14 @@
 /* Test of the C API (include/factorllm/c/factorllm.h), written in C11 and linked to factorllm::c.
  * The references are plain loops in double written here (not the C++ oracle): MoE forward, dense FFN, routing.
  * Usage: test_c_api <folder for temporary files>. Exit status 0 when every check passes. */
+/* POSIX threads rather than C11 <threads.h>: ThreadSanitizer (clang 14) does not intercept thrd_create. */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <threads.h>
 
 #include "factorllm/c/factorllm.h"
 
@@ -407,45 +409,48 @@ static void test_save_load(char const* dir) {
   }
 }
 
-/* Workspaces: one per thread gives the same bits as the serialized internal one; the last error is per thread. */
+/* Threads: one workspace per thread, or the handle's internal one (serialized), give the serial bits; the last error
+ * is per thread. */
 typedef struct {
   fllm_moe const* moe;
   float* y;
+  int own_workspace; /* 0: ws = NULL, the handle's internal workspace under its lock */
   fllm_status status;
 } thread_job;
 
-static int run_forward(void* arg) {
+static void* run_forward(void* arg) {
   thread_job* job = (thread_job*)arg;
   fllm_workspace* ws = NULL;
   int i;
-  job->status = fllm_workspace_create(&ws);
+  job->status = job->own_workspace ? fllm_workspace_create(&ws) : FLLM_OK;
   for (i = 0; i < 20 && job->status == FLLM_OK; ++i)
     job->status = fllm_moe_forward(job->moe, ws, FLLM_F32, g_x, X_STRIDE, job->y, Y_STRIDE, N_TOKENS, NULL);
   fllm_workspace_destroy(ws);
   /* A failure on this thread must not show in the main thread's fllm_last_error. */
   (void)fllm_moe_forward(NULL, NULL, FLLM_F32, g_x, X_STRIDE, job->y, Y_STRIDE, 0, NULL);
-  return 0;
+  return NULL;
 }
 
 static void test_threads(void) {
-  static float y0[N_TOKENS * Y_STRIDE], y[2][N_TOKENS * Y_STRIDE];
+  static float y0[N_TOKENS * Y_STRIDE], y[4][N_TOKENS * Y_STRIDE];
   fllm_gating const g = fllm_gating_default(TOP_K);
   fllm_moe* moe = create(FLLM_F32, &g);
-  thrd_t th[2];
-  thread_job jobs[2];
+  pthread_t th[4];
+  thread_job jobs[4];
   int i;
   CHECK_OK(fllm_moe_forward(moe, NULL, FLLM_F32, g_x, X_STRIDE, y0, Y_STRIDE, N_TOKENS, NULL));
   /* Leave a known message on this thread. */
   CHECK_ERROR(fllm_moe_forward(moe, NULL, FLLM_Q4_0, g_x, X_STRIDE, y0, Y_STRIDE, N_TOKENS, NULL), FLLM_ERR_VALUE,
               "act_dtype");
-  for (i = 0; i < 2; ++i) {
+  for (i = 0; i < 4; ++i) { /* two threads with their own workspaces, two sharing the handle's */
     jobs[i].moe = moe;
     jobs[i].y = y[i];
+    jobs[i].own_workspace = i < 2;
     jobs[i].status = FLLM_ERR_INTERNAL;
-    CHECK(thrd_create(&th[i], run_forward, &jobs[i]) == thrd_success);
+    CHECK(pthread_create(&th[i], NULL, run_forward, &jobs[i]) == 0);
   }
-  for (i = 0; i < 2; ++i) {
-    CHECK(thrd_join(th[i], NULL) == thrd_success);
+  for (i = 0; i < 4; ++i) {
+    CHECK(pthread_join(th[i], NULL) == 0);
     CHECK(jobs[i].status == FLLM_OK);
     CHECK(memcmp(y[i], y0, sizeof y0) == 0);
   }
