@@ -239,8 +239,9 @@ struct fllm_workspace {
 
 struct fllm_moe {
   std::unique_ptr<LayerBase> impl;
-  std::mutex internal_mutex;  // serializes the calls that pass ws == NULL
-  fllm_workspace internal;
+  // The handle's one mutable part: the scratch of the calls that pass ws == NULL, and the lock serializing them.
+  mutable std::mutex internal_mutex;
+  mutable fllm_workspace internal;
 };
 
 namespace {
@@ -542,11 +543,9 @@ fllm_status fllm_moe_forward(const fllm_moe* moe, fllm_workspace* ws, fllm_dtype
     if (ws != nullptr) {
       forward_impl(l, *ws, act_dtype, x, x_row_stride, y, y_row_stride, n_tokens, routing);
     } else {
-      // The handle is shared read-only; only its internal scratch needs the lock (const_cast: the mutex and the
-      // scratch are the handle's mutable part).
-      auto& m = const_cast<fllm_moe&>(*moe);
-      std::lock_guard<std::mutex> lock(m.internal_mutex);
-      forward_impl(l, m.internal, act_dtype, x, x_row_stride, y, y_row_stride, n_tokens, routing);
+      // The handle is shared read-only; only its internal scratch needs the lock.
+      std::lock_guard<std::mutex> lock(moe->internal_mutex);
+      forward_impl(l, moe->internal, act_dtype, x, x_row_stride, y, y_row_stride, n_tokens, routing);
     }
   });
 }

@@ -353,6 +353,14 @@ static void test_par_gradients(void) {
   CHECK(max_g > 0);
   CHECK(max_err <= tol * max_g);
   fllm_moe_destroy(moe);
+  { /* Non-f32 layers are evaluated on f32 copies of their experts: close to the f32 layer's loss. */
+    fllm_moe* q = create(FLLM_Q8_0, &g);
+    fllm_par_result rq;
+    memset(&rq, 0, sizeof rq);
+    CHECK_OK(fllm_moe_par_loss(q, &d, g_x, X_STRIDE, N_TOKENS, &cfg, &rq));
+    CHECK(fabs(rq.total_loss - r.total_loss) <= 0.05 * r.total_loss);
+    fllm_moe_destroy(q);
+  }
 }
 
 /* Save two layers, read them back: the same routers and forward outputs, bit for bit (f32 and bf16 files). */

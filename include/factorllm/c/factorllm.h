@@ -153,7 +153,9 @@ typedef struct fllm_workspace fllm_workspace;
 /** The library version, "MAJOR.MINOR.PATCH" (static storage). */
 FLLM_C_API const char* fllm_version(void);
 /** The message of the last call that failed on the calling thread ("" if none); valid until the thread's next
- * failing call. Static thread-local storage: never freed by the caller. */
+ * failing call: copy it before calling again, and do not call it in the same expression as the failing call (C leaves
+ * the order of evaluation of arguments unspecified). Thread-local storage owned by the library: never freed by the
+ * caller. */
 FLLM_C_API const char* fllm_last_error(void);
 /** A short name of a status code ("FLLM_ERR_SHAPE", ...; "unknown status" otherwise). */
 FLLM_C_API const char* fllm_status_name(fllm_status status);
