@@ -6,6 +6,7 @@
 
 add_library(factorllm_torch SHARED src/torch_ops.cpp)
 target_link_libraries(factorllm_torch PRIVATE factorllm::factorllm ${TORCH_LIBRARIES})
+add_dependencies(factorllm_torch factorllm_python)  # factorllm.torch is imported through the package (its __init__ loads _core)
 if(TARGET factorllm::openmp)
   target_link_libraries(factorllm_torch PRIVATE factorllm::openmp)
 endif()

@@ -79,7 +79,7 @@ py::array checked(py::handle obj, int rank, char const* fn, char const* arg, boo
     throw py::value_error(fl::detail::concat(fn, ": argument '", arg, "' must have ", rank, " dimension(s), got shape ",
                                              shape_of(a)));
   auto const item = static_cast<py::ssize_t>(sizeof(E));
-  for (int i = 0; i < rank; ++i) {
+  for (int i = 0; i < rank && a.size() > 0; ++i) {  // NumPy gives an empty array any strides
     bool const last = i == rank - 1;
     if (a.shape(i) > 1 && ((last && a.strides(i) != item) || (!last && (a.strides(i) < 0 || a.strides(i) % item != 0))))
       throw py::value_error(fl::detail::concat(fn, ": argument '", arg, "' must be row-major with a contiguous last "

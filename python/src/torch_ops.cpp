@@ -39,7 +39,8 @@ std::string shape_str(at::IntArrayRef s) {
 void check_tensor(at::Tensor const& t, char const* fn, char const* arg, at::ScalarType dtype,
                   std::vector<std::int64_t> const& shape, char const* shape_names) {
   TORCH_CHECK_VALUE(t.defined(), fn, ": argument '", arg, "' is undefined (None)");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device(),
+                    t.is_cuda() ? " (factorllm was built without CUDA support for torch tensors)" : "");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, fn, ": argument '", arg, "' must have the strided (dense) layout, got ",
                     t.layout());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": argument '", arg, "' must have dtype ", c10::toString(dtype),
