@@ -380,5 +380,23 @@ class TestTrainingAndFiles(Fixture):
             fl.train_router(bf[0], self.x, self.gate, self.up, self.down, steps=1)
 
 
+class TestReadme(unittest.TestCase):
+    def test_readme_python_example_runs(self):
+        """README.md's "## Python" example, run as written (in a temporary folder: it saves a file)."""
+        readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("\n## Python\n"):]
+        code = section[section.index("```python\n") + len("```python\n"):]
+        code = code[:code.index("\n```\n")]
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory() as d:
+            os.chdir(d)
+            try:
+                exec(compile(code, "README.md (## Python)", "exec"), {"__name__": "readme"})
+            finally:
+                os.chdir(cwd)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
