@@ -595,19 +595,20 @@ The GIL is released while the kernels run.)doc")
            },
            py::arg("router_weight"), py::arg("router_bias"),
            "Replaces the router (copied). Not while another thread runs forward on this layer.")
-      .def_property_readonly("d_model", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.d_model(); }); })
-      .def_property_readonly("n_experts", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.n_experts(); }); })
-      .def_property_readonly("d_expert", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.d_expert(); }); })
-      .def_property_readonly("top_k", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.top_k(); }); })
+      .def_property_readonly("d_model", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.d_model(); }); }, "Width of the layer's input and output.")
+      .def_property_readonly("n_experts", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.n_experts(); }); }, "Number of experts N.")
+      .def_property_readonly("d_expert", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.d_expert(); }); }, "Hidden neurons per expert (d_ff / n_experts).")
+      .def_property_readonly("top_k", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.top_k(); }); }, "Experts per token K.")
       .def_property_readonly("mode", [](PyMoe const& s) {
         return std::string(fl::to_string(s.visit([](auto const& l) { return l.gating().mode; })));
       }, "The gating mode's name.")
-      .def_property_readonly("output_scale", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.gating().output_scale; }); })
+      .def_property_readonly("output_scale", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.gating().output_scale; }); }, "Factor on every combine weight.")
       .def_property_readonly("weight_dtype", [](PyMoe const& s) { return std::string(s.is_bf16() ? "bf16" : "f32"); },
                              "'f32' or 'bf16': the experts' storage format.")
       .def_property_readonly("ffn_flops_fraction", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.ffn_flops_fraction(); }); },
                              "top_k / n_experts: the fraction of the dense FFN's FLOPs one token costs.")
-      .def_property_readonly("partition", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.experts().partition(); }); })
+      .def_property_readonly("partition", [](PyMoe const& s) { return s.visit([](auto const& l) { return l.experts().partition(); }); },
+                             "The ExpertPartition the experts came from (a copy).")
       .def_property_readonly("router_weight", [](PyMoe const& s) { return s.visit([](auto const& l) { return copy_out(l.router().weight()); }); },
                              "A copy of W_r [n_experts, d_model].")
       .def_property_readonly("router_bias", [](PyMoe const& s) { return s.visit([](auto const& l) { return copy_out(l.router().bias()); }); },
