@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // PyTorch operators (TORCH_LIBRARY "factorllm") over the library's training kernels: MoE FFN forward/backward,
 // PAR loss with its router gradients, and the balance term. Loaded from Python with torch.ops.load_library;
-// the autograd.Functions that use them are in factorllm_torch.py next to this file.
+// the autograd.Functions that use them are in python/factorllm/torch.py (factorllm.torch).
 //
 // Contract for every tensor argument: CPU, strided (dense) layout, contiguous, and the dtype of the layer
 // (float32 -> the cpu_simd kernels, float64 -> the scalar oracle, for gradcheck). Anything else raises a Python
