@@ -14,6 +14,7 @@ weight or permutation makes.
 import os
 import tempfile
 import threading
+import time
 import unittest
 
 import numpy as np
@@ -225,6 +226,35 @@ class TestForward(Fixture):
             t.join()
         for g in got:
             np.testing.assert_array_equal(g, want)
+
+    def test_gil_is_released_inside_the_kernels(self):
+        # While one thread is inside a long forward call, the main thread must keep running Python code: with the GIL
+        # held for the call, no main-thread timestamp could fall strictly inside it.
+        rng = np.random.default_rng(9)
+        d, f, t = 256, 1024, 4096
+        gate, up = ((rng.standard_normal((f, d)) * 0.05).astype(np.float32) for _ in range(2))
+        down = (rng.standard_normal((d, f)) * 0.05).astype(np.float32)
+        part = fl.ExpertPartition.contiguous(f, 8)
+        layer = fl.MoeFfn(*fl.factorize(gate, up, down, part), np.zeros((8, d), np.float32), np.zeros(8, np.float32),
+                          top_k=2)
+        x = rng.standard_normal((t, d)).astype(np.float32)
+        span = []
+
+        def work():
+            t0 = time.perf_counter()
+            layer(x)
+            span.extend((t0, time.perf_counter()))
+
+        worker = threading.Thread(target=work)
+        stamps = []
+        worker.start()
+        while worker.is_alive():
+            stamps.append(time.perf_counter())
+        worker.join()
+        t0, t1 = span
+        margin = 0.1 * (t1 - t0)
+        inside = sum(t0 + margin < s < t1 - margin for s in stamps)
+        self.assertGreater(inside, 0, f"no main-thread progress during a {1e3 * (t1 - t0):.1f} ms forward call")
 
     def test_properties_and_docs(self):
         layer = self.layer(selection_bias=np.zeros(N_EXPERTS, np.float32), output_scale=2.0)
