@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -53,9 +54,9 @@ static_assert(sizeof(fl::bf16) == sizeof(std::uint16_t), "bf16 crosses as uint16
 template <class E> py::dtype np_dtype() { return py::dtype::of<E>(); }
 template <> py::dtype np_dtype<fl::bf16>() { return py::dtype::of<std::uint16_t>(); }
 
-template <class E> char const* np_name() { return "float32"; }
+template <class E> char const* np_name();
+template <> char const* np_name<float>() { return "float32"; }
 template <> char const* np_name<fl::bf16>() { return "uint16 (bf16 bits)"; }
-template <> char const* np_name<std::int32_t>() { return "int32"; }
 
 std::string shape_of(py::array const& a) {
   std::string s = "[";
@@ -146,10 +147,23 @@ py::array int_vector(std::vector<std::int32_t> const& v) {
   return std::move(a);
 }
 
+/// An integer sequence (list or integer array) as int32 indices; TypeError for non-integers, ValueError for a value
+/// outside int32 (never wrapped).
 std::vector<std::int32_t> int_list(py::handle obj, char const* fn, char const* arg) {
-  py::array keep;
-  auto v = in<std::int32_t, 1>(py::array::ensure(obj).attr("astype")("int32", py::arg("copy") = false), fn, arg, keep);
-  return std::vector<std::int32_t>(v.data(), v.data() + v.size());
+  py::array a = py::array::ensure(obj);
+  if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
+    throw py::type_error(fl::detail::concat(fn, ": argument '", arg, "' must be a sequence of integers"));
+  auto v = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!v || v.ndim() != 1)
+    throw py::value_error(fl::detail::concat(fn, ": argument '", arg, "' must be one-dimensional, got shape ", shape_of(a)));
+  std::vector<std::int32_t> out(static_cast<std::size_t>(v.size()));
+  for (py::ssize_t i = 0; i < v.size(); ++i) {
+    std::int64_t const x = v.data()[i];
+    if (x < std::numeric_limits<std::int32_t>::min() || x > std::numeric_limits<std::int32_t>::max())
+      throw py::value_error(fl::detail::concat(fn, ": argument '", arg, "'[", i, "] = ", x, " is outside int32"));
+    out[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(x);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

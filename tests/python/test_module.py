@@ -135,6 +135,10 @@ class TestPartitionAndFactorize(Fixture):
     def test_bad_partitions(self):
         with self.assertRaisesRegex(ValueError, "not a permutation|repeated|outside"):
             fl.ExpertPartition.from_permutation(np.zeros(D_FF, np.int32), N_EXPERTS)
+        with self.assertRaisesRegex(ValueError, "outside int32"):
+            fl.ExpertPartition.from_permutation(np.arange(D_FF) + 2 ** 32, N_EXPERTS)
+        with self.assertRaisesRegex(TypeError, "sequence of integers"):
+            fl.ExpertPartition.from_permutation(np.arange(D_FF, dtype=np.float64), N_EXPERTS)
         with self.assertRaisesRegex(ValueError, "d_ff"):
             fl.factorize(self.gate, self.up, self.down, fl.ExpertPartition.contiguous(D_FF // 2, N_EXPERTS))
 
