@@ -20,7 +20,7 @@ target_compile_options(factorllm_torch PRIVATE -Wall -Wextra -Wpedantic $<$<CXX_
 set_target_properties(factorllm_torch PROPERTIES CXX_VISIBILITY_PRESET default
                                                  LIBRARY_OUTPUT_DIRECTORY ${FACTORLLM_PYTHON_PACKAGE_DIR})
 if(FACTORLLM_PYTHON_INSTALL)
-  install(TARGETS factorllm_torch LIBRARY DESTINATION ${FACTORLLM_PYTHON_INSTALL_DIR}/factorllm)
+  install(TARGETS factorllm_torch LIBRARY DESTINATION ${FACTORLLM_PYTHON_INSTALL_DIR}/factorllm COMPONENT python)
 endif()
 
 # Python tests: they need an interpreter whose torch is the libtorch linked above, and it must be the interpreter the
