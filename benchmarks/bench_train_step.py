@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _import_factorllm_torch(repo):
     """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
     <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
