@@ -363,6 +363,24 @@ std::unique_ptr<PyMoe> build_layer(py::handle gate, py::handle up, py::handle do
                                                     make_gating(top_k, mode, bias, output_scale, sigmoid_renormalize)));
 }
 
+/// factorize + MoeFfn without the intermediate arrays: the experts are built once, inside the layer.
+template <class T>
+std::unique_ptr<PyMoe> layer_from_dense(py::handle gate, py::handle up, py::handle down,
+                                        fl::ffn::ExpertPartition const& partition, py::handle rw, py::handle rb,
+                                        std::ptrdiff_t top_k, std::string const& mode, std::optional<py::handle> bias,
+                                        float output_scale, bool sigmoid_renormalize) {
+  char const* fn = "MoeFfn.from_dense";
+  DenseIn<T> dense(gate, up, down, fn);
+  auto router = make_router(rw, rb, fn);
+  auto gating = make_gating(top_k, mode, bias, output_scale, sigmoid_renormalize);
+  fl::ffn::ExpertWeights<T> experts;
+  {
+    py::gil_scoped_release nogil;
+    experts = fl::ffn::factorize(dense.view, partition);
+  }
+  return std::make_unique<PyMoe>(fl::moe::MoeFfn<T>(std::move(experts), std::move(router), std::move(gating)));
+}
+
 bool is_bf16_array(py::handle obj) {
   return py::isinstance<py::array>(obj) && py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<std::uint16_t>());
 }
@@ -592,6 +610,20 @@ wrong dtypes TypeError, with the C++ library's message. The layer is safe to cal
            py::arg("top_k"), py::arg("mode") = "softmax_topk_renorm", py::arg("partition") = py::none(),
            py::arg("selection_bias") = py::none(), py::arg("output_scale") = 1.0f,
            py::arg("sigmoid_renormalize") = false)
+      .def_static("from_dense",
+                  [](py::handle g, py::handle u, py::handle d, fl::ffn::ExpertPartition const& p, py::handle rw,
+                     py::handle rb, std::ptrdiff_t k, std::string const& mode, py::object bias, float scale, bool renorm) {
+                    std::optional<py::handle> b;
+                    if (!bias.is_none()) b = bias;
+                    return is_bf16_array(g) ? layer_from_dense<fl::bf16>(g, u, d, p, rw, rb, k, mode, b, scale, renorm)
+                                            : layer_from_dense<float>(g, u, d, p, rw, rb, k, mode, b, scale, renorm);
+                  },
+                  py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("partition"), py::arg("router_weight"),
+                  py::arg("router_bias"), py::arg("top_k"), py::arg("mode") = "softmax_topk_renorm",
+                  py::arg("selection_bias") = py::none(), py::arg("output_scale") = 1.0f,
+                  py::arg("sigmoid_renormalize") = false,
+                  "The layer of a dense FFN (gate, up [d_ff, d_model], down [d_model, d_ff]; float32 or bf16 bits) "
+                  "split by `partition`: factorize and construct in one step, the experts built once inside the layer.")
       .def("forward", &forward, py::arg("x"), py::arg("out") = py::none(), py::arg("record") = nullptr, R"doc(
 y = layer(x). x: float32 [n_tokens, d_model], rows contiguous (any row stride), a NumPy array or any object with
 __dlpack__ (a CPU torch tensor): read in place. out: float32 [n_tokens, d_model] written in place and returned

@@ -119,6 +119,15 @@ class TestPartitionAndFactorize(Fixture):
         np.testing.assert_array_equal(du, self.up)
         np.testing.assert_array_equal(dd, self.down)
 
+    def test_from_dense_equals_factorize_then_construct(self):
+        for dense in ((self.gate, self.up, self.down), tuple(bf16_bits(w) for w in (self.gate, self.up, self.down))):
+            layer = fl.MoeFfn.from_dense(*dense, self.part, self.rw, self.rb, top_k=TOP_K, mode="code_ref")
+            twice = fl.MoeFfn(*fl.factorize(*dense, self.part), self.rw, self.rb, top_k=TOP_K, mode="code_ref",
+                              partition=self.part)
+            for a, b in zip(layer.experts, twice.experts):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(layer(self.x), twice(self.x))
+
     def test_builders(self):
         c = fl.ExpertPartition.contiguous(D_FF, N_EXPERTS)
         np.testing.assert_array_equal(c.permutation, np.arange(D_FF))
