@@ -74,9 +74,9 @@ for layer in backend core ffn moe train model io c; do
   done < <(find "$lib/$layer" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.inl' \) -print0 | sort -z)
 done
 
-# 2. x86 intrinsic headers outside include/factorllm/backend/simd/ (library, tests, examples, benchmarks).
+# 2. x86 intrinsic headers outside include/factorllm/backend/simd/ (library, tests, examples, benchmarks, python).
 intrin_re='^[[:space:]]*#[[:space:]]*include[[:space:]]*<([A-Za-z0-9_]*intrin\.h)>'
-for dir in include src tests examples benchmarks; do
+for dir in include src tests examples benchmarks python; do
   [ -d "$root/$dir" ] || continue
   while IFS= read -r -d '' file; do
     case "$file" in "$lib/backend/simd/"*) continue ;; esac

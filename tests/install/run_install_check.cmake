@@ -19,7 +19,8 @@ function(run)
 endfunction()
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/lib -DCMAKE_CXX_COMPILER=${CXX} ${_toolchain_arg}
     -DFACTORLLM_BUILD_TESTS=OFF -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF
-    -DFACTORLLM_BUILD_TOOLS=${WITH_TOOLS} -DFACTORLLM_BUILD_C_API=${WITH_C_API} -DFACTORLLM_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)
+    -DFACTORLLM_BUILD_TOOLS=${WITH_TOOLS} -DFACTORLLM_BUILD_C_API=${WITH_C_API} -DFACTORLLM_INSTALL=ON -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix
+    -DFACTORLLM_BUILD_PYTHON=OFF)  # the C++ package only: the Python module would need a build first (docs/python.md)
 if(WITH_TOOLS)
   # The command-line tool is built by default and installed with the headers (bin/factorllm).
   run(${CMAKE_COMMAND} --build ${WORK_DIR}/lib --target factorllm_cli)
