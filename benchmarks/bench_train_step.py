@@ -13,6 +13,7 @@ the script re-runs itself with OpenBLAS first on LD_LIBRARY_PATH (FLLM_KEEP_BLAS
 it got.
 """
 import argparse
+import glob
 import os
 import statistics
 import sys
@@ -21,8 +22,23 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "torch_ops"))
-import factorllm_torch as fllm  # noqa: E402
+
+def _import_factorllm_torch(repo):
+    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
+    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
+    try:
+        import factorllm.torch as ops
+    except ImportError:
+        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
+                       reverse=True)
+        if not found:
+            raise
+        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
+        import factorllm.torch as ops
+    return ops
+
+
+fllm = _import_factorllm_torch(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def gating(x, rw, rb, k):

@@ -6,7 +6,10 @@
 #   core/     may include core/ and detail/; never backend/, ffn/, moe/, train/, model/ or io/
 #   ffn/, moe/, train/  never model/ or io/
 #   model/    (the Llama model type, engine, conversion) never io/
+#   c/        the C API header (the bindings layer, above io/): no library header includes it, and it includes no
+#             factorllm header (it is plain C11; its shim src/c/ includes the C++ layers)
 #   <immintrin.h>, <x86intrin.h> and the other <*intrin.h> headers: only under include/factorllm/backend/simd/
+#   <mpi.h>: only under include/factorllm/moe/mpi/ (the optional MPI adapter; the rest of the library never needs MPI)
 #
 # Every include is resolved to the file it names, so any spelling is caught ("../../moe/x.hpp",
 # "factorllm/moe/x.hpp", <factorllm/moe/x.hpp>, "../scalar/../../moe/x.hpp").
@@ -23,10 +26,12 @@ lib="$inc/factorllm"
 # Layers a header in $1 (backend or core) must not include.
 forbidden_for() {
   case "$1" in
-    backend) echo "moe ffn train model io" ;;
-    core) echo "backend ffn moe train model io" ;;
-    ffn|moe|train) echo "model io" ;;
-    model) echo "io" ;;
+    backend) echo "moe ffn train model io c" ;;
+    core) echo "backend ffn moe train model io c" ;;
+    ffn|moe|train) echo "model io c" ;;
+    model) echo "io c" ;;
+    io) echo "c" ;;
+    c) echo "core backend detail ffn moe train model io" ;;
   esac
 }
 
@@ -47,7 +52,7 @@ resolve() {
 offences=()
 
 # 1. Layer rules for backend/ and core/.
-for layer in backend core ffn moe train model; do
+for layer in backend core ffn moe train model io c; do
   [ -d "$lib/$layer" ] || continue
   read -r -a banned <<<"$(forbidden_for "$layer")"
   while IFS= read -r -d '' file; do
@@ -69,9 +74,9 @@ for layer in backend core ffn moe train model; do
   done < <(find "$lib/$layer" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.inl' \) -print0 | sort -z)
 done
 
-# 2. x86 intrinsic headers outside include/factorllm/backend/simd/ (library, tests, examples, benchmarks).
+# 2. x86 intrinsic headers outside include/factorllm/backend/simd/ (library, tests, examples, benchmarks, python).
 intrin_re='^[[:space:]]*#[[:space:]]*include[[:space:]]*<([A-Za-z0-9_]*intrin\.h)>'
-for dir in include tests examples benchmarks; do
+for dir in include src tests examples benchmarks python; do
   [ -d "$root/$dir" ] || continue
   while IFS= read -r -d '' file; do
     case "$file" in "$lib/backend/simd/"*) continue ;; esac
@@ -85,9 +90,21 @@ for dir in include tests examples benchmarks; do
                                         -o -name '*.cuh' -o -name '*.inl' \) -not -path '*/node_modules/*' -print0 | sort -z)
 done
 
+# 3. <mpi.h> inside the library outside include/factorllm/moe/mpi/ (docs/expert_parallel.md §2).
+mpi_re='^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"]mpi\.h[>"]'
+while IFS= read -r -d '' file; do
+  case "$file" in "$lib/moe/mpi/"*) continue ;; esac
+  lineno=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    [[ "$line" =~ $mpi_re ]] || continue
+    offences+=("${file#"$root"/}:$lineno: includes <mpi.h> (only include/factorllm/moe/mpi/ may: MPI is optional)")
+  done <"$file"
+done < <(find "$lib" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.inl' \) -print0 | sort -z)
+
 if [ "${#offences[@]}" -gt 0 ]; then
   echo "check_layers: ${#offences[@]} include(s) break the layering (docs/design.md §1):"
   printf '  %s\n' "${offences[@]}"
   exit 1
 fi
-echo "check_layers: OK (core/, backend/, ffn/, moe/, train/ and model/ include only lower layers; x86 intrinsics only in backend/simd/)"
+echo "check_layers: OK (core/, backend/, ffn/, moe/, train/, model/, io/ and c/ include only lower layers; x86 intrinsics only in backend/simd/; <mpi.h> only in moe/mpi/)"

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """FactorLLM's two-stage recipe end to end on stories260K, on factorllm's kernels (the PyTorch ops of
-examples/torch_ops): factorize every FFN into K-of-N experts, stage A trains the routers with the PAR loss
+factorllm.torch): factorize every FFN into K-of-N experts, stage A trains the routers with the PAR loss
 (+ balance term) on the dense teacher's FFN inputs, stage B fine-tunes experts and routers by logit
 distillation (KL to the dense teacher's next-token distribution) on sequences sampled from the dense model, then
 measures on held-out sequences with the fidelity report's definitions and writes its CSV rows
@@ -24,6 +24,7 @@ kl_to_dense (mean KL(dense || model)).
 """
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -37,8 +38,24 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, os.path.join(REPO, "examples", "torch_ops"))
-import factorllm_torch as fllm  # noqa: E402
+
+
+def _import_factorllm_torch(repo):
+    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
+    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
+    try:
+        import factorllm.torch as ops
+    except ImportError:
+        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
+                       reverse=True)
+        if not found:
+            raise
+        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
+        import factorllm.torch as ops
+    return ops
+
+
+fllm = _import_factorllm_torch(REPO)
 
 CSV_COLUMNS = ["config", "N", "K", "shared", "partition", "router", "recovery", "ffn_flops_fraction", "top1_agreement",
                "next_token_acc", "acc_retention", "ppl", "ppl_dense", "kl_to_dense"]

@@ -13,7 +13,7 @@
 #     positions: two engines, float32 rounding), so convert -> recipe -> export carry the same model;
 #   - fine-tuning does not make the model worse: retention after >= retention of the --init model - 0.01.
 # Usage: init_chain_check.sh FACTORLLM_CLI FINETUNE_RECIPE_CHECK PYTHON SHARED_DIR OUT_DIR
-# (FACTORLLM_TORCH_LIB in the environment, as for finetune_recipe_quick). Exit 77 (skip) without the model.
+# (PYTHONPATH=<build>/python in the environment, as for finetune_recipe_quick). Exit 77 (skip) without the model.
 set -euo pipefail
 cli="$1" check="$2" python="$3" shared="$4" out="$5"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

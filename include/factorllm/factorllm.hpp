@@ -20,7 +20,10 @@
 #include "ffn/permutation.hpp"
 #include "ffn/swiglu.hpp"
 
+#include "moe/all_to_all.hpp"
 #include "moe/combine.hpp"
+#include "moe/expert_placement.hpp"
+#include "moe/expert_shard.hpp"
 #include "moe/grouping.hpp"
 #include "moe/gating.hpp"
 #include "moe/moe_ffn.hpp"

@@ -38,7 +38,8 @@ arch="${arch:-90}"
 build_ok=0
 if cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DFACTORLLM_ENABLE_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_path" \
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_TOOLS=OFF \
-     -DFACTORLLM_BUILD_TORCH=OFF -DFACTORLLM_BUILD_BENCHMARKS=ON >> "$log" 2>&1 &&
+     -DFACTORLLM_BUILD_TORCH=OFF -DFACTORLLM_BUILD_PYTHON=OFF -DFACTORLLM_BUILD_C_API=OFF -DFACTORLLM_ENABLE_MPI=OFF \
+     -DFACTORLLM_BUILD_BENCHMARKS=ON >> "$log" 2>&1 &&
    cmake --build "$build" -j"$(nproc)" --target test_cuda_launch test_cuda_conformance bench_cuda >> "$log" 2>&1; then
   build_ok=1
 else

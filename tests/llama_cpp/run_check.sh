@@ -82,10 +82,10 @@ ft_moe="${FLLM_FT_MOE:-}"
 ft_heldout="${FLLM_FT_HELDOUT:-}"
 if [ -z "$ft_moe" ]; then
   python="${FACTORLLM_TORCH_PYTHON:-/usr/bin/python3}"
-  torch_lib="$build_dir/examples/torch_ops/libfactorllm_torch.so"
+  torch_lib="$build_dir/python/factorllm/libfactorllm_torch.so"
   if [ -f "$torch_lib" ] && "$python" -c "import torch, numpy" >/dev/null 2>&1; then
     mkdir -p "$work/ft"
-    FACTORLLM_TORCH_LIB="$torch_lib" OMP_NUM_THREADS=1 "$python" "$repo_root/examples/03_finetune_recipe/finetune_recipe.py" \
+    PYTHONPATH="$build_dir/python" OMP_NUM_THREADS=1 "$python" "$repo_root/examples/03_finetune_recipe/finetune_recipe.py" \
       --quick --configs 4:2 --router-bias none --model "$shared/models/stories260K.bin" \
       --tokenizer "$shared/models/tok512.bin" --save "$work/ft/moe.safetensors" --save-heldout "$work/ft/heldout.json"
     ft_moe="$work/ft/moe.safetensors"

@@ -1,16 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Tests of the PyTorch extension (examples/torch_ops): every op and every gradient against a plain PyTorch
+"""Tests of the PyTorch ops factorllm.torch (python/factorllm/torch.py, python/src/torch_ops.cpp): every op and every gradient against a plain PyTorch
 implementation written from the spec, torch.autograd.gradcheck in float64 (the scalar oracle), float32 (cpu_simd)
 within stated tolerances, bitwise determinism across thread counts, and refusal of bad inputs. Every comparison
 with the reference holds for any BLAS the reference's torch links (see "Tolerances" below); ctest runs the file
 twice, `torch_ops` on Debian's reference BLAS and `torch_ops_openblas` on OpenBLAS, each asserting which BLAS it got
 (FACTORLLM_EXPECT_BLAS).
 
-Run: FACTORLLM_TORCH_LIB=build/examples/torch_ops/libfactorllm_torch.so PYTHONPATH=examples/torch_ops \
-     /usr/bin/python3 tests/python/test_torch_ops.py        (ctest runs it as `torch_ops` and `torch_ops_openblas`)
+Run: PYTHONPATH=build/python /usr/bin/python3 tests/python/test_torch_ops.py         (ctest runs it as `torch_ops` and `torch_ops_openblas`)
 FACTORLLM_EXPECT_BLAS=reference|openblas: refuse to run unless torch really uses that BLAS (ctest sets it, together
 with LD_LIBRARY_PATH). FACTORLLM_TOL_REPORT=1: print every comparison's error and bound (the tightest few always are).
 """
+import glob
 import math
 import os
 import sys
@@ -19,8 +19,22 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "torch_ops"))
-import factorllm_torch as fllm  # noqa: E402
+def _import_factorllm_torch(repo):
+    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
+    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
+    try:
+        import factorllm.torch as ops
+    except ImportError:
+        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
+                       reverse=True)
+        if not found:
+            raise
+        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
+        import factorllm.torch as ops
+    return ops
+
+
+fllm = _import_factorllm_torch(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 torch.set_num_threads(2)
 SEED = 2023  # fixed; printed by main()

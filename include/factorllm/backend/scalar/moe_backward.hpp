@@ -98,6 +98,85 @@ void combine_weights_vjp(Z const* z, std::ptrdiff_t n, std::int32_t const* ids, 
   }
 }
 
+/// One slot's share of the scalar MoE backward (docs/math.md §2.3), for slot (t, j) routed to expert e with combine
+/// weight w, token row x_t and its dL/dy row dy_t:
+///   a = W_g x, b = W_u x, h = SiLU(a) b, g = W_d^T dy_t;  dL/dw_tj = <g, h>;  dh = w g;
+///   da = dh b SiLU'(a);  db = dh SiLU(a);  dW_g += da x^T;  dW_u += db x^T;  dW_d += w dy_t h^T;
+///   dx_slot = W_g^T da + W_u^T db  (written, starting from zero).
+/// Returns dL/dw_tj. The oracle (MoeBackward<CpuScalar>) and the expert-parallel backward (moe/expert_shard.hpp) both
+/// call it, so a slot's numbers are the same bits whichever process computes them (docs/expert_parallel.md §3).
+/// gate, up [*, d_expert, d_model], down [*, d_model, d_expert]; saved_gate/saved_up: the slot's pre-activations or
+/// null (recomputed); scratch: 6 * d_expert doubles; dwg, dwu [d_expert * d_model], dwd [d_model * d_expert]
+/// accumulators; dx_slot [d_model] out.
+template <class W, class A>
+double slot_backward(TensorView<W const, 3> gate, TensorView<W const, 3> up, TensorView<W const, 3> down, std::ptrdiff_t e,
+                     A const* xr, A const* dyr, double w, A const* saved_gate, A const* saved_up, double* scratch,
+                     double* dwg, double* dwu, double* dwd, double* dx_slot) {
+  std::ptrdiff_t const m = gate.extent(1), d = gate.extent(2);
+  double* a = scratch;
+  double* bu = a + m;
+  double* g = bu + m;
+  double* da = g + m;
+  double* db = da + m;
+  double* h = db + m;
+  double dwj = 0;
+  for (std::ptrdiff_t i = 0; i < m; ++i) {
+    if (saved_gate != nullptr) {
+      a[i] = to_double(saved_gate[i]);
+      bu[i] = to_double(saved_up[i]);
+    } else {
+      double sg = 0, su = 0;
+      for (std::ptrdiff_t c = 0; c < d; ++c) {
+        sg += to_double(gate(e, i, c)) * to_double(xr[c]);
+        su += to_double(up(e, i, c)) * to_double(xr[c]);
+      }
+      a[i] = sg;
+      bu[i] = su;
+    }
+    double gi = 0;
+    for (std::ptrdiff_t o = 0; o < d; ++o) gi += to_double(down(e, o, i)) * to_double(dyr[o]);
+    g[i] = gi;
+    h[i] = detail::silu(a[i]) * bu[i];
+    dwj += gi * h[i];
+    double const dh = w * gi;
+    da[i] = dh * bu[i] * detail::silu_grad(a[i]);
+    db[i] = dh * detail::silu(a[i]);
+  }
+  for (std::ptrdiff_t c = 0; c < d; ++c) dx_slot[c] = 0.0;
+  for (std::ptrdiff_t i = 0; i < m; ++i) {
+    for (std::ptrdiff_t c = 0; c < d; ++c) {
+      double const xc = to_double(xr[c]);
+      dwg[i * d + c] += da[i] * xc;
+      dwu[i * d + c] += db[i] * xc;
+      dx_slot[c] += da[i] * to_double(gate(e, i, c)) + db[i] * to_double(up(e, i, c));
+    }
+  }
+  for (std::ptrdiff_t o = 0; o < d; ++o) {
+    double const wdy = w * to_double(dyr[o]);
+    for (std::ptrdiff_t i = 0; i < m; ++i) dwd[o * m + i] += wdy * h[i];
+  }
+  return dwj;
+}
+
+/// One token's router share of the scalar MoE backward: dz_t = VJP of the combine weights (combine_weights_vjp) from
+/// dw_t (dL/dw of its top_k slots); then dbr += dz_t, dwr += dz_t x_t^T and dx_t += W_r^T dz_t, in that order.
+/// Shared by the oracle and the expert-parallel backward (same bits). dz [n_experts] out; dwr [n_experts * d_model],
+/// dbr [n_experts], dx [d_model] accumulators.
+template <class A>
+void router_backward_row(A const* logits, std::int32_t const* ids, double const* dw, GatingParams const& gating,
+                         A const* xr, MatrixView<A const> router_weight, std::ptrdiff_t k, double* dz, double* dwr,
+                         double* dbr, double* dx) {
+  std::ptrdiff_t const n = router_weight.rows(), d = router_weight.cols();
+  combine_weights_vjp(logits, n, ids, k, dw, gating, dz);
+  for (std::ptrdiff_t e = 0; e < n; ++e) {
+    dbr[e] += dz[e];
+    for (std::ptrdiff_t c = 0; c < d; ++c) {
+      dwr[e * d + c] += dz[e] * to_double(xr[c]);
+      dx[c] += dz[e] * to_double(router_weight(e, c));
+    }
+  }
+}
+
 /// Scratch of the scalar training forward: one double output row per slot, and hidden/pre-activation rows.
 template <>
 struct MoeTrainForward<CpuScalar> {
@@ -192,14 +271,14 @@ detail::WorkspaceLayout MoeBackward<CpuScalar>::workspace(MoeParamsView<W> const
       .add(sizeof(double), t * k)      // dL/dw per slot
       .add(sizeof(double), t * n)      // dL/dz per token
       .add(sizeof(double), n * (d + 1))  // router gradient accumulators
-      .add(sizeof(double), 6 * m);     // a, b, g, da, db, h of one slot
+      .add(sizeof(double), 6 * m + d);  // a, b, g, da, db, h and the dx share of one slot
 }
 
 /// Scalar MoE backward, the oracle (validated by train::moe_backward). With o_{t,j} = E_{id_j}(x_t) and
 /// y_t = sum_j w_tj o_{t,j} (docs/math.md §2.3), for each slot (t, j) routed to expert e:
 ///   a = W_g x, b = W_u x, h = SiLU(a) b, g = W_d^T dy_t        (g = dL/dh before the combine weight)
 ///   dL/dw_tj = <g, h>;  dh = w_tj g;  da = dh b SiLU'(a);  db = dh SiLU(a)
-///   dW_g += da x^T;  dW_u += db x^T;  dW_d += w_tj dy_t h^T;  dx_t += W_g^T da + W_u^T db
+///   dW_g += da x^T;  dW_u += db x^T;  dW_d += w_tj dy_t h^T;  dx_t += (W_g^T da + W_u^T db) (summed per slot first)
 /// then dz_t = VJP of the combine weights (combine_weights_vjp), dW_r = sum_t dz_t x_t^T, db_r = sum_t dz_t,
 /// dx_t += W_r^T dz_t. Everything accumulates in double in a fixed order (experts, then slots in group order).
 template <class W, class A>
@@ -216,57 +295,21 @@ void MoeBackward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& 
   double* dz = cursor.take<double>(static_cast<std::size_t>(n_tokens * n));
   double* dwr = cursor.take<double>(static_cast<std::size_t>(n * (d + 1)));
   double* dbr = dwr + n * d;
-  double* a = cursor.take<double>(static_cast<std::size_t>(6 * m));
-  double* bu = a + m;
-  double* g = bu + m;
-  double* da = g + m;
-  double* db = da + m;
-  double* h = db + m;
+  double* scratch = cursor.take<double>(static_cast<std::size_t>(6 * m + d));
+  double* dx_slot = scratch + 6 * m;
   std::fill(dx, dx + n_tokens * d, 0.0);
 
   for (std::ptrdiff_t e = 0; e < n; ++e) {
     std::fill(dwg, dwg + 3 * m * d, 0.0);
     for (std::int64_t r = record.offsets(e); r < record.offsets(e + 1); ++r) {
       std::ptrdiff_t const s = record.slots(r), t = s / k, j = s % k;
-      A const* xr = x.row(t);
-      A const* dyr = dy.row(t);
-      double const w = to_double(record.weights(t, j));
-      double dwj = 0;
-      for (std::ptrdiff_t i = 0; i < m; ++i) {
-        if (saved != nullptr) {
-          a[i] = to_double(saved->gate_pre(r, i));
-          bu[i] = to_double(saved->up_pre(r, i));
-        } else {
-          double sg = 0, su = 0;
-          for (std::ptrdiff_t c = 0; c < d; ++c) {
-            sg += to_double(p.gate(e, i, c)) * to_double(xr[c]);
-            su += to_double(p.up(e, i, c)) * to_double(xr[c]);
-          }
-          a[i] = sg;
-          bu[i] = su;
-        }
-        double gi = 0;
-        for (std::ptrdiff_t o = 0; o < d; ++o) gi += to_double(p.down(e, o, i)) * to_double(dyr[o]);
-        g[i] = gi;
-        h[i] = detail::silu(a[i]) * bu[i];
-        dwj += gi * h[i];
-        double const dh = w * gi;
-        da[i] = dh * bu[i] * detail::silu_grad(a[i]);
-        db[i] = dh * detail::silu(a[i]);
-      }
-      dw[s] = dwj;
-      for (std::ptrdiff_t i = 0; i < m; ++i) {
-        for (std::ptrdiff_t c = 0; c < d; ++c) {
-          double const xc = to_double(xr[c]);
-          dwg[i * d + c] += da[i] * xc;
-          dwu[i * d + c] += db[i] * xc;
-          dx[t * d + c] += da[i] * to_double(p.gate(e, i, c)) + db[i] * to_double(p.up(e, i, c));
-        }
-      }
-      for (std::ptrdiff_t o = 0; o < d; ++o) {
-        double const wdy = w * to_double(dyr[o]);
-        for (std::ptrdiff_t i = 0; i < m; ++i) dwd[o * m + i] += wdy * h[i];
-      }
+      // Each slot's dx share is summed on its own, then added to the token's row (in expert order): the order the
+      // expert-parallel backward can reproduce when the slot runs on another process.
+      dw[s] = slot_backward(p.gate, p.up, p.down, e, x.row(t), dy.row(t), to_double(record.weights(t, j)),
+                            saved != nullptr ? &saved->gate_pre(r, 0) : static_cast<A const*>(nullptr),
+                            saved != nullptr ? &saved->up_pre(r, 0) : static_cast<A const*>(nullptr), scratch, dwg, dwu,
+                            dwd, dx_slot);
+      for (std::ptrdiff_t c = 0; c < d; ++c) dx[t * d + c] += dx_slot[c];
     }
     for (std::ptrdiff_t i = 0; i < m; ++i)
       for (std::ptrdiff_t c = 0; c < d; ++c) {
@@ -281,16 +324,10 @@ void MoeBackward<CpuScalar>::run(MoeParamsView<W> const& p, GatingParams const& 
   std::fill(dwr, dwr + n * (d + 1), 0.0);
   for (std::ptrdiff_t t = 0; t < n_tokens; ++t) {
     double* dzt = dz + t * n;
-    combine_weights_vjp(record.logits.row(t), n, record.ids.row(t), k, dw + t * k, gating, dzt);
-    A const* xr = x.row(t);
-    for (std::ptrdiff_t e = 0; e < n; ++e) {
-      if (grads.wants_logits()) grads.logits(t, e) = static_cast<A>(dzt[e]);
-      dbr[e] += dzt[e];
-      for (std::ptrdiff_t c = 0; c < d; ++c) {
-        dwr[e * d + c] += dzt[e] * to_double(xr[c]);
-        dx[t * d + c] += dzt[e] * to_double(p.router_weight(e, c));
-      }
-    }
+    router_backward_row(record.logits.row(t), record.ids.row(t), dw + t * k, gating, x.row(t), p.router_weight, k, dzt,
+                        dwr, dbr, dx + t * d);
+    if (grads.wants_logits())
+      for (std::ptrdiff_t e = 0; e < n; ++e) grads.logits(t, e) = static_cast<A>(dzt[e]);
     A* dxr = grads.x.row(t);
     for (std::ptrdiff_t c = 0; c < d; ++c) dxr[c] = static_cast<A>(dx[t * d + c]);
   }

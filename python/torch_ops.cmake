@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-# The PyTorch extension: libfactorllm_torch.so with the TORCH_LIBRARY "factorllm" operators, loaded by
-# factorllm_torch.py (next to this file) through torch.ops.load_library. Added by the top-level CMakeLists only when
-# FACTORLLM_BUILD_TORCH is ON (default: ON when libtorch's TorchConfig.cmake is found).
+# The PyTorch ops of the package factorllm (factorllm.torch): libfactorllm_torch.so with the TORCH_LIBRARY "factorllm"
+# operators, built into the package folder next to _core and loaded by factorllm/torch.py through
+# torch.ops.load_library. Included by python/CMakeLists.txt only when FACTORLLM_BUILD_TORCH is ON (default: ON when
+# libtorch's TorchConfig.cmake is found and the Python module is built).
 
-add_library(factorllm_torch SHARED factorllm_torch_ops.cpp)
+add_library(factorllm_torch SHARED src/torch_ops.cpp)
 target_link_libraries(factorllm_torch PRIVATE factorllm::factorllm ${TORCH_LIBRARIES})
+add_dependencies(factorllm_torch factorllm_python)  # factorllm.torch is imported through the package (its __init__ loads _core)
 if(TARGET factorllm::openmp)
   target_link_libraries(factorllm_torch PRIVATE factorllm::openmp)
 endif()
@@ -15,24 +17,18 @@ endif()
 # (_mm512_unpacklo_ps in gemm_pack_lhs with -march=native), the same exemption tests/ and examples/ carry.
 target_compile_options(factorllm_torch PRIVATE -Wall -Wextra -Wpedantic $<$<CXX_COMPILER_ID:GNU>:-Wno-maybe-uninitialized>
                                                ${FACTORLLM_ISA_FLAGS})
-set_target_properties(factorllm_torch PROPERTIES CXX_VISIBILITY_PRESET default)
+set_target_properties(factorllm_torch PROPERTIES CXX_VISIBILITY_PRESET default
+                                                 LIBRARY_OUTPUT_DIRECTORY ${FACTORLLM_PYTHON_PACKAGE_DIR})
+if(FACTORLLM_PYTHON_INSTALL)
+  install(TARGETS factorllm_torch LIBRARY DESTINATION ${FACTORLLM_PYTHON_INSTALL_DIR}/factorllm COMPONENT python)
+endif()
 
-# Python tests: they need an interpreter whose torch is the libtorch linked above. A pyenv or venv python3 first on
-# PATH often has no torch (or another torch), so candidates are tried in order and the first that imports torch and
-# numpy runs the tests: FACTORLLM_TORCH_PYTHON if set (then only it), else /usr/bin/python3 (Debian's python3-torch,
-# built from the same source as libtorch-dev), else the python3 on PATH. None: the tests are skipped with a warning
-# (.ci/run refuses that, so CI cannot pass without running them).
-set(FACTORLLM_TORCH_PYTHON "" CACHE FILEPATH "Python interpreter with torch for the extension's tests (empty: auto)")
+# Python tests: they need an interpreter whose torch is the libtorch linked above, and it must be the interpreter the
+# module _core was built for (FACTORLLM_PYTHON, python/CMakeLists.txt: /usr/bin/python3 by default, Debian's
+# python3-torch, built from the same source as libtorch-dev). If it does not import torch and numpy, the tests are
+# skipped with a warning (.ci/run refuses that, so CI cannot pass without running them).
 if(FACTORLLM_BUILD_TESTS)
-  if(FACTORLLM_TORCH_PYTHON)
-    set(_fllm_py_candidates "${FACTORLLM_TORCH_PYTHON}")
-  else()
-    set(_fllm_py_candidates /usr/bin/python3)
-    find_program(_fllm_path_python3 NAMES python3)
-    if(_fllm_path_python3)
-      list(APPEND _fllm_py_candidates "${_fllm_path_python3}")
-    endif()
-  endif()
+  set(_fllm_py_candidates "${FACTORLLM_PYTHON}")
   set(_fllm_torch_python "")
   set(_fllm_py_tried "")
   foreach(_py IN LISTS _fllm_py_candidates)
@@ -66,8 +62,7 @@ if(FACTORLLM_BUILD_TESTS)
     find_path(FACTORLLM_OPENBLAS_DIR libblas.so.3
               PATHS ${_fllm_multiarch}/openblas-openmp ${_fllm_multiarch}/openblas-pthread ${_fllm_multiarch}/openblas-serial
               NO_DEFAULT_PATH DOC "Folder of OpenBLAS's libblas.so.3 (Debian: libopenblas0-openmp), for ctest torch_ops_openblas")
-    set(_fllm_torch_test_env FACTORLLM_TORCH_LIB=$<TARGET_FILE:factorllm_torch> PYTHONPATH=${CMAKE_CURRENT_SOURCE_DIR}
-                             OMP_NUM_THREADS=2)
+    set(_fllm_torch_test_env PYTHONPATH=${FACTORLLM_PYTHON_PATH} OMP_NUM_THREADS=2)
     add_test(NAME torch_ops
              COMMAND ${_fllm_torch_python} ${PROJECT_SOURCE_DIR}/tests/python/test_torch_ops.py)
     set_tests_properties(torch_ops PROPERTIES ENVIRONMENT "${_fllm_torch_test_env}" TIMEOUT 600 LABELS torch)
@@ -100,7 +95,7 @@ if(FACTORLLM_BUILD_TESTS)
                      --configs 4:2 8:1 --router-bias none --save ${_fllm_recipe_out}/moe-{config}.safetensors
                      --save-heldout ${_fllm_recipe_out}/heldout.json)
     set_tests_properties(finetune_recipe_quick PROPERTIES
-      ENVIRONMENT "FACTORLLM_TORCH_LIB=$<TARGET_FILE:factorllm_torch>;OMP_NUM_THREADS=1"
+      ENVIRONMENT "PYTHONPATH=${FACTORLLM_PYTHON_PATH};OMP_NUM_THREADS=1"
       SKIP_RETURN_CODE 77 TIMEOUT 900 LABELS recipe FIXTURES_SETUP finetune_recipe_saved)
     foreach(_cfg N4K2 N8K1)  # only where the recipe can run (it exits 77 without the model; so would these)
       if(NOT EXISTS ${FACTORLLM_SHARED_DIR}/models/stories260K.bin)
@@ -124,7 +119,7 @@ if(FACTORLLM_BUILD_TESTS)
                        $<TARGET_FILE:factorllm_cli> $<TARGET_FILE:finetune_recipe_check> ${_fllm_torch_python}
                        ${_fllm_shared_abs} ${CMAKE_BINARY_DIR}/finetune_recipe_init_chain)
       set_tests_properties(finetune_recipe_init_chain PROPERTIES
-        ENVIRONMENT "FACTORLLM_TORCH_LIB=$<TARGET_FILE:factorllm_torch>;OMP_NUM_THREADS=1"
+        ENVIRONMENT "PYTHONPATH=${FACTORLLM_PYTHON_PATH};OMP_NUM_THREADS=1"
         SKIP_RETURN_CODE 77 TIMEOUT 900 LABELS recipe)
     else()
       message(STATUS "factorllm: finetune_recipe_init_chain skipped (needs FACTORLLM_BUILD_TOOLS and FACTORLLM_BUILD_EXAMPLES)")
@@ -132,6 +127,6 @@ if(FACTORLLM_BUILD_TESTS)
   else()
     message(WARNING "factorllm: torch_ops Python tests skipped: no candidate python imports torch and numpy "
                     "(tried:${_fllm_py_tried}). Debian: apt-get install python3-torch python3-numpy, or set "
-                    "FACTORLLM_TORCH_PYTHON to an interpreter whose torch matches ${TORCH_LIBRARY}")
+                    "FACTORLLM_PYTHON to an interpreter whose torch matches ${TORCH_LIBRARY}")
   endif()
 endif()

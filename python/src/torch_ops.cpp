@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // PyTorch operators (TORCH_LIBRARY "factorllm") over the library's training kernels: MoE FFN forward/backward,
 // PAR loss with its router gradients, and the balance term. Loaded from Python with torch.ops.load_library;
-// the autograd.Functions that use them are in factorllm_torch.py next to this file.
+// the autograd.Functions that use them are in python/factorllm/torch.py (factorllm.torch).
 //
 // Contract for every tensor argument: CPU, strided (dense) layout, contiguous, and the dtype of the layer
 // (float32 -> the cpu_simd kernels, float64 -> the scalar oracle, for gradcheck). Anything else raises a Python
@@ -39,7 +39,8 @@ std::string shape_str(at::IntArrayRef s) {
 void check_tensor(at::Tensor const& t, char const* fn, char const* arg, at::ScalarType dtype,
                   std::vector<std::int64_t> const& shape, char const* shape_names) {
   TORCH_CHECK_VALUE(t.defined(), fn, ": argument '", arg, "' is undefined (None)");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device(),
+                    t.is_cuda() ? " (factorllm was built without CUDA support for torch tensors)" : "");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, fn, ": argument '", arg, "' must have the strided (dense) layout, got ",
                     t.layout());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": argument '", arg, "' must have dtype ", c10::toString(dtype),

@@ -5,7 +5,7 @@ the paper code's balance term (docs/math.md §3.2).
 
 Usage::
 
-    import factorllm_torch as fllm            # finds libfactorllm_torch.so (see load_library)
+    import factorllm.torch as fllm            # loads libfactorllm_torch.so from the package (see load_library)
     y = fllm.moe_ffn(x, router_weight, router_bias, gate, up, down, mode="softmax_topk_renorm", top_k=2)
     par, bal, label_acc, labels = fllm.par_loss(x, dense_gate, dense_up, dense_down, gate, up, down,
                                                 router_weight, router_bias, top_k=2)
@@ -25,9 +25,13 @@ import sys
 
 import torch
 
+# Debian's torch is CPU-only and the ops are compiled for CPU tensors only: a CUDA tensor is refused with
+# "factorllm was built without CUDA support for torch tensors" (never copied to the host behind your back).
+cuda_available = False
+
 __all__ = [
     "load_library", "MoeFfnFunction", "ParLossFunction", "BalanceLossFunction", "moe_ffn", "par_loss",
-    "balance_loss", "MoeFfn", "factorize", "MODES", "blas_in_use", "prefer_optimized_blas",
+    "balance_loss", "MoeFfn", "factorize", "MODES", "blas_in_use", "prefer_optimized_blas", "cuda_available",
 ]
 
 def blas_in_use():
@@ -64,15 +68,13 @@ _loaded_path = None
 
 def load_library(path=None):
     """Loads the extension once and returns its path. Search order: `path`, $FACTORLLM_TORCH_LIB, then
-    <repo>/build*/examples/torch_ops/libfactorllm_torch.so (the most recently built)."""
+    libfactorllm_torch.so next to this file (where the build and `cmake --install` put it)."""
     global _loaded_path
     if _loaded_path is not None:
         return _loaded_path
     candidates = [p for p in (path, os.environ.get("FACTORLLM_TORCH_LIB")) if p]
     if not candidates:
-        repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-        found = glob.glob(os.path.join(repo, "build*", "examples", "torch_ops", _LIB_NAME))
-        candidates = sorted(found, key=os.path.getmtime, reverse=True)
+        candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIB_NAME)]
     for c in candidates:
         if os.path.isfile(c):
             torch.ops.load_library(c)
@@ -81,7 +83,7 @@ def load_library(path=None):
     raise FileNotFoundError(
         f"{_LIB_NAME} not found (tried {candidates or 'nothing'}); build it with "
         "`cmake -S . -B build -DFACTORLLM_BUILD_TORCH=ON && cmake --build build --target factorllm_torch` "
-        "or set FACTORLLM_TORCH_LIB")
+        "and put build/python on PYTHONPATH, or set FACTORLLM_TORCH_LIB")
 
 
 def _ops():
@@ -93,6 +95,9 @@ def _flatten_tokens(x, fn, arg="x"):
     """[..., n] -> [n_tokens, n] as a view (refuses what would need a copy)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: argument '{arg}' must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_cuda:
+        raise ValueError(f"{fn}: argument '{arg}' is a CUDA tensor; factorllm was built without CUDA support for torch "
+                         "tensors: move it to the CPU (.cpu())")
     if x.layout != torch.strided:  # checked first: a sparse tensor has no strides, and view() would fail unnamed
         raise ValueError(f"{fn}: argument '{arg}' must have the strided (dense) layout, got {x.layout}")
     if x.dim() < 2:
