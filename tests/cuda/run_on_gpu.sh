@@ -10,7 +10,7 @@
 #      (target >= 0.85).
 # Usage: bash tests/cuda/run_on_gpu.sh [report.json]   (default: build-gpu/cuda_report.json; also copied to $OUT
 # when that folder exists). Budget: under 8 minutes on an H100 (build ~2 min on 16 cores, conformance seconds,
-# benchmarks ~2 min). Exit status: 0 when everything ran and conformance passed, 1 otherwise (the report is written
+# benchmarks ~2 min; the conformance run is cut at 3 min and the benchmarks at 5, exit 124). Exit status: 0 when everything ran and conformance passed, 1 otherwise (the report is written
 # either way, with what ran).
 set -uo pipefail
 
@@ -56,12 +56,12 @@ if [ "$build_ok" = 1 ]; then
   "$build/tests/cuda/test_cuda_launch" >> "$log" 2>&1
   launch_rc=$?
   step "Conformance"
-  "$build/tests/cuda/test_cuda_conformance" -r xml -o "$build/conformance.xml" >> "$log" 2>&1
+  timeout 180 "$build/tests/cuda/test_cuda_conformance" -r xml -o "$build/conformance.xml" >> "$log" 2>&1
   conf_rc=$?
   [ "$conf_rc" = 0 ] || { echo "conformance: exit $conf_rc (77 = no device)" | tee -a "$log"; status=1; }
   [ "$launch_rc" = 0 ] || status=1
   step "Benchmarks"
-  "$build/benchmarks/cuda/bench_cuda" --benchmark_min_time=0.2 --benchmark_format=json \
+  timeout 300 "$build/benchmarks/cuda/bench_cuda" --benchmark_min_time=0.2 --benchmark_format=json \
     --benchmark_out="$build/bench_cuda.json" --benchmark_out_format=json >> "$log" 2>&1
   bench_rc=$?
   [ "$bench_rc" = 0 ] || status=1
@@ -74,7 +74,9 @@ import json, os, sys
 import xml.etree.ElementTree as ET
 build, report, build_ok, launch_rc, conf_rc, bench_rc, build_s, total_s = sys.argv[1:]
 out = {"build_ok": build_ok == "1", "build_seconds": int(build_s), "total_seconds": int(total_s),
-       "host_tests_exit": int(launch_rc), "conformance_exit": int(conf_rc), "benchmarks_exit": int(bench_rc)}
+       "host_tests_exit": int(launch_rc), "conformance_exit": int(conf_rc), "benchmarks_exit": int(bench_rc),
+       "torch_device_path": "not covered here: the PyTorch / DLPack entry on device tensors (issue 16 part 7) is "
+                            "wired by the Python package; it calls cuda::moe_forward (backend/cuda/moe_forward.hpp)"}
 try:
     out["gpu"] = open(os.path.join(build, "gpu.txt")).read().strip()
 except OSError:
