@@ -9,9 +9,9 @@
 #      bf16 grouped GEMM / dense GEMM at T = 8192 (target >= 0.80) and decode / device-to-device copy bandwidth
 #      (target >= 0.85).
 # Usage: bash tests/cuda/run_on_gpu.sh [report.json]   (default: build-gpu/cuda_report.json; also copied to $OUT
-# when that folder exists). Budget: under 8 minutes on an H100 (build ~2 min on 16 cores, conformance seconds,
-# benchmarks ~2 min; the conformance run is cut at 3 min and the benchmarks at 5, exit 124). Exit status: 0 when everything ran and conformance passed, 1 otherwise (the report is written
-# either way, with what ran).
+# when that folder exists). Budget: under 8 minutes on an H100 (build ~1 min on 16 cores, conformance seconds,
+# benchmarks ~2 min; the conformance run is cut at 3 min and the benchmarks at 5, exit 124).
+# Exit status: 0 when everything ran and conformance passed, 1 otherwise (the report is written either way).
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
