@@ -53,14 +53,7 @@ __global__ void hidden_kernel(float const* a, float const* b, float* h, std::int
   if (i < n) h[i] = silu_f(a[i]) * b[i];
 }
 
-__device__ __forceinline__ double silu_d(double a) {
-  if (a >= 0) return a / (1.0 + exp(-a));
-  double const e = exp(a);
-  return a * e / (1.0 + e);
-}
-
-/// A block per grouped row: h, da, db from a, b, g and w_s (double math, stored f32), and dL/dw_s = <g, h> summed
-/// by a fixed tree.
+/// A block per grouped row: h, da, db (logic::slot_backward_element) and dL/dw_s = <g, h> summed by a fixed tree.
 __global__ void slot_backward_kernel(float const* a, float const* b, float const* g, float const* weights,
                                      std::int32_t const* slots, std::int64_t d_expert, float* h, float* da, float* db,
                                      double* dw) {
@@ -71,14 +64,7 @@ __global__ void slot_backward_kernel(float const* a, float const* b, float const
   double acc = 0;
   for (std::int64_t i = threadIdx.x; i < d_expert; i += blockDim.x) {
     std::int64_t const o = r * d_expert + i;
-    double const ai = a[o], bi = b[o], gi = g[o];
-    double const sig = logic::sigmoid(ai), si = silu_d(ai);
-    double const hi = si * bi;
-    h[o] = static_cast<float>(hi);
-    acc += gi * hi;
-    double const dh = w * gi;
-    da[o] = static_cast<float>(dh * bi * sig * (1.0 + ai * (1.0 - sig)));
-    db[o] = static_cast<float>(dh * si);
+    acc += logic::slot_backward_element(a[o], b[o], g[o], w, h + o, da + o, db + o);
   }
   partial[threadIdx.x] = acc;
   __syncthreads();
@@ -129,14 +115,26 @@ __global__ void dx_kernel(float const* dxg, std::int32_t const* rows, double con
   dx[i] = static_cast<float>(s);
 }
 
-/// C = op(A) op(B) in cuBLAS column-major terms, f32 (the backward's GEMMs, whose shapes differ from expert_gemm).
-void gemm32(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, std::int64_t m, std::int64_t n, std::int64_t k,
-            float const* a, std::int64_t lda, float const* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc,
-            char const* op) {
+/// The base pointer of each BwdBuffer (cuda/launch.hpp) for one backward call.
+struct BwdPointers {
+  float const* weight[3];  // gate, up, down
+  float* rows[10];         // x, dy, w dy, a, b, g, h, da, db, dx (grouped rows)
+  float* grad[3];          // gate, up, down
+  float* at(BwdBuffer which) const {
+    auto const i = static_cast<int>(which);
+    if (i < 3) return const_cast<float*>(weight[i]);  // read-only operand: cuBLAS takes A and B as const
+    if (i < 13) return rows[i - 3];
+    return grad[i - 13];
+  }
+};
+
+/// Runs one BackwardGemm (f32, f32 accumulation).
+void run_backward_gemm(cublasHandle_t h, BackwardGemm const& p, BwdPointers const& ptr, char const* op) {
   float const one = 1.f;
-  check_cublas(cublasGemmEx(h, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &one, a,
-                            CUDA_R_32F, static_cast<int>(lda), b, CUDA_R_32F, static_cast<int>(ldb), &beta, c,
-                            CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  check_cublas(cublasGemmEx(h, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, p.m, p.n,
+                            p.k, &one, ptr.at(p.a) + p.a_offset, CUDA_R_32F, p.lda, ptr.at(p.b) + p.b_offset, CUDA_R_32F,
+                            p.ldb, &p.beta, ptr.at(p.c) + p.c_offset, CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT),
                op);
 }
 
@@ -325,41 +323,28 @@ void moe_backward(MoeParamsView<float> const& p, GatingParams const& gating, Rou
   gather_rows_kernel<<<to_dim3(cg.grid), to_dim3(cg.block), 0, ctx.stream>>>(
       x.data(), dy.data(), record.weights.data(), record.slots.data(), S, d, static_cast<int>(k), xg, dyg, wdyg);
   check_launch(op);
-  float const* a_in = a;
-  float const* b_in = b;
-  if (saved != nullptr) {
-    a_in = saved->gate_pre.data();
-    b_in = saved->up_pre.data();
+  float* a_in = a;
+  float* b_in = b;
+  if (saved != nullptr) {  // read only: the GEMMs that write a and b run only when recomputing
+    a_in = const_cast<float*>(saved->gate_pre.data());
+    b_in = const_cast<float*>(saved->up_pre.data());
   }
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    std::int64_t const r0 = host_offsets[e], ne = host_offsets[e + 1] - r0;
-    if (ne == 0) continue;
-    float const* wg = p.gate.data() + e * m * d;
-    float const* wu = p.up.data() + e * m * d;
-    float const* wd = p.down.data() + e * d * m;
-    if (saved == nullptr) {  // a = X W_g^T, b = X W_u^T (column-major: [m, ne] = W^T [m, d] X^T [d, ne])
-      gemm32(handle, CUBLAS_OP_T, CUBLAS_OP_N, m, ne, d, wg, d, xg + r0 * d, d, 0.f, a + r0 * m, m, op);
-      gemm32(handle, CUBLAS_OP_T, CUBLAS_OP_N, m, ne, d, wu, d, xg + r0 * d, d, 0.f, b + r0 * m, m, op);
+  BwdPointers const ptr{{p.gate.data(), p.up.data(), p.down.data()},
+                        {xg, dyg, wdyg, a_in, b_in, g, h, da, db, dxg},
+                        {grads.gate.data(), grads.up.data(), grads.down.data()}};
+  BackwardGemm gemms[8];
+  for (int stage = 0; stage < 2; ++stage) {
+    if (stage == 1) {
+      slot_backward_kernel<<<static_cast<unsigned>(S), kThreads, 0, ctx.stream>>>(
+          a_in, b_in, g, record.weights.data(), record.slots.data(), m, h, da, db, dw);
+      check_launch(op);
     }
-    // g = dY W_d: column-major [m, ne] = W_d [m, d] (row-major [d, m]) dY^T [d, ne].
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_N, m, ne, d, wd, m, dyg + r0 * d, d, 0.f, g + r0 * m, m, op);
-  }
-  slot_backward_kernel<<<static_cast<unsigned>(S), kThreads, 0, ctx.stream>>>(a_in, b_in, g, record.weights.data(),
-                                                                               record.slots.data(), m, h, da, db, dw);
-  check_launch(op);
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    std::int64_t const r0 = host_offsets[e], ne = host_offsets[e + 1] - r0;
-    if (ne == 0) continue;
-    float const* wg = p.gate.data() + e * m * d;
-    float const* wu = p.up.data() + e * m * d;
-    // dW_g = DA^T X: column-major [d, m] = X^T [d, ne] DA [ne, m].
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, m, ne, xg + r0 * d, d, da + r0 * m, m, 0.f, grads.gate.data() + e * m * d, d, op);
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_T, d, m, ne, xg + r0 * d, d, db + r0 * m, m, 0.f, grads.up.data() + e * m * d, d, op);
-    // dW_d = (w dY)^T H: column-major [m, d] = H^T [m, ne] (w dY) [ne, d].
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_T, m, d, ne, h + r0 * m, m, wdyg + r0 * d, d, 0.f, grads.down.data() + e * d * m, m, op);
-    // dX rows = DA W_g + DB W_u: column-major [d, ne] = W_g^T [d, m] DA^T [m, ne].
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, ne, m, wg, d, da + r0 * m, m, 0.f, dxg + r0 * d, d, op);
-    gemm32(handle, CUBLAS_OP_N, CUBLAS_OP_N, d, ne, m, wu, d, db + r0 * m, m, 1.f, dxg + r0 * d, d, op);
+    for (std::ptrdiff_t e = 0; e < n; ++e) {
+      std::int64_t const r0 = host_offsets[e], ne = host_offsets[e + 1] - r0;
+      if (ne == 0) continue;  // its gradients stay zero (cleared above)
+      int const count = expert_backward_gemms(stage, e, r0, ne, d, m, saved == nullptr, gemms);
+      for (int i = 0; i < count; ++i) run_backward_gemm(handle, gemms[i], ptr, op);
+    }
   }
   logic::VjpArgs const va{static_cast<int>(n), static_cast<int>(k), static_cast<int>(gating.mode), gating.sigmoid_renormalize,
                    static_cast<double>(gating.output_scale)};

@@ -42,5 +42,9 @@ int main() {
   fl::cuda::logic::par_token(zd, p, mse, fl::cuda::logic::ParTokenArgs{4, 2, 0.3, 0.1, 1e-7, 1.0 - 1e-7, 1.0, 0.25},
                              dz_par, dz_bal, ids, ids, sums);
   fl::cuda::logic::router_grad_output(z, dz_par, dz_bal, 1, 4, 1, 0, 0, grad);
+  float h, da, db;
+  grad[1] += fl::cuda::logic::slot_backward_element(0.5, -1.0, 2.0, 0.3, &h, &da, &db);
+  fl::cuda::BackwardGemm gemms[8];
+  total += static_cast<std::size_t>(fl::cuda::expert_backward_gemms(1, 2, 3, 4, 64, 32, true, gemms));
   return total > 0 && dz[0] == dz[0] && grad[0] == grad[0] ? 0 : 1;
 }

@@ -504,3 +504,154 @@ TEST_CASE("cuda expert GEMM descriptors drive a cuBLAS-contract GEMM to ExpertSw
   }
   CHECK(std::sqrt(num / den) <= 1e-6);  // NaN (a row no problem wrote) fails too
 }
+
+namespace {
+
+/// cublasGemmEx's contract, column-major, f32: C = op(A) op(B) + beta C.
+void emulate_gemm(BackwardGemm const& p, float const* a, float const* b, float* c) {
+  for (int j = 0; j < p.n; ++j)
+    for (int i = 0; i < p.m; ++i) {
+      double s = 0;
+      for (int l = 0; l < p.k; ++l) {
+        double const av = p.trans_a ? a[l + static_cast<std::ptrdiff_t>(i) * p.lda] : a[i + static_cast<std::ptrdiff_t>(l) * p.lda];
+        double const bv = p.trans_b ? b[j + static_cast<std::ptrdiff_t>(l) * p.ldb] : b[l + static_cast<std::ptrdiff_t>(j) * p.ldb];
+        s += av * bv;
+      }
+      float& out = c[i + static_cast<std::ptrdiff_t>(j) * p.ldc];
+      out = static_cast<float>(s + (p.beta != 0.f ? static_cast<double>(p.beta) * out : 0.0));
+    }
+}
+
+template <class V>
+double rel_l2_of(V const& got, V const& want) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+}  // namespace
+
+TEST_CASE("cuda backward: GEMM descriptors and per-row logic, emulated on the host, give MoeBackward<CpuScalar>'s gradients",
+          "[cuda]") {
+  std::mt19937 rng(16);
+  std::normal_distribution<float> dist(0.f, 0.4f);
+  std::ptrdiff_t const T = 30, d = 12, m = 8, n = 5, k = 2, S = T * k;
+  auto fill = [&](std::ptrdiff_t count) {
+    std::vector<float> v(static_cast<std::size_t>(count));
+    for (auto& e : v) e = dist(rng);
+    return v;
+  };
+  auto const gate = fill(n * m * d), up = fill(n * m * d), down = fill(n * d * m), rw = fill(n * d), rb = fill(n),
+             x = fill(T * d), dy = fill(T * d);
+  MoeParamsView<float> const p{TensorView<float const, 3>(gate.data(), {n, m, d}), TensorView<float const, 3>(up.data(), {n, m, d}),
+                               TensorView<float const, 3>(down.data(), {n, d, m}), matrix_view<float const>(rw.data(), n, d),
+                               VectorView<float const>(rb.data(), {n})};
+  GatingParams g;
+  g.mode = CombineMode::softmax_topk_renorm;
+  g.top_k = k;
+  std::vector<float> logits(static_cast<std::size_t>(T * n)), w(static_cast<std::size_t>(S)), y(static_cast<std::size_t>(T * d)),
+      a(static_cast<std::size_t>(S * m)), b(a.size());
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(S)), slots(ids.size());
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(n + 1));
+  RoutingView<float> rec{matrix_view(logits.data(), T, n), matrix_view(ids.data(), T, k), matrix_view(w.data(), T, k),
+                         VectorView<std::int64_t>(offsets.data(), {n + 1}), VectorView<std::int32_t>(slots.data(), {S})};
+  MoeActivationsView<float> saved{matrix_view(a.data(), S, m), matrix_view(b.data(), S, m)};
+  Workspace fw(kernel::MoeTrainForward<CpuScalar>::workspace(p, k, T).bytes());
+  kernel::MoeTrainForward<CpuScalar>::run<float, float>(p, g, matrix_view<float const>(x.data(), T, d),
+                                                        matrix_view(y.data(), T, d), rec, &saved, fw.span());
+  std::vector<float> gx(static_cast<std::size_t>(T * d)), gg(gate.size()), gu(up.size()), gd(down.size()), grw(rw.size()),
+      grb(rb.size());
+  MoeGradsView<float> grads{matrix_view(gx.data(), T, d), TensorView<float, 3>(gg.data(), {n, m, d}),
+                            TensorView<float, 3>(gu.data(), {n, m, d}), TensorView<float, 3>(gd.data(), {n, d, m}),
+                            matrix_view(grw.data(), n, d), VectorView<float>(grb.data(), {n}), MatrixView<float>()};
+  MoeActivationsView<float const> const saved_c{matrix_view<float const>(a.data(), S, m), matrix_view<float const>(b.data(), S, m)};
+  Workspace bw(kernel::MoeBackward<CpuScalar>::workspace(p, k, T).bytes());
+  kernel::MoeBackward<CpuScalar>::run<float, float>(p, g, RoutingView<float const>(rec), matrix_view<float const>(x.data(), T, d),
+                                                    matrix_view<float const>(dy.data(), T, d), &saved_c, grads, bw.span());
+
+  for (bool recompute : {false, true}) {
+    CAPTURE(recompute);
+    // moe_backward's steps: gather, stage-0 GEMMs, the per-row kernel, stage-1 GEMMs, router VJP, dW_r, dx.
+    std::vector<float> xg(static_cast<std::size_t>(S * d)), dyg(xg.size()), wdyg(xg.size()), dxg(xg.size()),
+        ga(a.size()), gb(a.size()), gg_rows(a.size()), h(a.size()), da(a.size()), db(a.size());
+    std::vector<float> eg(gate.size(), 0.f), eu(up.size(), 0.f), ed(down.size(), 0.f);
+    std::vector<std::int32_t> rows(static_cast<std::size_t>(S));
+    for (std::ptrdiff_t r = 0; r < S; ++r) {
+      std::ptrdiff_t const s = slots[static_cast<std::size_t>(r)], t = s / k;
+      rows[static_cast<std::size_t>(s)] = static_cast<std::int32_t>(r);
+      for (std::ptrdiff_t c = 0; c < d; ++c) {
+        auto const i = static_cast<std::size_t>(r * d + c), src = static_cast<std::size_t>(t * d + c);
+        xg[i] = x[src];
+        dyg[i] = dy[src];
+        wdyg[i] = w[static_cast<std::size_t>(s)] * dy[src];
+      }
+    }
+    if (!recompute) {
+      ga = a;
+      gb = b;
+    }
+    auto buffer = [&](BwdBuffer which) -> float* {
+      switch (which) {
+        case BwdBuffer::weight_gate: return const_cast<float*>(gate.data());
+        case BwdBuffer::weight_up: return const_cast<float*>(up.data());
+        case BwdBuffer::weight_down: return const_cast<float*>(down.data());
+        case BwdBuffer::x_rows: return xg.data();
+        case BwdBuffer::dy_rows: return dyg.data();
+        case BwdBuffer::wdy_rows: return wdyg.data();
+        case BwdBuffer::pre_gate: return ga.data();
+        case BwdBuffer::pre_up: return gb.data();
+        case BwdBuffer::g: return gg_rows.data();
+        case BwdBuffer::h: return h.data();
+        case BwdBuffer::da: return da.data();
+        case BwdBuffer::db: return db.data();
+        case BwdBuffer::dx_rows: return dxg.data();
+        case BwdBuffer::grad_gate: return eg.data();
+        case BwdBuffer::grad_up: return eu.data();
+        case BwdBuffer::grad_down: return ed.data();
+      }
+      return nullptr;
+    };
+    std::vector<double> dw(static_cast<std::size_t>(S), 0.0);
+    BackwardGemm gemms[8];
+    for (int stage = 0; stage < 2; ++stage) {
+      if (stage == 1)
+        for (std::ptrdiff_t r = 0; r < S; ++r) {
+          auto const s = static_cast<std::size_t>(slots[static_cast<std::size_t>(r)]);
+          for (std::ptrdiff_t i = 0; i < m; ++i) {
+            auto const o = static_cast<std::size_t>(r * m + i);
+            dw[s] += logic::slot_backward_element(ga[o], gb[o], gg_rows[o], w[s], &h[o], &da[o], &db[o]);
+          }
+        }
+      for (std::ptrdiff_t e = 0; e < n; ++e) {
+        std::int64_t const r0 = offsets[static_cast<std::size_t>(e)], ne = offsets[static_cast<std::size_t>(e + 1)] - r0;
+        if (ne == 0) continue;
+        int const count = expert_backward_gemms(stage, e, r0, ne, d, m, recompute, gemms);
+        for (int i = 0; i < count; ++i)
+          emulate_gemm(gemms[i], buffer(gemms[i].a) + gemms[i].a_offset, buffer(gemms[i].b) + gemms[i].b_offset,
+                       buffer(gemms[i].c) + gemms[i].c_offset);
+      }
+    }
+    CHECK(rel_l2_of(eg, gg) <= 1e-5);
+    CHECK(rel_l2_of(eu, gu) <= 1e-5);
+    CHECK(rel_l2_of(ed, gd) <= 1e-5);
+    // Router and dx.
+    std::vector<double> dz(static_cast<std::size_t>(T * n));
+    logic::VjpArgs const va{static_cast<int>(n), static_cast<int>(k), static_cast<int>(g.mode), g.sigmoid_renormalize,
+                            static_cast<double>(g.output_scale)};
+    for (std::ptrdiff_t t = 0; t < T; ++t)
+      logic::combine_weights_vjp(logits.data() + t * n, ids.data() + t * k, dw.data() + t * k, va, dz.data() + t * n);
+    std::vector<float> ex(gx.size());
+    for (std::ptrdiff_t t = 0; t < T; ++t)
+      for (std::ptrdiff_t c = 0; c < d; ++c) {
+        double s = 0;
+        for (std::ptrdiff_t j = 0; j < k; ++j) s += dxg[static_cast<std::size_t>(rows[static_cast<std::size_t>(t * k + j)] * d + c)];
+        for (std::ptrdiff_t e = 0; e < n; ++e)
+          s += dz[static_cast<std::size_t>(t * n + e)] * static_cast<double>(rw[static_cast<std::size_t>(e * d + c)]);
+        ex[static_cast<std::size_t>(t * d + c)] = static_cast<float>(s);
+      }
+    CHECK(rel_l2_of(ex, gx) <= 1e-5);
+  }
+}

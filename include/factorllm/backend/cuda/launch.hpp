@@ -251,5 +251,85 @@ inline int expert_gemm_problems(std::int64_t const* offsets, std::ptrdiff_t n_ex
   return count;
 }
 
+/// The buffers the backward's GEMMs read and write (backend/cuda/moe_backward.hpp, src/cuda/training.cu).
+enum class BwdBuffer {
+  weight_gate, weight_up, weight_down,  // the stacked expert weights
+  x_rows, dy_rows, wdy_rows,            // [S, d_model]: x, dy and w * dy of each grouped row
+  pre_gate, pre_up, g, h, da, db,       // [S, d_expert]
+  dx_rows,                              // [S, d_model]
+  grad_gate, grad_up, grad_down         // the expert gradients
+};
+
+/// One cublasGemmEx of the backward, column-major: C[m, n] = op(A)[m, k] op(B)[k, n] + beta C, offsets in elements.
+struct BackwardGemm {
+  bool trans_a = false, trans_b = false;
+  int m = 0, n = 0, k = 0;
+  BwdBuffer a{}, b{}, c{};
+  std::int64_t a_offset = 0, b_offset = 0, c_offset = 0;
+  int lda = 0, ldb = 0, ldc = 0;
+  float beta = 0.f;
+};
+
+/// The backward's GEMMs of expert e (grouped rows r0 .. r0 + rows), in order, into out (room for 8); returns how many.
+/// stage 0 (before the per-row kernel): the pre-activations when `recompute` (a = X W_g^T, b = X W_u^T) and
+///   g = dY W_d;
+/// stage 1 (after it): dW_g = DA^T X, dW_u = DB^T X, dW_d = (w dY)^T H, dX = DA W_g + DB W_u.
+/// Row-major [r, c] matrices are column-major [c, r] to cuBLAS, which is how each line below reads.
+inline int expert_backward_gemms(int stage, std::ptrdiff_t e, std::int64_t r0, std::int64_t rows, std::ptrdiff_t d_model,
+                                 std::ptrdiff_t d_expert, bool recompute, BackwardGemm* out) {
+  if (d_model > INT_MAX || d_expert > INT_MAX || rows > INT_MAX || rows < 0)
+    throw shape_error("expert backward GEMMs: a size exceeds cuBLAS's int");
+  int const d = static_cast<int>(d_model), m = static_cast<int>(d_expert), ne = static_cast<int>(rows);
+  std::int64_t const w_off = static_cast<std::int64_t>(e) * d_model * d_expert;
+  std::int64_t const rows_d = r0 * d_model, rows_m = r0 * d_expert;
+  auto gemm = [](bool ta, bool tb, int m_, int n_, int k_, BwdBuffer a, std::int64_t ao, int lda, BwdBuffer b,
+                 std::int64_t bo, int ldb, float beta, BwdBuffer c, std::int64_t co, int ldc) {
+    BackwardGemm g;
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g.m = m_;
+    g.n = n_;
+    g.k = k_;
+    g.a = a;
+    g.a_offset = ao;
+    g.lda = lda;
+    g.b = b;
+    g.b_offset = bo;
+    g.ldb = ldb;
+    g.beta = beta;
+    g.c = c;
+    g.c_offset = co;
+    g.ldc = ldc;
+    return g;
+  };
+  int count = 0;
+  if (stage == 0) {
+    if (recompute) {  // [m, ne] = W^T [m, d] X^T [d, ne]
+      out[count++] = gemm(true, false, m, ne, d, BwdBuffer::weight_gate, w_off, d, BwdBuffer::x_rows, rows_d, d, 0.f,
+                          BwdBuffer::pre_gate, rows_m, m);
+      out[count++] = gemm(true, false, m, ne, d, BwdBuffer::weight_up, w_off, d, BwdBuffer::x_rows, rows_d, d, 0.f,
+                          BwdBuffer::pre_up, rows_m, m);
+    }
+    // g: [m, ne] = W_d [m, d] (row-major [d, m]) dY^T [d, ne]
+    out[count++] = gemm(false, false, m, ne, d, BwdBuffer::weight_down, w_off, m, BwdBuffer::dy_rows, rows_d, d, 0.f,
+                        BwdBuffer::g, rows_m, m);
+    return count;
+  }
+  // dW_g, dW_u: [d, m] = X^T [d, ne] DA [ne, m]
+  out[count++] = gemm(false, true, d, m, ne, BwdBuffer::x_rows, rows_d, d, BwdBuffer::da, rows_m, m, 0.f,
+                      BwdBuffer::grad_gate, w_off, d);
+  out[count++] = gemm(false, true, d, m, ne, BwdBuffer::x_rows, rows_d, d, BwdBuffer::db, rows_m, m, 0.f,
+                      BwdBuffer::grad_up, w_off, d);
+  // dW_d: [m, d] = H^T [m, ne] (w dY) [ne, d]
+  out[count++] = gemm(false, true, m, d, ne, BwdBuffer::h, rows_m, m, BwdBuffer::wdy_rows, rows_d, d, 0.f,
+                      BwdBuffer::grad_down, w_off, m);
+  // dX rows: [d, ne] = W_g^T [d, m] DA^T [m, ne], then + W_u^T DB^T
+  out[count++] = gemm(false, false, d, ne, m, BwdBuffer::weight_gate, w_off, d, BwdBuffer::da, rows_m, m, 0.f,
+                      BwdBuffer::dx_rows, rows_d, d);
+  out[count++] = gemm(false, false, d, ne, m, BwdBuffer::weight_up, w_off, d, BwdBuffer::db, rows_m, m, 1.f,
+                      BwdBuffer::dx_rows, rows_d, d);
+  return count;
+}
+
 }  // namespace cuda
 }  // namespace factorllm

@@ -201,6 +201,22 @@ FLLM_HOST_DEVICE inline void combine_weights_vjp(float const* z, std::int32_t co
   }  // code_ref: the weights are constants, dz = 0
 }
 
+// ---- MoE backward, per element of a grouped row (kernel::MoeBackward<CpuScalar>'s formulas) ----
+
+/// From the pre-activations a, b, g = (W_d^T dy)_i and the row's combine weight w: h = SiLU(a) b, dh = w g,
+/// da = dh b SiLU'(a), db = dh SiLU(a) (stored f32); returns g h, this element's share of dL/dw.
+FLLM_HOST_DEVICE inline double slot_backward_element(double a, double b, double g, double w, float* h, float* da,
+                                                     float* db) {
+  double const sig = sigmoid(a);
+  double const si = a >= 0 ? a / (1.0 + exp(-a)) : a * exp(a) / (1.0 + exp(a));  // detail::silu
+  double const hi = si * b;
+  double const dh = w * g;
+  *h = static_cast<float>(hi);
+  *da = static_cast<float>(dh * b * sig * (1.0 + a * (1.0 - sig)));
+  *db = static_cast<float>(dh * si);
+  return g * hi;
+}
+
 // ---- PAR loss (the token kernel's thread 0 and the router gradient kernel) ----
 
 /// Per-token constants of the PAR loss (docs/math.md §3.2): target q, clip bounds, 1 / T and 1 / (T N).
