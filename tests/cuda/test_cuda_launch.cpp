@@ -1,8 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// Host-side tests of the CUDA backend's launch logic (backend/cuda/launch.hpp and the workspace plans): they need
-// no GPU and no CUDA header (plain C++), so they run in CI. Grid sizes against the work they must cover, workspace
-// regions (aligned, non-overlapping, large enough for the worst case), the expert GEMM problem descriptors against
-// an independent walk of the offsets, path resolution, argument errors, and the Cuda column of the op table.
+// Host-side tests of the CUDA backend (no GPU, no CUDA header; they run in CI):
+//   * launch logic (backend/cuda/launch.hpp): grid sizes against the work they must cover, workspace regions (aligned,
+//     non-overlapping, large enough for the worst case), the expert GEMM problem descriptors against an independent
+//     walk of the offsets, path resolution, argument errors, and the Cuda column of the op table;
+//   * the kernels' per-thread logic (backend/cuda/detail/device_logic.hpp, the same functions the kernels call) run
+//     over the grid on the host against CpuScalar: TopK and combine weights, grouping, router VJP (bit for bit), the
+//     PAR loss's per-token step and router gradients;
+//   * the GEMM descriptors of the expert forward and of the backward, run through an emulation of cublasGemmEx's
+//     column-major contract, against ExpertSwiglu<CpuScalar> and MoeBackward<CpuScalar>.
+// What this cannot check (the kernels' memory accesses on a device, cuBLAS itself) is test_cuda_conformance's job.
 #include <catch2/catch.hpp>
 
 #include <factorllm/backend/cuda/cuda.hpp>
