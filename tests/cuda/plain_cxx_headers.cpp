@@ -10,6 +10,20 @@
 
 namespace fl = factorllm;
 
+/// README "CUDA backend": the usage lines, spelled as there (compiled here, never run: this test stops at syntax).
+void readme_usage(fl::ExpertWeightsView<fl::bf16> const& experts, fl::RouterView<float> router,
+                  fl::GatingParams const& gating, fl::MatrixView<float const> x, fl::MatrixView<float> y,
+                  CUstream_st* stream, cublasContext* cublas_handle, std::byte* host_scratch, std::size_t host_bytes,
+                  void* dev_ws, std::ptrdiff_t max_tokens) {
+  std::ptrdiff_t const d_model = experts.d_model(), n_experts = experts.n_experts(), d_expert = experts.d_expert(),
+                       top_k = gating.top_k;
+  namespace fc = factorllm::cuda;
+  auto plan = fc::moe_forward_workspace<factorllm::bf16>(max_tokens, d_model, n_experts, d_expert, top_k);
+  fc::CudaContext ctx{stream, cublas_handle, factorllm::WorkspaceSpan{host_scratch, host_bytes, factorllm::MemorySpace::host}};
+  fc::moe_forward(experts, router, gating, x, y,
+                  factorllm::Workspace::wrap(dev_ws, plan.bytes(), factorllm::MemorySpace::device).span(), ctx);
+}
+
 int main() {
   std::size_t total = 0;
   total += fl::cuda::expert_swiglu_workspace<float>(4, 64, 8, 32, 2).bytes();
