@@ -124,6 +124,22 @@ __global__ void convert_kernel(float const* in, T* out, std::int64_t n) {
 /// dim3 of a launch configuration of cuda/launch.hpp.
 inline dim3 to_dim3(Dim3 d) noexcept { return dim3(d.x, d.y, d.z); }
 
+/// One SwiGLU on rows already in the GEMM type T: g = xw W_g^T, u = xw W_u^T (both [n_tokens, d_hidden]),
+/// h = SiLU(g) u, out = h W_d^T ([n_tokens, d_model]); gate, up [d_hidden, d_model] and down [d_model, d_hidden] are
+/// dense device weights of `type`. Enqueued on ctx.stream, no host synchronization. The dense SwiGLU op, the PAR
+/// loss's teacher and its every-expert pass all run this sequence (docs/design.md §10).
+template <class T>
+void swiglu_rows(GemmType type, T const* xw, void const* gate, void const* up, void const* down, T* g, T* u, T* h,
+                 T* out, std::ptrdiff_t n_tokens, std::ptrdiff_t d_hidden, std::ptrdiff_t d_model,
+                 CudaContext const& ctx, char const* op) {
+  gemm_xwt(type, xw, gate, g, n_tokens, d_hidden, d_model, ctx);
+  gemm_xwt(type, xw, up, u, n_tokens, d_hidden, d_model, ctx);
+  LaunchConfig const ch = linear_launch(n_tokens * d_hidden, op);
+  silu_mul_kernel<T, T><<<to_dim3(ch.grid), to_dim3(ch.block), 0, ctx.stream>>>(g, u, h, n_tokens * d_hidden);
+  check_launch(op);
+  gemm_xwt(type, h, down, out, n_tokens, d_model, d_hidden, ctx);
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace factorllm

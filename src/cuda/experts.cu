@@ -303,12 +303,7 @@ void swiglu_impl(MatrixView<W const> gate, MatrixView<W const> up, MatrixView<W 
   LaunchConfig const cx = linear_launch(n_tokens * d, op);
   detail::convert_kernel<T><<<to_dim3(cx.grid), to_dim3(cx.block), 0, ctx.stream>>>(x.data(), xw, n_tokens * d);
   check_launch(op);
-  gemm_xwt(type, xw, gate.data(), g, n_tokens, f, d, ctx);
-  gemm_xwt(type, xw, up.data(), u, n_tokens, f, d, ctx);
-  LaunchConfig const ch = linear_launch(n_tokens * f, op);
-  detail::silu_mul_kernel<T, T><<<to_dim3(ch.grid), to_dim3(ch.block), 0, ctx.stream>>>(g, u, h, n_tokens * f);
-  check_launch(op);
-  gemm_xwt(type, h, down.data(), o, n_tokens, d, f, ctx);
+  detail::swiglu_rows<T>(type, xw, gate.data(), up.data(), down.data(), g, u, h, o, n_tokens, f, d, ctx, op);
   to_float_kernel<T><<<to_dim3(cx.grid), to_dim3(cx.block), 0, ctx.stream>>>(o, y.data(), n_tokens * d);
   check_launch(op);
 }

@@ -183,20 +183,11 @@ ParLossValues par_loss_impl(MatrixView<float const> x, MatrixView<W const> dense
   detail::convert_kernel<T><<<to_dim3(cx.grid), to_dim3(cx.block), 0, ctx.stream>>>(x.data(), xw, n_tokens * d);
   check_launch(op);
   // Teacher f = F(x) (steps 2-3), then every expert on every token (step 4).
-  gemm_xwt(type, xw, dense_gate.data(), tg, n_tokens, d_ff, d, ctx);
-  gemm_xwt(type, xw, dense_up.data(), tu, n_tokens, d_ff, d, ctx);
-  LaunchConfig const ct = linear_launch(n_tokens * d_ff, op);
-  detail::silu_mul_kernel<T, T><<<to_dim3(ct.grid), to_dim3(ct.block), 0, ctx.stream>>>(tg, tu, th, n_tokens * d_ff);
-  check_launch(op);
-  gemm_xwt(type, th, dense_down.data(), tf, n_tokens, d, d_ff, ctx);
-  LaunchConfig const ce = linear_launch(n_tokens * de, op);
-  for (std::ptrdiff_t e = 0; e < n; ++e) {
-    gemm_xwt(type, xw, experts.gate_of(e).data(), eg, n_tokens, de, d, ctx);
-    gemm_xwt(type, xw, experts.up_of(e).data(), eu, n_tokens, de, d, ctx);
-    detail::silu_mul_kernel<T, T><<<to_dim3(ce.grid), to_dim3(ce.block), 0, ctx.stream>>>(eg, eu, eh, n_tokens * de);
-    check_launch(op);
-    gemm_xwt(type, eh, experts.down_of(e).data(), eo + e * n_tokens * d, n_tokens, d, de, ctx);
-  }
+  detail::swiglu_rows<T>(type, xw, dense_gate.data(), dense_up.data(), dense_down.data(), tg, tu, th, tf, n_tokens,
+                         d_ff, d, ctx, op);
+  for (std::ptrdiff_t e = 0; e < n; ++e)
+    detail::swiglu_rows<T>(type, xw, experts.gate_of(e).data(), experts.up_of(e).data(), experts.down_of(e).data(), eg,
+                           eu, eh, eo + e * n_tokens * d, n_tokens, de, d, ctx, op);
   if (n_tokens * n > INT_MAX) throw shape_error(factorllm::detail::concat(op, ": n_tokens * n_experts exceeds 2^31"));
   mse_kernel<T><<<static_cast<unsigned>(n_tokens * n), kMseThreads, 0, ctx.stream>>>(
       eo, tf, n_tokens, static_cast<int>(n), d, GatingParams::code_ref_scale(n, k), mse, out.mse_to_target.data());
