@@ -507,6 +507,22 @@ void translate(std::exception_ptr p) {
   }
 }
 
+/// The recovery steps' common frame: on the f32 layer `s`, with the GIL released, runs
+/// step(experts, layer, x, dense) on a copy of the layer's experts, then rebuilds the layer with them (in place, as
+/// the Python docstrings say). Returns step's report.
+template <class Step>
+auto recover_experts(PyMoe& s, py::handle x, py::handle g, py::handle u, py::handle d, char const* fn, Step&& step) {
+  Moe32& l = s.f32(fn);
+  DenseIn<float> dense(g, u, d, fn);
+  py::array kx;
+  auto xv = in<float, 2>(x, fn, "x", kx);
+  py::gil_scoped_release nogil;
+  auto experts = l.experts();
+  auto rep = step(experts, l, xv, dense.view);
+  l = Moe32(std::move(experts), l.router(), l.gating());
+  return rep;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -750,18 +766,10 @@ pseudo_label, router_topk [n_tokens, top_k] int32.)doc");
         "section 3.2). Returns a dict: initial_loss, final_loss, initial_label_accuracy, final_label_accuracy, steps.");
   m.def("recover_refit",
         [](PyMoe& s, py::handle x, py::handle g, py::handle u, py::handle d, double ridge) {
-          char const* fn = "recover_refit";
-          Moe32& l = s.f32(fn);
-          DenseIn<float> dense(g, u, d, fn);
-          py::array kx;
-          auto xv = in<float, 2>(x, fn, "x", kx);
-          fl::train::RefitReport rep;
-          {
-            py::gil_scoped_release nogil;
-            auto experts = l.experts();
-            rep = fl::train::recover_refit(experts, l.router(), l.gating(), xv, dense.view, ridge);
-            l = Moe32(std::move(experts), l.router(), l.gating());
-          }
+          fl::train::RefitReport const rep =
+              recover_experts(s, x, g, u, d, "recover_refit", [&](auto& experts, Moe32 const& l, auto xv, auto dense) {
+                return fl::train::recover_refit(experts, l.router(), l.gating(), xv, dense, ridge);
+              });
           py::dict o;
           o["initial_relative_error"] = rep.initial_relative_error;
           o["final_relative_error"] = rep.final_relative_error;
@@ -776,23 +784,15 @@ pseudo_label, router_topk [n_tokens, top_k] int32.)doc");
   m.def("recover_distill",
         [](PyMoe& s, py::handle x, py::handle g, py::handle u, py::handle d, int steps, int batch_tokens, double lr,
            std::uint64_t seed) {
-          char const* fn = "recover_distill";
-          Moe32& l = s.f32(fn);
-          DenseIn<float> dense(g, u, d, fn);
-          py::array kx;
-          auto xv = in<float, 2>(x, fn, "x", kx);
           fl::train::DistillConfig cfg;
           cfg.steps = steps;
           cfg.batch_tokens = batch_tokens;
           cfg.lr = lr;
           cfg.seed = seed;
-          fl::train::DistillReport rep;
-          {
-            py::gil_scoped_release nogil;
-            auto experts = l.experts();
-            rep = fl::train::recover_distill(experts, l.router(), l.gating(), xv, dense.view, cfg);
-            l = Moe32(std::move(experts), l.router(), l.gating());
-          }
+          fl::train::DistillReport const rep =
+              recover_experts(s, x, g, u, d, "recover_distill", [&](auto& experts, Moe32 const& l, auto xv, auto dense) {
+                return fl::train::recover_distill(experts, l.router(), l.gating(), xv, dense, cfg);
+              });
           py::dict o;
           o["initial_loss"] = rep.initial_loss;
           o["final_loss"] = rep.final_loss;
