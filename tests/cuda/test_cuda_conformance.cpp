@@ -172,6 +172,20 @@ HostRouting cpu_route(std::vector<float> const& logits, std::ptrdiff_t T, std::p
   return r;
 }
 
+/// CpuScalar's expert outputs (double) of routing r: one row per grouped slot, [T * top_k, d_model].
+template <class W>
+std::vector<double> cpu_expert_outputs(ExpertWeightsView<W> const& experts, std::vector<float> const& x,
+                                       HostRouting const& r, std::ptrdiff_t T, std::ptrdiff_t k) {
+  std::ptrdiff_t const d = experts.d_model(), n = experts.n_experts(), de = experts.d_expert();
+  std::vector<double> out(static_cast<std::size_t>(T * k * d));
+  Workspace cpu_ws(kernel::ExpertSwiglu<CpuScalar>::workspace<W, float>(T * k, d, n, de, 1).bytes());
+  kernel::ExpertSwiglu<CpuScalar>::run<W, float>(experts, matrix_view<float const>(x.data(), T, d), k,
+                                                 VectorView<std::int64_t const>(r.offsets.data(), {n + 1}),
+                                                 VectorView<std::int32_t const>(r.slots.data(), {T * k}),
+                                                 matrix_view(out.data(), T * k, d), cpu_ws.span());
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("cuda conformance: router logits vs CpuScalar (relative L2 <= 2e-5)", "[cuda]") {
@@ -296,13 +310,7 @@ TEMPLATE_TEST_CASE("cuda conformance: experts on their grouped rows vs CpuScalar
     g.top_k = k;
     HostRouting const r = cpu_route(logits, T, n, g);
     // Oracle on the same (format-rounded) weights.
-    std::vector<double> expect(static_cast<std::size_t>(T * k * d));
-    Workspace cpu_ws(kernel::ExpertSwiglu<CpuScalar>::workspace<W, float>(T * k, d, n, de, 1).bytes());
-    kernel::ExpertSwiglu<CpuScalar>::run<W, float>(layer.view<W>(gw.data(), uw.data(), dw.data()),
-                                                   matrix_view<float const>(x.data(), T, d), k,
-                                                   VectorView<std::int64_t const>(r.offsets.data(), {n + 1}),
-                                                   VectorView<std::int32_t const>(r.slots.data(), {T * k}),
-                                                   matrix_view(expect.data(), T * k, d), cpu_ws.span());
+    std::vector<double> const expect = cpu_expert_outputs(layer.view<W>(gw.data(), uw.data(), dw.data()), x, r, T, k);
     DeviceBuffer<float> dx(x);
     DeviceBuffer<std::int64_t> doff(r.offsets);
     DeviceBuffer<std::int32_t> dslots(r.slots);
@@ -380,13 +388,7 @@ TEMPLATE_TEST_CASE("cuda conformance: fused forward vs the CpuScalar composed fo
                                                            VectorView<float const>(layer.router_b.data(), {n})},
                                          matrix_view(logits.data(), T, n));
     HostRouting const r = cpu_route(logits, T, n, g);
-    std::vector<double> eo(static_cast<std::size_t>(T * k * d));
-    Workspace cpu_ws(kernel::ExpertSwiglu<CpuScalar>::workspace<W, float>(T * k, d, n, de, 1).bytes());
-    kernel::ExpertSwiglu<CpuScalar>::run<W, float>(layer.view<W>(gw.data(), uw.data(), dw.data()),
-                                                   matrix_view<float const>(x.data(), T, d), k,
-                                                   VectorView<std::int64_t const>(r.offsets.data(), {n + 1}),
-                                                   VectorView<std::int32_t const>(r.slots.data(), {T * k}),
-                                                   matrix_view(eo.data(), T * k, d), cpu_ws.span());
+    std::vector<double> const eo = cpu_expert_outputs(layer.view<W>(gw.data(), uw.data(), dw.data()), x, r, T, k);
     kernel::Combine<CpuScalar>::run(matrix_view<float const>(r.weights.data(), T, k),
                                     matrix_view<double const>(eo.data(), T * k, d),
                                     VectorView<std::int32_t const>(r.rows.data(), {T * k}), matrix_view(expect.data(), T, d));
