@@ -202,8 +202,9 @@ at::Tensor moe_infer_cuda(at::Tensor x, at::Tensor router_weight, at::Tensor rou
 /// The ops not (yet) on the CUDA backend: a clear error naming the missing piece instead of torch's
 /// "could not run ... with arguments from the 'CUDA' backend".
 [[noreturn]] void not_on_cuda(char const* fn, char const* missing) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, fn, " on CUDA tensors is not implemented: ", missing,
-                              " (docs/python.md \"CUDA tensors\"); move the tensors to the CPU (.cpu())");
+  // A direct throw (not TORCH_CHECK_NOT_IMPLEMENTED, whose throw sits behind a condition) so [[noreturn]] holds.
+  C10_THROW_ERROR(NotImplementedError, c10::str(fn, " on CUDA tensors is not implemented: ", missing,
+                                                " (docs/python.md \"CUDA tensors\"); move the tensors to the CPU (.cpu())"));
 }
 
 std::vector<at::Tensor> balance_loss_cuda(at::Tensor, std::int64_t) {
