@@ -7,6 +7,8 @@
 // (float32 -> the cpu_simd kernels, float64 -> the scalar oracle, for gradcheck). Anything else raises a Python
 // exception naming the argument and what was expected (TypeError for dtypes, ValueError otherwise): the ops never
 // copy a tensor to fix its layout, so a huge non-contiguous tensor is never silently duplicated.
+// CUDA tensors: par_loss and moe_infer have CUDA kernels in torch_ops_cuda.cpp when the build has them
+// (FLLM_TORCH_WITH_CUDA, python/torch_ops.cmake); every other op refuses them here (kCudaHint says why).
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include <torch/torch.h>
