@@ -6,6 +6,21 @@
 
 add_library(factorllm_torch SHARED src/torch_ops.cpp)
 target_link_libraries(factorllm_torch PRIVATE factorllm::factorllm ${TORCH_LIBRARIES})
+# The ops on CUDA tensors (issue 16 part 7, src/torch_ops_cuda.cpp; docs/python.md "CUDA tensors"): only when the
+# CUDA backend is built (FACTORLLM_ENABLE_CUDA) and the torch found is CUDA-enabled (its TorchConfig sets
+# TORCH_CUDA_LIBRARIES with libc10_cuda). Debian's torch is CPU-only: the path compiles out, cuda_compiled() is
+# False and factorllm.torch.cuda_status says why.
+set(FACTORLLM_TORCH_CUDA OFF)
+if(FACTORLLM_ENABLE_CUDA AND TARGET factorllm::cuda AND TORCH_CUDA_LIBRARIES)
+  set(FACTORLLM_TORCH_CUDA ON)
+  target_sources(factorllm_torch PRIVATE src/torch_ops_cuda.cpp)
+  target_link_libraries(factorllm_torch PRIVATE factorllm::cuda)  # PUBLIC: cudart, cuBLAS
+  target_compile_definitions(factorllm_torch PRIVATE FLLM_TORCH_WITH_CUDA)
+  message(STATUS "factorllm: PyTorch ops on CUDA tensors ON (CUDA torch: ${TORCH_CUDA_LIBRARIES})")
+elseif(FACTORLLM_ENABLE_CUDA)
+  message(STATUS "factorllm: PyTorch ops on CUDA tensors compiled out: the torch found (${Torch_DIR}) is not "
+                 "CUDA-enabled (no TORCH_CUDA_LIBRARIES)")
+endif()
 add_dependencies(factorllm_torch factorllm_python)  # factorllm.torch is imported through the package (its __init__ loads _core)
 if(TARGET factorllm::openmp)
   target_link_libraries(factorllm_torch PRIVATE factorllm::openmp)

@@ -25,13 +25,17 @@ import sys
 
 import torch
 
-# Debian's torch is CPU-only and the ops are compiled for CPU tensors only: a CUDA tensor is refused with
-# "factorllm was built without CUDA support for torch tensors" (never copied to the host behind your back).
+# Whether the ops run on CUDA tensors (docs/python.md "CUDA tensors"): set at import from the loaded library's
+# cuda_compiled() (python/src/torch_ops_cuda.cpp, built only with FACTORLLM_ENABLE_CUDA and a CUDA-enabled torch).
+# Without it a CUDA tensor is refused with "factorllm was built without CUDA support for torch tensors" (never
+# copied to the host behind your back). cuda_status says which case holds, and why.
 cuda_available = False
+cuda_status = "not determined (libfactorllm_torch.so not loaded yet)"
 
 __all__ = [
     "load_library", "MoeFfnFunction", "ParLossFunction", "BalanceLossFunction", "moe_ffn", "par_loss",
     "balance_loss", "MoeFfn", "factorize", "MODES", "blas_in_use", "prefer_optimized_blas", "cuda_available",
+    "cuda_status", "moe_infer",
 ]
 
 def blas_in_use():
@@ -79,11 +83,28 @@ def load_library(path=None):
         if os.path.isfile(c):
             torch.ops.load_library(c)
             _loaded_path = c
+            _set_cuda_status()
             return c
     raise FileNotFoundError(
         f"{_LIB_NAME} not found (tried {candidates or 'nothing'}); build it with "
         "`cmake -S . -B build -DFACTORLLM_BUILD_TORCH=ON && cmake --build build --target factorllm_torch` "
         "and put build/python on PYTHONPATH, or set FACTORLLM_TORCH_LIB")
+
+
+def _set_cuda_status():
+    """cuda_available / cuda_status from the loaded library and the running torch."""
+    global cuda_available, cuda_status
+    compiled = bool(torch.ops.factorllm.cuda_compiled())
+    torch_cuda = getattr(torch.version, "cuda", None)
+    if compiled:
+        cuda_available = bool(torch.cuda.is_available())
+        cuda_status = ("CUDA kernels compiled in (par_loss, moe_infer on CUDA tensors; torch CUDA "
+                       f"{torch_cuda}); device {'available' if cuda_available else 'not available'}")
+    else:
+        cuda_available = False
+        cuda_status = ("compiled out: factorllm's torch ops were built without CUDA support for torch tensors "
+                       f"(needs FACTORLLM_ENABLE_CUDA=ON and a CUDA-enabled torch; this torch: "
+                       f"{'CUDA ' + torch_cuda if torch_cuda else 'CPU-only'})")
 
 
 def _ops():
@@ -95,7 +116,7 @@ def _flatten_tokens(x, fn, arg="x"):
     """[..., n] -> [n_tokens, n] as a view (refuses what would need a copy)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: argument '{arg}' must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_cuda:
+    if x.is_cuda and not cuda_available:
         raise ValueError(f"{fn}: argument '{arg}' is a CUDA tensor; factorllm was built without CUDA support for torch "
                          "tensors: move it to the CPU (.cpu())")
     if x.layout != torch.strided:  # checked first: a sparse tensor has no strides, and view() would fail unnamed
@@ -141,6 +162,19 @@ def moe_ffn(x, router_weight, router_bias, gate, up, down, mode="softmax_topk_re
     x2 = _flatten_tokens(x, "moe_ffn")
     y = MoeFfnFunction.apply(x2, router_weight, router_bias, gate, up, down, mode, top_k, output_scale,
                              sigmoid_renormalize, selection_bias, save_activations)
+    return y.view(x.shape)
+
+
+def moe_infer(x, router_weight, router_bias, gate, up, down, mode="softmax_topk_renorm", top_k=2, output_scale=1.0,
+              sigmoid_renormalize=False, selection_bias=None):
+    """y = MoE(x) for inference (no autograd, no routing kept). On CUDA tensors (float32) it runs the CUDA backend's
+    fused forward on torch's current stream; on CPU tensors the same kernels as moe_ffn."""
+    if mode not in MODES:
+        raise ValueError(f"moe_infer: argument 'mode' must be one of {MODES}, got {mode!r}")
+    x2 = _flatten_tokens(x, "moe_infer")
+    with torch.no_grad():
+        y = _ops().moe_infer(x2, router_weight, router_bias, gate, up, down, mode, int(top_k), float(output_scale),
+                             bool(sigmoid_renormalize), selection_bias)
     return y.view(x.shape)
 
 
@@ -244,3 +278,15 @@ class MoeFfn(torch.nn.Module):
     def forward(self, x):
         return moe_ffn(x, self.router_weight, self.router_bias, self.gate, self.up, self.down, self.mode, self.top_k,
                        self.output_scale, save_activations=self.save_activations)
+
+
+# Resolve cuda_available / cuda_status now when the library is where load_library looks by default. Warn only when
+# this torch sees a GPU but factorllm's CUDA path is compiled out: CPU-only machines (and CI) stay quiet.
+try:
+    load_library()
+except FileNotFoundError:
+    pass
+if torch.cuda.is_available() and not cuda_available:
+    import warnings
+
+    warnings.warn(f"factorllm.torch: CUDA tensors are not supported: {cuda_status}", RuntimeWarning, stacklevel=2)

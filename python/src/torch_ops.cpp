@@ -7,6 +7,8 @@
 // (float32 -> the cpu_simd kernels, float64 -> the scalar oracle, for gradcheck). Anything else raises a Python
 // exception naming the argument and what was expected (TypeError for dtypes, ValueError otherwise): the ops never
 // copy a tensor to fix its layout, so a huge non-contiguous tensor is never silently duplicated.
+// CUDA tensors: par_loss and moe_infer have CUDA kernels in torch_ops_cuda.cpp when the build has them
+// (FLLM_TORCH_WITH_CUDA, python/torch_ops.cmake); every other op refuses them here (kCudaHint says why).
 #include <torch/custom_class.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -17,6 +19,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <factorllm/ffn/factorize.hpp>
@@ -26,6 +29,16 @@
 namespace fl = factorllm;
 
 namespace {
+
+// What a CUDA tensor reaching a CPU kernel is told (docs/python.md "CUDA tensors"). With FLLM_TORCH_WITH_CUDA the
+// CUDA kernels (torch_ops_cuda.cpp) take par_loss and moe_infer, so only the ops without one get here.
+#ifdef FLLM_TORCH_WITH_CUDA
+constexpr char const* kCudaHint =
+    " (this op has no CUDA kernel: the training moe_forward / moe_backward need a device-side MoeRouting, not "
+    "implemented; on CUDA tensors factorllm runs par_loss and moe_infer)";
+#else
+constexpr char const* kCudaHint = " (factorllm was built without CUDA support for torch tensors)";
+#endif
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
@@ -40,7 +53,7 @@ void check_tensor(at::Tensor const& t, char const* fn, char const* arg, at::Scal
                   std::vector<std::int64_t> const& shape, char const* shape_names) {
   TORCH_CHECK_VALUE(t.defined(), fn, ": argument '", arg, "' is undefined (None)");
   TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device(),
-                    t.is_cuda() ? " (factorllm was built without CUDA support for torch tensors)" : "");
+                    t.is_cuda() ? kCudaHint : "");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, fn, ": argument '", arg, "' must have the strided (dense) layout, got ",
                     t.layout());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": argument '", arg, "' must have dtype ", c10::toString(dtype),
@@ -262,6 +275,25 @@ std::tuple<at::Tensor, c10::intrusive_ptr<MoeRouting>> moe_forward(
   return {y, r};
 }
 
+/// y = MoE(x) for inference (no routing record kept, no autograd): the CPU kernel of moe_infer, whose CUDA kernel is
+/// in torch_ops_cuda.cpp.
+at::Tensor moe_infer(at::Tensor x, at::Tensor router_weight, at::Tensor router_bias, at::Tensor gate, at::Tensor up,
+                     at::Tensor down, std::string mode, std::int64_t top_k, double output_scale, bool sigmoid_renormalize,
+                     c10::optional<at::Tensor> selection_bias) {
+  return std::get<0>(moe_forward(std::move(x), std::move(router_weight), std::move(router_bias), std::move(gate),
+                                 std::move(up), std::move(down), std::move(mode), top_k, output_scale,
+                                 sigmoid_renormalize, std::move(selection_bias), false));
+}
+
+/// True when this library was built with the CUDA kernels of the ops (FLLM_TORCH_WITH_CUDA, python/torch_ops.cmake).
+bool cuda_compiled() {
+#ifdef FLLM_TORCH_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 template <class T, class Backend>
 void backward_impl(MoeRouting const& r, at::Tensor const& x, at::Tensor const& dy, fl::train::MoeParamsView<T> const& p,
                    fl::moe::RoutingRecord<T> const& rec, fl::train::MoeActivations<T> const* saved,
@@ -422,4 +454,8 @@ TORCH_LIBRARY(factorllm, m) {
         "Tensor router_weight, Tensor router_bias, int top_k, float clip) -> Tensor[]",
         &par_loss);
   m.def("balance_loss(Tensor logits, int top_k) -> Tensor[]", &balance_loss);
+  m.def("moe_infer(Tensor x, Tensor router_weight, Tensor router_bias, Tensor gate, Tensor up, Tensor down, str mode, "
+        "int top_k, float output_scale, bool sigmoid_renormalize, Tensor? selection_bias) -> Tensor y",
+        &moe_infer);
+  m.def("cuda_compiled() -> bool", &cuda_compiled);
 }

@@ -7,7 +7,9 @@
 #      failure here (this script exists to run it);
 #   3. the CUDA benchmarks (Google Benchmark, CUDA events), then the ratios the issue sets targets for:
 #      bf16 grouped GEMM / dense GEMM at T = 8192 (target >= 0.80) and decode / device-to-device copy bandwidth
-#      (target >= 0.85).
+#      (target >= 0.85);
+#   4. when a CUDA-enabled torch is importable: the PyTorch ops on CUDA tensors vs CPU (torch_gpu_check.py, into
+#      the report as torch_gpu); otherwise "SKIPPED" in the log and the report.
 # Usage: bash tests/cuda/run_on_gpu.sh [report.json]   (default: build-gpu/cuda_report.json; also copied to $OUT
 # when that folder exists). Budget: under 8 minutes on an H100 (build ~1 min on 16 cores, conformance seconds,
 # benchmarks ~2 min; the conformance run is cut at 3 min and the benchmarks at 5, exit 124).
@@ -66,17 +68,51 @@ if [ "$build_ok" = 1 ]; then
   bench_rc=$?
   [ "$bench_rc" = 0 ] || status=1
 fi
+# The PyTorch ops on CUDA tensors (issue 16 part 7): only with a CUDA-enabled torch (Debian's is CPU-only). Builds
+# the extension against it in build-gpu-torch and runs tests/cuda/torch_gpu_check.py (CUDA vs CPU float64).
+step "PyTorch ops on CUDA tensors"
+torch_rc=-1
+rm -f "$build/torch_gpu.json"
+torch_py=""
+for py in "${FLLM_TORCH_PYTHON:-}" python3 /usr/bin/python3; do
+  [ -n "$py" ] || continue
+  if "$py" -c "import torch, numpy, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" 2>/dev/null; then
+    torch_py="$py"; break
+  fi
+done
+if [ -z "$torch_py" ]; then
+  echo "SKIPPED: no CUDA-enabled torch importable (set FLLM_TORCH_PYTHON); the torch-on-GPU check did not run" | tee -a "$log"
+  echo '{"skipped": "no CUDA-enabled torch importable"}' > "$build/torch_gpu.json"
+else
+  tbuild="$repo/build-gpu-torch"
+  torch_prefix="$("$torch_py" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+  if cmake -S "$repo" -B "$tbuild" -DCMAKE_BUILD_TYPE=Release -DFACTORLLM_ENABLE_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc_path" \
+       -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_PREFIX_PATH="$torch_prefix" -DFACTORLLM_PYTHON="$(command -v "$torch_py")" \
+       -DFACTORLLM_BUILD_PYTHON=ON -DFACTORLLM_BUILD_TORCH=ON -DFACTORLLM_BUILD_EXAMPLES=OFF -DFACTORLLM_BUILD_TOOLS=OFF \
+       -DFACTORLLM_BUILD_C_API=OFF -DFACTORLLM_ENABLE_MPI=OFF -DFACTORLLM_BUILD_BENCHMARKS=OFF -DFACTORLLM_BUILD_TESTS=OFF \
+       >> "$log" 2>&1 && cmake --build "$tbuild" -j"$(nproc)" --target factorllm_torch >> "$log" 2>&1; then
+    PYTHONPATH="$tbuild/python" timeout 120 "$torch_py" "$repo/tests/cuda/torch_gpu_check.py" "$build/torch_gpu.json" 2>&1 | tee -a "$log"
+    torch_rc=${PIPESTATUS[0]}
+  else
+    echo "torch extension build failed (see $log)" | tee -a "$log"
+    echo '{"error": "build of factorllm_torch against the CUDA torch failed"}' > "$build/torch_gpu.json"
+  fi
+  [ "$torch_rc" = 0 ] || status=1
+fi
 total_s=$(( $(date +%s) - start ))
 
 step "Report"
-python3 - "$build" "$report" "$build_ok" "$launch_rc" "$conf_rc" "$bench_rc" "$build_s" "$total_s" <<'PY' | tee -a "$log"
+python3 - "$build" "$report" "$build_ok" "$launch_rc" "$conf_rc" "$bench_rc" "$build_s" "$total_s" "$torch_rc" <<'PY' | tee -a "$log"
 import json, os, sys
 import xml.etree.ElementTree as ET
-build, report, build_ok, launch_rc, conf_rc, bench_rc, build_s, total_s = sys.argv[1:]
+build, report, build_ok, launch_rc, conf_rc, bench_rc, build_s, total_s = sys.argv[1:9]
 out = {"build_ok": build_ok == "1", "build_seconds": int(build_s), "total_seconds": int(total_s),
        "host_tests_exit": int(launch_rc), "conformance_exit": int(conf_rc), "benchmarks_exit": int(bench_rc),
-       "torch_device_path": "not covered here: the PyTorch / DLPack entry on device tensors (issue 16 part 7) is "
-                            "wired by the Python package; it calls cuda::moe_forward (backend/cuda/moe_forward.hpp)"}
+       "torch_check_exit": int(sys.argv[9])}
+try:  # tests/cuda/torch_gpu_check.py: par_loss and moe_infer on CUDA tensors vs CPU float64 (or why it was skipped)
+    out["torch_gpu"] = json.load(open(os.path.join(build, "torch_gpu.json")))
+except Exception as e:  # noqa: BLE001
+    out["torch_gpu"] = {"error": str(e)}
 try:
     out["gpu"] = open(os.path.join(build, "gpu.txt")).read().strip()
 except OSError:
@@ -124,12 +160,13 @@ except Exception as e:  # noqa: BLE001
     out["benchmarks_error"] = str(e)
 with open(report, "w") as f:
     json.dump(out, f, indent=2)
-print(json.dumps({k: out.get(k) for k in ("gpu", "build_ok", "conformance_exit", "targets", "total_seconds")}, indent=2))
+print(json.dumps({k: out.get(k) for k in ("gpu", "build_ok", "conformance_exit", "torch_check_exit", "targets", "total_seconds")}, indent=2))
 print("report:", report)
 PY
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
   cp "$report" "$log" "$OUT/" 2>/dev/null
   [ -f "$build/bench_cuda.json" ] && cp "$build/bench_cuda.json" "$OUT/"
   [ -f "$build/conformance.xml" ] && cp "$build/conformance.xml" "$OUT/"
+  [ -f "$build/torch_gpu.json" ] && cp "$build/torch_gpu.json" "$OUT/"
 fi
 exit "$status"

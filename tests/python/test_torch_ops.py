@@ -322,6 +322,24 @@ class MoeFfnTest(unittest.TestCase):
                             continue
                         assert_close(self, f"{case} d{name}", a.grad, b.grad, mags[name], tol_g, dtype, depth)
 
+    def test_moe_infer_matches_reference_and_moe_ffn(self):
+        # moe_infer is the inference op (on CUDA tensors: the CUDA backend, docs/python.md "CUDA tensors"); on the CPU
+        # it runs moe_forward's kernels: float64 against the plain float64 reference (rtol 1e-12 of the output
+        # scale), float32 bitwise equal to moe_ffn's forward.
+        for mode, n, k, scale, renorm in self.CASES[:5]:
+            with self.subTest(mode=mode, n=n, k=k):
+                rw, rb, gate, up, down = make_layer(n, 24, 40, torch.float64, SEED)
+                x = torch.randn(3, 11, 40, generator=torch.Generator().manual_seed(SEED + 5), dtype=torch.float64)
+                y = fllm.moe_infer(x, rw, rb, gate, up, down, mode=mode, top_k=k, output_scale=scale,
+                                   sigmoid_renormalize=renorm)
+                y_ref = ref_moe(x.view(-1, 40), rw, rb, gate, up, down, mode, k, scale, renorm)[0].view(x.shape)
+                self.assertEqual(y.shape, x.shape)
+                self.assertLessEqual((y - y_ref).abs().max().item(), 1e-12 * max(y_ref.abs().max().item(), 1.0))
+                f32 = [v.float() for v in (x, rw, rb, gate, up, down)]
+                self.assertTrue(torch.equal(
+                    fllm.moe_infer(*f32, mode=mode, top_k=k, output_scale=scale, sigmoid_renormalize=renorm),
+                    fllm.moe_ffn(*f32, mode=mode, top_k=k, output_scale=scale, sigmoid_renormalize=renorm)))
+
     def test_leading_dims_and_save_activations(self):
         rw, rb, gate, up, down = make_layer(4, 16, 32, torch.float32, 5)
         x = torch.randn(3, 5, 32)
@@ -602,6 +620,39 @@ class BadInputTest(unittest.TestCase):
             gate.add_(1.0)
         with self.assertRaises(RuntimeError):
             y.sum().backward()
+
+    def test_cuda_path_reports_the_build(self):
+        # cuda_available mirrors the library's cuda_compiled() (python/torch_ops.cmake: only with
+        # FACTORLLM_ENABLE_CUDA and a CUDA-enabled torch); with it compiled out, cuda_status says so and a CUDA
+        # tensor (where this torch can make one) is refused with the compiled-out message.
+        compiled = bool(torch.ops.factorllm.cuda_compiled())
+        self.assertEqual(fllm.cuda_available, compiled and torch.cuda.is_available())
+        if not compiled:
+            self.assertIn("compiled out", fllm.cuda_status)
+            self.assertIn("without CUDA support for torch tensors", fllm.cuda_status)
+            if torch.cuda.is_available():
+                self.assert_raises(ValueError, ["'x'", "without CUDA support"], self.call, x=self.x.cuda())
+        else:
+            self.assertIn("compiled in", fllm.cuda_status)
+
+    def test_import_warns_only_when_a_gpu_meets_a_compiled_out_path(self):
+        # The warning at import is for a machine whose torch sees a GPU while factorllm's CUDA path is compiled out;
+        # a CPU-only machine (CI) must stay quiet. torch.cuda.is_available is patched to play the GPU machine.
+        import importlib
+        import warnings
+        real = torch.cuda.is_available
+        try:
+            for gpu in (False, True):
+                torch.cuda.is_available = lambda: gpu
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    importlib.reload(fllm)
+                msgs = [str(w.message) for w in caught if "CUDA tensors are not supported" in str(w.message)]
+                compiled = bool(torch.ops.factorllm.cuda_compiled())
+                self.assertEqual(len(msgs), 1 if gpu and not compiled else 0, (gpu, msgs))
+        finally:
+            torch.cuda.is_available = real
+            importlib.reload(fllm)
 
     def test_router_loss_bad_inputs(self):
         self.assert_raises(ValueError, ["top_k = 4", "n_experts = 3"], fllm.balance_loss, torch.randn(5, 3), 4)
