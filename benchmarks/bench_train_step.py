@@ -13,7 +13,6 @@ the script re-runs itself with OpenBLAS first on LD_LIBRARY_PATH (FLLM_KEEP_BLAS
 it got.
 """
 import argparse
-import glob
 import os
 import statistics
 import sys
@@ -23,22 +22,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _import_factorllm_torch(repo):
-    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
-    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
-    try:
-        import factorllm.torch as ops
-    except ImportError:
-        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
-                       reverse=True)
-        if not found:
-            raise
-        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
-        import factorllm.torch as ops
-    return ops
+_REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(_REPO, "tools", "python"))  # tools/python/factorllm_locate.py finds the package
+from factorllm_locate import import_factorllm_torch  # noqa: E402
 
-
-fllm = _import_factorllm_torch(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+fllm = import_factorllm_torch(_REPO)
 
 
 def gating(x, rw, rb, k):

@@ -24,7 +24,6 @@ kl_to_dense (mean KL(dense || model)).
 """
 import argparse
 import csv
-import glob
 import json
 import math
 import os
@@ -40,22 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 
-def _import_factorllm_torch(repo):
-    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
-    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
-    try:
-        import factorllm.torch as ops
-    except ImportError:
-        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
-                       reverse=True)
-        if not found:
-            raise
-        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
-        import factorllm.torch as ops
-    return ops
+sys.path.insert(0, os.path.join(REPO, "tools", "python"))  # tools/python/factorllm_locate.py finds the package
+from factorllm_locate import import_factorllm_torch  # noqa: E402
 
-
-fllm = _import_factorllm_torch(REPO)
+fllm = import_factorllm_torch(REPO)
 
 CSV_COLUMNS = ["config", "N", "K", "shared", "partition", "router", "recovery", "ffn_flops_fraction", "top1_agreement",
                "next_token_acc", "acc_retention", "ppl", "ppl_dense", "kl_to_dense"]

@@ -10,7 +10,6 @@ Run: PYTHONPATH=build/python /usr/bin/python3 tests/python/test_torch_ops.py    
 FACTORLLM_EXPECT_BLAS=reference|openblas: refuse to run unless torch really uses that BLAS (ctest sets it, together
 with LD_LIBRARY_PATH). FACTORLLM_TOL_REPORT=1: print every comparison's error and bound (the tightest few always are).
 """
-import glob
 import math
 import os
 import sys
@@ -19,22 +18,11 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-def _import_factorllm_torch(repo):
-    """factorllm.torch from PYTHONPATH or an installed package, else from the most recently built
-    <repo>/build*/python (the build tree's package, python/CMakeLists.txt)."""
-    try:
-        import factorllm.torch as ops
-    except ImportError:
-        found = sorted(glob.glob(os.path.join(repo, "build*", "python", "factorllm", "__init__.py")), key=os.path.getmtime,
-                       reverse=True)
-        if not found:
-            raise
-        sys.path.insert(0, os.path.dirname(os.path.dirname(found[0])))
-        import factorllm.torch as ops
-    return ops
+_REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(_REPO, "tools", "python"))  # tools/python/factorllm_locate.py finds the package
+from factorllm_locate import import_factorllm_torch  # noqa: E402
 
-
-fllm = _import_factorllm_torch(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+fllm = import_factorllm_torch(_REPO)
 
 torch.set_num_threads(2)
 SEED = 2023  # fixed; printed by main()
