@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include "torch_checks.hpp"
+
 #include <factorllm/ffn/factorize.hpp>
 #include <factorllm/train/moe_backward.hpp>
 #include <factorllm/train/par_loss.hpp>
@@ -40,13 +42,7 @@ constexpr char const* kCudaHint =
 constexpr char const* kCudaHint = " (factorllm was built without CUDA support for torch tensors)";
 #endif
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << '[';
-  for (std::size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
-}
+using factorllm_torch::shape_str;
 
 /// Checks device, layout, dtype, shape (-1 = any) and contiguity of `t`, naming `arg` of `fn` in the error.
 void check_tensor(at::Tensor const& t, char const* fn, char const* arg, at::ScalarType dtype,
@@ -54,25 +50,9 @@ void check_tensor(at::Tensor const& t, char const* fn, char const* arg, at::Scal
   TORCH_CHECK_VALUE(t.defined(), fn, ": argument '", arg, "' is undefined (None)");
   TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": argument '", arg, "' must be a CPU tensor, got device ", t.device(),
                     t.is_cuda() ? kCudaHint : "");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, fn, ": argument '", arg, "' must have the strided (dense) layout, got ",
-                    t.layout());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, fn, ": argument '", arg, "' must have dtype ", c10::toString(dtype),
                    " (the layer's dtype), got ", c10::toString(t.scalar_type()));
-  bool ok = t.dim() == static_cast<std::int64_t>(shape.size());
-  for (std::size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || t.size(static_cast<std::int64_t>(i)) == shape[i];
-  if (!ok) {
-    std::ostringstream want;
-    want << '[';
-    for (std::size_t i = 0; i < shape.size(); ++i) {
-      want << (i ? ", " : "");
-      if (shape[i] < 0) want << '*'; else want << shape[i];
-    }
-    want << ']';
-    TORCH_CHECK_VALUE(false, fn, ": argument '", arg, "' must have shape ", want.str(), " ", shape_names, ", got ",
-                      shape_str(t.sizes()));
-  }
-  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": argument '", arg, "' must be contiguous (got strides ",
-                    shape_str(t.strides()), "); the op does not copy: call .contiguous() if you mean to");
+  factorllm_torch::check_layout_shape(t, fn, arg, shape, shape_names);
 }
 
 /// The layer's weight/activation dtype, from x: float32 or float64.

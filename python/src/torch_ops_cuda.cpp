@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "torch_checks.hpp"
+
 #include <factorllm/backend/cuda/moe_forward.hpp>
 #include <factorllm/backend/cuda/par_loss.hpp>
 
@@ -28,13 +30,7 @@ namespace fl = factorllm;
 
 namespace {
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << '[';
-  for (std::size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
-}
+using factorllm_torch::shape_str;
 
 /// The CPU ops' checks (torch_ops.cpp check_tensor), for CUDA tensors on `device`, float32 only: the CUDA backend
 /// runs f32 activations and router (float64 stays a CPU-oracle dtype, for gradcheck).
@@ -43,26 +39,10 @@ void check_cuda_tensor(at::Tensor const& t, char const* fn, char const* arg, c10
   TORCH_CHECK_VALUE(t.defined(), fn, ": argument '", arg, "' is undefined (None)");
   TORCH_CHECK_VALUE(t.device() == device, fn, ": argument '", arg, "' must be on ", device,
                     " (the device of 'x'), got device ", t.device());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, fn, ": argument '", arg, "' must have the strided (dense) layout, got ",
-                    t.layout());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, fn, ": argument '", arg,
                    "' must have dtype float32 on CUDA (the CUDA backend's activation type), got ",
                    c10::toString(t.scalar_type()));
-  bool ok = t.dim() == static_cast<std::int64_t>(shape.size());
-  for (std::size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || t.size(static_cast<std::int64_t>(i)) == shape[i];
-  if (!ok) {
-    std::ostringstream want;
-    want << '[';
-    for (std::size_t i = 0; i < shape.size(); ++i) {
-      want << (i ? ", " : "");
-      if (shape[i] < 0) want << '*'; else want << shape[i];
-    }
-    want << ']';
-    TORCH_CHECK_VALUE(false, fn, ": argument '", arg, "' must have shape ", want.str(), " ", shape_names, ", got ",
-                      shape_str(t.sizes()));
-  }
-  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": argument '", arg, "' must be contiguous (got strides ",
-                    shape_str(t.strides()), "); the op does not copy: call .contiguous() if you mean to");
+  factorllm_torch::check_layout_shape(t, fn, arg, shape, shape_names);
 }
 
 c10::Device device_of_x(at::Tensor const& x, char const* fn) {
