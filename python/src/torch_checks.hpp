@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Argument checks shared by the CPU ops (torch_ops.cpp) and the CUDA ops (torch_ops_cuda.cpp) of factorllm.torch:
-// one message format, so a tensor of the wrong shape or layout reads the same on either device.
+// one message format, so a tensor of the wrong shape or layout, or a library error, reads the same on either device.
 #pragma once
 
 #include <torch/torch.h>
@@ -10,6 +10,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <factorllm/core/error.hpp>
 
 namespace factorllm_torch {
 
@@ -43,6 +45,21 @@ inline void check_layout_shape(at::Tensor const& t, char const* fn, char const* 
   }
   TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": argument '", arg, "' must be contiguous (got strides ",
                     shape_str(t.strides()), "); the op does not copy: call .contiguous() if you mean to");
+}
+
+/// Runs f, re-raising a library error as the matching Python exception: shape_error and value_error as ValueError,
+/// any other factorllm::error as RuntimeError, each with the library's message.
+template <class F>
+auto translate_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (factorllm::shape_error const& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (factorllm::value_error const& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (factorllm::error const& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 }  // namespace factorllm_torch

@@ -85,19 +85,7 @@ fl::VectorView<T const> vview(at::Tensor const& t) {
   return fl::vector_view(t.data_ptr<T>(), t.size(0));
 }
 
-/// Re-raises a library error as the matching Python exception (ValueError for shapes/values).
-template <class F>
-auto translate_errors(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (fl::shape_error const& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  } catch (fl::value_error const& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  } catch (fl::error const& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
+using factorllm_torch::translate_errors;
 
 /// One scratch arena per thread, grown only when a call needs more (so steady-state training never allocates).
 fl::Workspace& thread_workspace() {

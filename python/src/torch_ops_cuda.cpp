@@ -72,19 +72,7 @@ fl::TensorView<float const, 3> tview3(at::Tensor const& t) {
   return fl::TensorView<float const, 3>(t.data_ptr<float>(), {t.size(0), t.size(1), t.size(2)});
 }
 
-/// Re-raises a library error as the matching Python exception (as torch_ops.cpp does).
-template <class F>
-auto translate_errors(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (fl::shape_error const& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  } catch (fl::value_error const& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  } catch (fl::error const& e) {
-    TORCH_CHECK(false, e.what());
-  }
-}
+using factorllm_torch::translate_errors;
 
 /// A caller-owned workspace of `bytes` from torch's caching allocator, on `opts`' device (device or pinned host).
 struct TorchWorkspace {
